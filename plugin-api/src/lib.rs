@@ -1,0 +1,370 @@
+//! The plugin contract of llm-host, the only crate a plugin depends on.
+//!
+//! A plugin is a shared library (`crate-type = ["cdylib", "rlib"]`) that
+//! provides model adapters, store adapters, or both. It implements [`Plugin`]
+//! and exports it with [`export_plugin!`]:
+//!
+//! ```ignore
+//! use llm_host_plugin_api::{self as api, Kinds, Plugin, PluginError, ModelAdapterBox};
+//!
+//! struct Shout;
+//!
+//! impl Plugin for Shout {
+//!     const NAME: &'static str = "shout";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const KINDS: Kinds = Kinds::MODEL;
+//!
+//!     fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {
+//!         let settings: MySettings = api::parse_settings(settings)?;
+//!         Ok(api::model_adapter(MyModel::new(settings)))
+//!     }
+//! }
+//!
+//! api::export_plugin!(Shout);
+//! ```
+//!
+//! Layout:
+//! - [`PluginMod`]: the root module the host loads (info, init, constructors).
+//! - [`model`]: [`ModelAdapter`], the [`EventSink`] it streams into, and the
+//!   request types; [`Model`] is the Rust-side trait to implement.
+//! - [`store`]: [`StoreAdapter`] with versioned conditional saves; [`Store`]
+//!   is the Rust-side trait.
+//! - [`host`]: the [`HostApi`] given at init (logging) and the log macros.
+//! - [`guard`]: turns panics into error values; every entry point runs in it.
+//!
+//! # Compatibility
+//!
+//! The host checks, when it loads a library, that it was built against a
+//! plugin-api with the same `0.minor` version and a compatible layout of every
+//! type reachable from [`PluginMod`]. The contract evolves only by appending:
+//! root module fields after the last one, trait methods at the end with a
+//! default body, constants to the `u8` newtypes, optional fields to the JSON
+//! request types. Rebuild plugins against a plugin-api at least as new as the
+//! host's; a plugin built against a newer patch release runs on an older host.
+
+#![warn(missing_docs)]
+// abi_stable's `#[sabi_trait]` expands to impls inside a const block.
+#![allow(non_local_definitions)]
+
+pub mod error;
+pub mod guard;
+pub mod host;
+pub mod model;
+pub mod store;
+
+use std::fmt;
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    prefix_type::PrefixTypeTrait,
+    sabi_types::VersionStrings,
+    std_types::{RResult, RStr, RString},
+    StableAbi,
+};
+use serde::de::DeserializeOwned;
+
+pub use error::{ErrorKind, PluginError};
+pub use guard::guard;
+pub use host::{HostApi, HostApiBox, HostApi_TO, LogLevel};
+pub use model::{
+    model_adapter, EventSink, EventSinkRef, EventSink_TO, FinishReason, Flow, Message, Model,
+    ModelAdapter, ModelAdapterBox, ModelAdapter_TO, ModelRequest, Role, Sink, ToolCall, ToolSpec,
+    TurnParams, Usage,
+};
+pub use store::{
+    store_adapter, ListQuery, SaveOutcome, SessionPage, Store, StoreAdapter, StoreAdapterBox,
+    StoreAdapter_TO, StoredSession,
+};
+
+#[doc(hidden)]
+pub use abi_stable;
+/// The JSON library the contract uses, for plugins that need no other.
+pub use serde_json;
+
+/// The version of this crate, which the host compares with the one a plugin
+/// was built against.
+pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Stable `code` values for model error events. Adapters may use others; these
+/// are the ones clients can rely on.
+pub mod codes {
+    /// The provider refused the credentials (401, 403).
+    pub const AUTH: &str = "auth";
+    /// The model or endpoint does not exist (404).
+    pub const NOT_FOUND: &str = "not_found";
+    /// Too many requests (429) after the retries allowed.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The provider failed (5xx) after the retries allowed.
+    pub const UPSTREAM: &str = "upstream_error";
+    /// The provider answered something that is not its documented format.
+    pub const BAD_RESPONSE: &str = "bad_response";
+    /// The provider could not be reached.
+    pub const CONNECTION: &str = "connection";
+    /// The stream stopped before it was complete.
+    pub const INTERRUPTED: &str = "interrupted";
+    /// No answer within the configured time.
+    pub const TIMEOUT: &str = "timeout";
+    /// The request was refused as invalid (400, 422).
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// A deliberate failure (test and demo adapters).
+    pub const INJECTED: &str = "injected_failure";
+}
+
+/// Which adapter kinds a plugin provides, as bit flags.
+///
+/// Evolution rule: new kinds take new bits; unknown bits are ignored.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Kinds(pub u32);
+
+impl Kinds {
+    /// Provides model adapters.
+    pub const MODEL: Kinds = Kinds(1);
+    /// Provides store adapters.
+    pub const STORE: Kinds = Kinds(2);
+    /// Provides both.
+    pub const MODEL_AND_STORE: Kinds = Kinds(3);
+
+    /// Whether every kind of `other` is in `self`.
+    pub fn contains(self, other: Kinds) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The kinds' names, e.g. `["model", "store"]`.
+    pub fn names(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.contains(Kinds::MODEL) {
+            names.push("model");
+        }
+        if self.contains(Kinds::STORE) {
+            names.push("store");
+        }
+        names
+    }
+}
+
+impl fmt::Debug for Kinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join("+"))
+    }
+}
+
+/// What a plugin says about itself.
+///
+/// Evolution rule: this struct never changes layout.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct PluginInfo {
+    /// The name operators write in config.toml (`plugin = "echo"`).
+    pub name: RString,
+    /// The plugin's own version.
+    pub version: RString,
+    /// One line on what it is.
+    pub description: RString,
+    /// Which adapters it provides.
+    pub kinds: Kinds,
+}
+
+/// The root module every plugin library exports. Made by [`export_plugin!`].
+///
+/// Evolution rule: fields are only appended after the last one; the host
+/// reads appended fields as optional, so older plugins keep loading.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+pub struct PluginMod {
+    /// The plugin's name, version and kinds.
+    pub info: extern "C" fn() -> PluginInfo,
+
+    /// Called once after loading, before any constructor, with the host's API.
+    pub init: extern "C" fn(host: HostApiBox) -> RResult<(), PluginError>,
+
+    /// Builds a model adapter from its settings (a JSON object's text).
+    pub new_model: extern "C" fn(settings: RStr<'_>) -> RResult<ModelAdapterBox, PluginError>,
+
+    /// Builds a store adapter from its settings (a JSON object's text).
+    #[sabi(last_prefix_field)]
+    pub new_store: extern "C" fn(settings: RStr<'_>) -> RResult<StoreAdapterBox, PluginError>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "llm_host_plugin";
+    const NAME: &'static str = "llm-host plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// A plugin, the Rust way: implement it on a unit struct and export it with
+/// [`export_plugin!`]. Constructors you do not override answer
+/// [`ErrorKind::UNSUPPORTED`].
+pub trait Plugin: 'static {
+    /// The name operators write in config.toml.
+    const NAME: &'static str;
+    /// The plugin's version, usually `env!("CARGO_PKG_VERSION")`.
+    const VERSION: &'static str;
+    /// One line on what it is.
+    const DESCRIPTION: &'static str = "";
+    /// Which adapters it provides.
+    const KINDS: Kinds;
+
+    /// Runs once after loading, after the host's logger is in place.
+    fn init() -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Builds a model adapter; `settings` is a JSON object's text (see
+    /// [`parse_settings`]).
+    fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {
+        let _ = settings;
+        Err(PluginError::new(
+            ErrorKind::UNSUPPORTED,
+            format!("plugin `{}` provides no model adapter", Self::NAME),
+        ))
+    }
+
+    /// Builds a store adapter; `settings` is a JSON object's text.
+    fn new_store(settings: &str) -> Result<StoreAdapterBox, PluginError> {
+        let _ = settings;
+        Err(PluginError::new(
+            ErrorKind::UNSUPPORTED,
+            format!("plugin `{}` provides no store adapter", Self::NAME),
+        ))
+    }
+}
+
+/// Parses adapter settings into `T`, with an error that names the bad key.
+/// Use `#[serde(deny_unknown_fields)]` on `T` so typos are reported.
+pub fn parse_settings<T: DeserializeOwned>(settings: &str) -> Result<T, PluginError> {
+    let text = if settings.trim().is_empty() {
+        "{}"
+    } else {
+        settings
+    };
+    serde_json::from_str(text).map_err(|err| PluginError::invalid_settings(err.to_string()))
+}
+
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    /// The name of the symbol a library exports its root module under; the
+    /// host looks for it. Checked against abi_stable's own in a test.
+    pub const ROOT_MODULE_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
+
+    extern "C" fn info<P: Plugin>() -> PluginInfo {
+        PluginInfo {
+            name: P::NAME.into(),
+            version: P::VERSION.into(),
+            description: P::DESCRIPTION.into(),
+            kinds: P::KINDS,
+        }
+    }
+
+    extern "C" fn init<P: Plugin>(host_api: HostApiBox) -> RResult<(), PluginError> {
+        guard(|| {
+            host::set_host(host_api);
+            std::panic::set_hook(Box::new(|panic| {
+                let location = panic
+                    .location()
+                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                let message = guard::panic_message(panic.payload());
+                host::log(
+                    LogLevel::ERROR,
+                    "panic",
+                    format_args!("plugin panicked{location}: {message}"),
+                );
+            }));
+            P::init()
+        })
+    }
+
+    extern "C" fn new_model<P: Plugin>(
+        settings: RStr<'_>,
+    ) -> RResult<ModelAdapterBox, PluginError> {
+        guard(|| P::new_model(settings.as_str()))
+    }
+
+    extern "C" fn new_store<P: Plugin>(
+        settings: RStr<'_>,
+    ) -> RResult<StoreAdapterBox, PluginError> {
+        guard(|| P::new_store(settings.as_str()))
+    }
+
+    /// The root module of plugin `P`.
+    pub fn root_module<P: Plugin>() -> PluginModRef {
+        PluginMod {
+            info: info::<P>,
+            init: init::<P>,
+            new_model: new_model::<P>,
+            new_store: new_store::<P>,
+        }
+        .leak_into_prefix()
+    }
+}
+
+/// Exports `$plugin` (a type implementing [`Plugin`]) as this library's root
+/// module. Use it once, at the crate root of a `cdylib`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        #[doc(hidden)]
+        #[no_mangle]
+        pub static _1as_0lib_1header_0root_bmodule_bloader:
+            $crate::abi_stable::library::LibHeader = {
+            extern "C" fn __llm_host_root_module() -> $crate::abi_stable::library::RootModuleResult
+            {
+                $crate::abi_stable::library::__call_root_module_loader(|| {
+                    $crate::__private::root_module::<$plugin>()
+                })
+            }
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::PluginModRef>(
+                    __llm_host_root_module,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exported_symbol_is_the_one_abi_stable_looks_for() {
+        assert_eq!(
+            __private::ROOT_MODULE_SYMBOL,
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
+    }
+
+    #[test]
+    fn settings_errors_name_the_key() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Settings {
+            delay_ms: u64,
+        }
+        let err = parse_settings::<Settings>(r#"{"dela_ms": 3}"#).expect_err("typo");
+        assert_eq!(err.kind, ErrorKind::INVALID_SETTINGS);
+        assert!(err.message.contains("dela_ms"), "{}", err.message);
+        assert!(parse_settings::<Settings>(r#"{"delay_ms": 3}"#).is_ok());
+    }
+
+    #[test]
+    fn requests_ignore_fields_they_do_not_know() {
+        let request: ModelRequest = serde_json::from_str(
+            r#"{"sessionId":"s","messages":[{"role":"user","content":"hi","future":1}],
+                "params":{"temperature":0.5,"maxTokens":9,"vendorThing":true},"later":{}}"#,
+        )
+        .expect("a request from a newer host parses");
+        assert_eq!(request.messages[0].content, "hi");
+        assert_eq!(request.params.max_tokens, Some(9));
+        assert_eq!(request.params.extra["vendorThing"], serde_json::json!(true));
+    }
+}

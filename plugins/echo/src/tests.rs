@@ -1,0 +1,113 @@
+//! Drives the adapter through the same trait object the host calls.
+
+use llm_host_plugin_api::{
+    abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
+    EventSink, EventSink_TO, Flow, LogLevel, Message, ModelRequest, Plugin, Role, TurnParams,
+    Usage,
+};
+
+use super::*;
+
+#[derive(Default)]
+struct Recorder {
+    events: Vec<String>,
+    stop_after: Option<usize>,
+}
+
+impl Recorder {
+    fn push(&mut self, event: String) -> Flow {
+        self.events.push(event);
+        match self.stop_after {
+            Some(n) if self.events.len() >= n => Flow::STOP,
+            _ => Flow::CONTINUE,
+        }
+    }
+}
+
+impl EventSink for Recorder {
+    fn start(&mut self, _id: RStr<'_>, model_id: RStr<'_>) -> Flow {
+        self.push(format!("start {model_id}"))
+    }
+    fn text(&mut self, text: RStr<'_>) -> Flow {
+        self.push(format!("text {text:?}"))
+    }
+    fn reasoning(&mut self, text: RStr<'_>) -> Flow {
+        self.push(format!("reasoning {text:?}"))
+    }
+    fn tool_call(&mut self, id: RStr<'_>, name: RStr<'_>, arguments: RStr<'_>) -> Flow {
+        self.push(format!("tool {id} {name} {arguments}"))
+    }
+    fn usage(&mut self, usage: Usage) -> Flow {
+        self.push(format!("usage {} {}", usage.input_tokens, usage.output_tokens))
+    }
+    fn end(&mut self, reason: FinishReason) -> Flow {
+        self.push(format!("end {}", reason.as_str()))
+    }
+    fn error(&mut self, code: RStr<'_>, _message: RStr<'_>) -> Flow {
+        self.push(format!("error {code}"))
+    }
+    fn diagnostic(&mut self, level: LogLevel, message: RStr<'_>, _data: RStr<'_>) -> Flow {
+        self.push(format!("diagnostic {} {message}", level.as_str()))
+    }
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+fn run(settings: &str, prompt: &str, params: TurnParams, recorder: &mut Recorder) -> Result<(), PluginError> {
+    let adapter = EchoPlugin::new_model(settings)?;
+    let request = ModelRequest {
+        messages: vec![Message::new(Role::User, "earlier words"), Message::new(Role::User, prompt)],
+        params,
+        ..ModelRequest::default()
+    };
+    let json = llm_host_plugin_api::serde_json::to_string(&request).expect("request serializes");
+    let sink = EventSink_TO::from_ptr(recorder, TD_Opaque);
+    adapter.generate(json.as_str().into(), sink).into_result()
+}
+
+#[test]
+fn echoes_the_last_user_message_word_by_word() {
+    let mut rec = Recorder::default();
+    run("{}", "Hello, world", TurnParams::default(), &mut rec).expect("echo runs");
+    assert_eq!(
+        rec.events,
+        ["start echo", "text \"echo:\"", "text \" Hello,\"", "text \" world\"", "usage 4 3", "end stop"]
+    );
+}
+
+#[test]
+fn synthetic_tokens_and_max_tokens() {
+    let mut rec = Recorder::default();
+    let params = TurnParams { max_tokens: Some(2), ..TurnParams::default() };
+    run(r#"{"tokens": 5}"#, "x", params, &mut rec).expect("echo runs");
+    assert_eq!(rec.events, ["start echo", "text \"token0\"", "text \" token1\"", "usage 3 2", "end length"]);
+}
+
+#[test]
+fn stops_when_the_sink_says_stop() {
+    let mut rec = Recorder { stop_after: Some(2), ..Recorder::default() };
+    run(r#"{"tokens": 50}"#, "x", TurnParams::default(), &mut rec).expect("echo runs");
+    assert_eq!(rec.events.len(), 2, "{:?}", rec.events);
+}
+
+#[test]
+fn fail_after_sends_an_error_event() {
+    let mut rec = Recorder::default();
+    run(r#"{"tokens": 5, "fail_after": 1}"#, "x", TurnParams::default(), &mut rec).expect("echo runs");
+    assert_eq!(rec.events, ["start echo", "text \"token0\"", "error injected_failure"]);
+}
+
+#[test]
+fn a_panic_comes_back_as_an_error_value() {
+    let mut rec = Recorder::default();
+    let err = run(r#"{"panic_after": 0}"#, "x", TurnParams::default(), &mut rec).expect_err("panics");
+    assert_eq!(err.kind, llm_host_plugin_api::ErrorKind::PANIC);
+    assert!(err.message.contains("panic_after"), "{}", err.message);
+}
+
+#[test]
+fn unknown_settings_are_refused_by_name() {
+    let err = EchoPlugin::new_model(r#"{"dela_ms": 5}"#).err().expect("typo refused");
+    assert!(err.message.contains("dela_ms"), "{}", err.message);
+}

@@ -1,0 +1,204 @@
+//! `memory`: sessions kept in the host process, lost when it stops.
+//!
+//! For demos, tests and single-process setups. Saves are conditional on the
+//! version like every store's; `ttl_secs` forgets sessions idle that long.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use llm_host_plugin_api::{
+    self as api, abi_stable::std_types::ROption, Kinds, Plugin, PluginError, SaveOutcome,
+    SessionPage, Store, StoreAdapterBox, StoredSession,
+};
+use serde::Deserialize;
+
+/// The memory store's settings.
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Forget sessions not saved or loaded for this many seconds.
+    pub ttl_secs: Option<u64>,
+}
+
+struct Entry {
+    session: StoredSession,
+    touched: Instant,
+}
+
+/// The memory store.
+pub struct MemoryStore {
+    ttl: Option<Duration>,
+    sessions: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(settings: MemorySettings) -> Self {
+        Self {
+            ttl: settings.ttl_secs.map(Duration::from_secs),
+            sessions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn expired(&self, entry: &Entry, now: Instant) -> bool {
+        self.ttl
+            .is_some_and(|ttl| now.duration_since(entry.touched) >= ttl)
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        // A panic while holding the lock cannot leave an entry half-written
+        // (entries are replaced whole), so a poisoned map is still sound.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl Store for MemoryStore {
+    fn load(&self, id: &str) -> Result<Option<StoredSession>, PluginError> {
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        match sessions.get_mut(id) {
+            Some(entry) if self.expired(entry, now) => {
+                sessions.remove(id);
+                Ok(None)
+            }
+            Some(entry) => {
+                entry.touched = now;
+                Ok(Some(entry.session.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn save(
+        &self,
+        id: &str,
+        expected_version: u64,
+        owner: &str,
+        data: &str,
+    ) -> Result<SaveOutcome, PluginError> {
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        let current = match sessions.get(id) {
+            Some(entry) if !self.expired(entry, now) => entry.session.version,
+            _ => 0,
+        };
+        if current != expected_version {
+            return Ok(SaveOutcome::Conflict { current });
+        }
+        let version = expected_version + 1;
+        sessions.insert(
+            id.to_owned(),
+            Entry {
+                session: StoredSession {
+                    version,
+                    owner: owner.into(),
+                    data: data.into(),
+                    updated_at_ms: now_ms(),
+                },
+                touched: now,
+            },
+        );
+        Ok(SaveOutcome::Saved { version })
+    }
+
+    fn delete(&self, id: &str) -> Result<bool, PluginError> {
+        let now = Instant::now();
+        let removed = self.sessions().remove(id);
+        Ok(removed.is_some_and(|entry| !self.expired(&entry, now)))
+    }
+
+    fn list(&self, owner: &str, after: &str, limit: u32) -> Result<SessionPage, PluginError> {
+        let now = Instant::now();
+        let sessions = self.sessions();
+        let start = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after)
+        };
+        let limit = limit.max(1) as usize;
+        let mut ids: Vec<String> = sessions
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter(|(_, entry)| !self.expired(entry, now))
+            .filter(|(_, entry)| owner.is_empty() || entry.session.owner == owner)
+            .map(|(id, _)| id.clone())
+            .take(limit + 1)
+            .collect();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let next = if more { ids.last().cloned() } else { None };
+        Ok(SessionPage {
+            ids: ids.into_iter().map(Into::into).collect(),
+            next: ROption::from(next.map(Into::into)),
+        })
+    }
+}
+
+/// The plugin.
+pub struct MemoryPlugin;
+
+impl Plugin for MemoryPlugin {
+    const NAME: &'static str = "memory";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "sessions in process memory, for demos and tests";
+    const KINDS: Kinds = Kinds::STORE;
+
+    fn new_store(settings: &str) -> Result<StoreAdapterBox, PluginError> {
+        let settings: MemorySettings = api::parse_settings(settings)?;
+        Ok(api::store_adapter(MemoryStore::new(settings)))
+    }
+}
+
+api::export_plugin!(MemoryPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_are_conditional_on_the_version() {
+        let store = MemoryStore::new(MemorySettings::default());
+        assert_eq!(store.load("a").expect("load"), None);
+        assert_eq!(store.save("a", 0, "k", "{}").expect("save"), SaveOutcome::Saved { version: 1 });
+        assert_eq!(store.save("a", 0, "k", "{}").expect("save"), SaveOutcome::Conflict { current: 1 });
+        assert_eq!(store.save("a", 1, "k", "[1]").expect("save"), SaveOutcome::Saved { version: 2 });
+        let loaded = store.load("a").expect("load").expect("present");
+        assert_eq!((loaded.version, loaded.data.as_str(), loaded.owner.as_str()), (2, "[1]", "k"));
+        assert!(store.delete("a").expect("delete"));
+        assert!(!store.delete("a").expect("delete"));
+        assert_eq!(store.save("a", 5, "", "{}").expect("save"), SaveOutcome::Conflict { current: 0 });
+    }
+
+    #[test]
+    fn lists_in_pages_filtered_by_owner() {
+        let store = MemoryStore::new(MemorySettings::default());
+        for (id, owner) in [("s1", "x"), ("s2", "y"), ("s3", "x"), ("s4", "x")] {
+            store.save(id, 0, owner, "{}").expect("save");
+        }
+        let page = store.list("x", "", 2).expect("list");
+        assert_eq!(page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["s1", "s3"]);
+        let next = page.next.into_option().expect("more to come");
+        let page = store.list("x", &next, 2).expect("list");
+        assert_eq!(page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["s4"]);
+        assert!(page.next.is_none());
+        assert_eq!(store.list("", "", 10).expect("list").ids.len(), 4);
+    }
+
+    #[test]
+    fn idle_sessions_expire() {
+        let store = MemoryStore::new(MemorySettings { ttl_secs: Some(0) });
+        store.save("a", 0, "", "{}").expect("save");
+        assert_eq!(store.load("a").expect("load"), None);
+        assert_eq!(store.save("a", 0, "", "{}").expect("save"), SaveOutcome::Saved { version: 1 });
+    }
+}
