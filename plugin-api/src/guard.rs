@@ -42,7 +42,9 @@ mod tests {
     #[test]
     fn a_panic_becomes_an_error_value() {
         let result: RResult<(), PluginError> = guard(|| panic!("boom at token {}", 3));
-        let err = result.into_result().expect_err("the panic must become an error");
+        let err = result
+            .into_result()
+            .expect_err("the panic must become an error");
         assert_eq!(err.kind, ErrorKind::PANIC);
         assert!(err.message.contains("boom at token 3"), "{}", err.message);
     }

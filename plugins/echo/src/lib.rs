@@ -45,7 +45,13 @@ impl Echo {
     fn tokens(&self, request: &ModelRequest) -> Vec<String> {
         if let Some(count) = self.settings.tokens {
             return (0..count)
-                .map(|i| if i == 0 { "token0".to_owned() } else { format!(" token{i}") })
+                .map(|i| {
+                    if i == 0 {
+                        "token0".to_owned()
+                    } else {
+                        format!(" token{i}")
+                    }
+                })
                 .collect();
         }
         let prompt = request
@@ -116,7 +122,8 @@ pub struct EchoPlugin;
 impl Plugin for EchoPlugin {
     const NAME: &'static str = "echo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "deterministic streaming model for demos, tests and benchmarks";
+    const DESCRIPTION: &'static str =
+        "deterministic streaming model for demos, tests and benchmarks";
     const KINDS: Kinds = Kinds::MODEL;
 
     fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {

@@ -38,7 +38,10 @@ impl EventSink for Recorder {
         self.push(format!("tool {id} {name} {arguments}"))
     }
     fn usage(&mut self, usage: Usage) -> Flow {
-        self.push(format!("usage {} {}", usage.input_tokens, usage.output_tokens))
+        self.push(format!(
+            "usage {} {}",
+            usage.input_tokens, usage.output_tokens
+        ))
     }
     fn end(&mut self, reason: FinishReason) -> Flow {
         self.push(format!("end {}", reason.as_str()))
@@ -54,10 +57,18 @@ impl EventSink for Recorder {
     }
 }
 
-fn run(settings: &str, prompt: &str, params: TurnParams, recorder: &mut Recorder) -> Result<(), PluginError> {
+fn run(
+    settings: &str,
+    prompt: &str,
+    params: TurnParams,
+    recorder: &mut Recorder,
+) -> Result<(), PluginError> {
     let adapter = EchoPlugin::new_model(settings)?;
     let request = ModelRequest {
-        messages: vec![Message::new(Role::User, "earlier words"), Message::new(Role::User, prompt)],
+        messages: vec![
+            Message::new(Role::User, "earlier words"),
+            Message::new(Role::User, prompt),
+        ],
         params,
         ..ModelRequest::default()
     };
@@ -72,21 +83,43 @@ fn echoes_the_last_user_message_word_by_word() {
     run("{}", "Hello, world", TurnParams::default(), &mut rec).expect("echo runs");
     assert_eq!(
         rec.events,
-        ["start echo", "text \"echo:\"", "text \" Hello,\"", "text \" world\"", "usage 4 3", "end stop"]
+        [
+            "start echo",
+            "text \"echo:\"",
+            "text \" Hello,\"",
+            "text \" world\"",
+            "usage 4 3",
+            "end stop"
+        ]
     );
 }
 
 #[test]
 fn synthetic_tokens_and_max_tokens() {
     let mut rec = Recorder::default();
-    let params = TurnParams { max_tokens: Some(2), ..TurnParams::default() };
+    let params = TurnParams {
+        max_tokens: Some(2),
+        ..TurnParams::default()
+    };
     run(r#"{"tokens": 5}"#, "x", params, &mut rec).expect("echo runs");
-    assert_eq!(rec.events, ["start echo", "text \"token0\"", "text \" token1\"", "usage 3 2", "end length"]);
+    assert_eq!(
+        rec.events,
+        [
+            "start echo",
+            "text \"token0\"",
+            "text \" token1\"",
+            "usage 3 2",
+            "end length"
+        ]
+    );
 }
 
 #[test]
 fn stops_when_the_sink_says_stop() {
-    let mut rec = Recorder { stop_after: Some(2), ..Recorder::default() };
+    let mut rec = Recorder {
+        stop_after: Some(2),
+        ..Recorder::default()
+    };
     run(r#"{"tokens": 50}"#, "x", TurnParams::default(), &mut rec).expect("echo runs");
     assert_eq!(rec.events.len(), 2, "{:?}", rec.events);
 }
@@ -94,20 +127,37 @@ fn stops_when_the_sink_says_stop() {
 #[test]
 fn fail_after_sends_an_error_event() {
     let mut rec = Recorder::default();
-    run(r#"{"tokens": 5, "fail_after": 1}"#, "x", TurnParams::default(), &mut rec).expect("echo runs");
-    assert_eq!(rec.events, ["start echo", "text \"token0\"", "error injected_failure"]);
+    run(
+        r#"{"tokens": 5, "fail_after": 1}"#,
+        "x",
+        TurnParams::default(),
+        &mut rec,
+    )
+    .expect("echo runs");
+    assert_eq!(
+        rec.events,
+        ["start echo", "text \"token0\"", "error injected_failure"]
+    );
 }
 
 #[test]
 fn a_panic_comes_back_as_an_error_value() {
     let mut rec = Recorder::default();
-    let err = run(r#"{"panic_after": 0}"#, "x", TurnParams::default(), &mut rec).expect_err("panics");
+    let err = run(
+        r#"{"panic_after": 0}"#,
+        "x",
+        TurnParams::default(),
+        &mut rec,
+    )
+    .expect_err("panics");
     assert_eq!(err.kind, llm_host_plugin_api::ErrorKind::PANIC);
     assert!(err.message.contains("panic_after"), "{}", err.message);
 }
 
 #[test]
 fn unknown_settings_are_refused_by_name() {
-    let err = EchoPlugin::new_model(r#"{"dela_ms": 5}"#).err().expect("typo refused");
+    let err = EchoPlugin::new_model(r#"{"dela_ms": 5}"#)
+        .err()
+        .expect("typo refused");
     assert!(err.message.contains("dela_ms"), "{}", err.message);
 }

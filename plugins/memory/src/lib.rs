@@ -169,14 +169,29 @@ mod tests {
     fn saves_are_conditional_on_the_version() {
         let store = MemoryStore::new(MemorySettings::default());
         assert_eq!(store.load("a").expect("load"), None);
-        assert_eq!(store.save("a", 0, "k", "{}").expect("save"), SaveOutcome::Saved { version: 1 });
-        assert_eq!(store.save("a", 0, "k", "{}").expect("save"), SaveOutcome::Conflict { current: 1 });
-        assert_eq!(store.save("a", 1, "k", "[1]").expect("save"), SaveOutcome::Saved { version: 2 });
+        assert_eq!(
+            store.save("a", 0, "k", "{}").expect("save"),
+            SaveOutcome::Saved { version: 1 }
+        );
+        assert_eq!(
+            store.save("a", 0, "k", "{}").expect("save"),
+            SaveOutcome::Conflict { current: 1 }
+        );
+        assert_eq!(
+            store.save("a", 1, "k", "[1]").expect("save"),
+            SaveOutcome::Saved { version: 2 }
+        );
         let loaded = store.load("a").expect("load").expect("present");
-        assert_eq!((loaded.version, loaded.data.as_str(), loaded.owner.as_str()), (2, "[1]", "k"));
+        assert_eq!(
+            (loaded.version, loaded.data.as_str(), loaded.owner.as_str()),
+            (2, "[1]", "k")
+        );
         assert!(store.delete("a").expect("delete"));
         assert!(!store.delete("a").expect("delete"));
-        assert_eq!(store.save("a", 5, "", "{}").expect("save"), SaveOutcome::Conflict { current: 0 });
+        assert_eq!(
+            store.save("a", 5, "", "{}").expect("save"),
+            SaveOutcome::Conflict { current: 0 }
+        );
     }
 
     #[test]
@@ -186,10 +201,16 @@ mod tests {
             store.save(id, 0, owner, "{}").expect("save");
         }
         let page = store.list("x", "", 2).expect("list");
-        assert_eq!(page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["s1", "s3"]);
+        assert_eq!(
+            page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["s1", "s3"]
+        );
         let next = page.next.into_option().expect("more to come");
         let page = store.list("x", &next, 2).expect("list");
-        assert_eq!(page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["s4"]);
+        assert_eq!(
+            page.ids.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["s4"]
+        );
         assert!(page.next.is_none());
         assert_eq!(store.list("", "", 10).expect("list").ids.len(), 4);
     }
@@ -199,6 +220,9 @@ mod tests {
         let store = MemoryStore::new(MemorySettings { ttl_secs: Some(0) });
         store.save("a", 0, "", "{}").expect("save");
         assert_eq!(store.load("a").expect("load"), None);
-        assert_eq!(store.save("a", 0, "", "{}").expect("save"), SaveOutcome::Saved { version: 1 });
+        assert_eq!(
+            store.save("a", 0, "", "{}").expect("save"),
+            SaveOutcome::Saved { version: 1 }
+        );
     }
 }

@@ -1,0 +1,326 @@
+//! config.toml: parsed strictly into raw structs, then validated into [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A config that could not be read or is invalid. The message names the file
+/// and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+/// How event frames are wrapped (PROTOCOL.md section 3).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    /// `{"name", "data": {kind, event, meta}}`, as the guide documents.
+    #[default]
+    Flat,
+    /// `{"name", "data": {"event": {kind, event, meta}}}`, as the library writes.
+    Nested,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    plugins: RawPlugins,
+    defaults: RawDefaults,
+    #[serde(default)]
+    models: BTreeMap<String, RawAdapter>,
+    #[serde(default)]
+    stores: BTreeMap<String, RawAdapter>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    envelope: Envelope,
+    #[serde(default = "default_max_frame_bytes")]
+    max_frame_bytes: usize,
+    #[serde(default = "default_max_queued_prompts")]
+    max_queued_prompts: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            envelope: Envelope::default(),
+            max_frame_bytes: default_max_frame_bytes(),
+            max_queued_prompts: default_max_queued_prompts(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:3000".to_owned()
+}
+
+fn default_max_frame_bytes() -> usize {
+    65_536
+}
+
+fn default_max_queued_prompts() -> usize {
+    8
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    dir: PathBuf,
+    staging_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    model: String,
+    store: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawAdapter {
+    plugin: String,
+    #[serde(default)]
+    settings: Option<toml::Table>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// How frames are wrapped.
+    pub envelope: Envelope,
+    /// Largest client frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Prompts a session may queue behind its running turn.
+    pub max_queued_prompts: usize,
+}
+
+/// `[plugins]`, with paths resolved against the config file's directory.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PluginsConfig {
+    /// Where `lib*.so` plugins are found.
+    pub dir: PathBuf,
+    /// Where staged copies go.
+    pub staging_dir: PathBuf,
+}
+
+/// A `[models.NAME]` or `[stores.NAME]` entry.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AdapterConfig {
+    /// The plugin's own name.
+    pub plugin: String,
+    /// The adapter's settings as a JSON object.
+    pub settings: serde_json::Value,
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[plugins]`.
+    pub plugins: PluginsConfig,
+    /// `[defaults] model`: the backend used when a client names none.
+    pub default_model: String,
+    /// `[defaults] store`: the store sessions live in.
+    pub default_store: String,
+    /// Named model backends.
+    pub models: BTreeMap<String, AdapterConfig>,
+    /// Named stores.
+    pub stores: BTreeMap<String, AdapterConfig>,
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            path: path.to_owned(),
+            message: format!("cannot read: {err}"),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|message| ConfigError {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| err.to_string())?;
+        let mut problems = Vec::new();
+
+        let listen = raw
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .unwrap_or_else(|err| {
+                problems.push(format!(
+                    "server.listen: `{}` is not an address like 127.0.0.1:3000 ({err})",
+                    raw.server.listen
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
+        if raw.server.max_frame_bytes < 16 {
+            problems.push("server.max_frame_bytes: must be at least 16".to_owned());
+        }
+        if raw.server.max_queued_prompts == 0 {
+            problems.push("server.max_queued_prompts: must be at least 1".to_owned());
+        }
+        let models = adapters("models", raw.models, &mut problems);
+        let stores = adapters("stores", raw.stores, &mut problems);
+        if !models.contains_key(&raw.defaults.model) {
+            problems.push(format!(
+                "defaults.model: `{}` is not a [models.*] entry (have: {})",
+                raw.defaults.model,
+                names(&models)
+            ));
+        }
+        if !stores.contains_key(&raw.defaults.store) {
+            problems.push(format!(
+                "defaults.store: `{}` is not a [stores.*] entry (have: {})",
+                raw.defaults.store,
+                names(&stores)
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
+        }
+
+        let dir = base.join(raw.plugins.dir);
+        let staging_dir = match raw.plugins.staging_dir {
+            Some(dir) => base.join(dir),
+            None => std::env::temp_dir().join("llm-host-staging"),
+        };
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                envelope: raw.server.envelope,
+                max_frame_bytes: raw.server.max_frame_bytes,
+                max_queued_prompts: raw.server.max_queued_prompts,
+            },
+            plugins: PluginsConfig { dir, staging_dir },
+            default_model: raw.defaults.model,
+            default_store: raw.defaults.store,
+            models,
+            stores,
+        })
+    }
+}
+
+fn names(map: &BTreeMap<String, AdapterConfig>) -> String {
+    if map.is_empty() {
+        return "none".to_owned();
+    }
+    map.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn adapters(
+    section: &str,
+    raw: BTreeMap<String, RawAdapter>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, AdapterConfig> {
+    raw.into_iter()
+        .filter_map(|(name, adapter)| {
+            if !crate::session::valid_name(&name) {
+                problems.push(format!(
+                    "{section}.{name}: names are 1-128 characters of A-Z a-z 0-9 . _ : -"
+                ));
+                return None;
+            }
+            let settings = adapter.settings.unwrap_or_default();
+            let settings = serde_json::to_value(settings).unwrap_or_else(|err| {
+                problems.push(format!("{section}.{name}.settings: {err}"));
+                serde_json::Value::Null
+            });
+            Some((
+                name,
+                AdapterConfig {
+                    plugin: adapter.plugin,
+                    settings,
+                },
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:0"
+        envelope = "nested"
+
+        [plugins]
+        dir = "plugins"
+
+        [defaults]
+        model = "echo"
+        store = "memory"
+
+        [models.echo]
+        plugin = "echo"
+        settings = { delay_ms = 20, nested = { a = [1, 2] } }
+
+        [stores.memory]
+        plugin = "memory"
+    "#;
+
+    #[test]
+    fn a_good_config_resolves_paths_and_settings() {
+        let config = Config::parse(GOOD, Path::new("/etc/llm")).expect("valid");
+        assert_eq!(config.plugins.dir, PathBuf::from("/etc/llm/plugins"));
+        assert_eq!(config.server.envelope, Envelope::Nested);
+        assert_eq!(config.server.max_frame_bytes, 65_536);
+        assert_eq!(
+            config.models["echo"].settings,
+            serde_json::json!({"delay_ms": 20, "nested": {"a": [1, 2]}})
+        );
+        assert_eq!(config.stores["memory"].settings, serde_json::json!({}));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = GOOD.replace("envelope = \"nested\"", "envelop = \"nested\"");
+        let err = Config::parse(&text, Path::new(".")).expect_err("typo");
+        assert!(err.contains("envelop"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named_together() {
+        let text = GOOD
+            .replace("127.0.0.1:0", "localhost")
+            .replace("model = \"echo\"", "model = \"gpt\"");
+        let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+        assert!(err.contains("server.listen"), "{err}");
+        assert!(err.contains("defaults.model: `gpt`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_envelope_is_refused() {
+        let text = GOOD.replace("\"nested\"", "\"deep\"");
+        let err = Config::parse(&text, Path::new(".")).expect_err("bad enum");
+        assert!(err.contains("deep"), "{err}");
+    }
+}

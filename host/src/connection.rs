@@ -1,0 +1,352 @@
+//! One WebSocket connection: reads client frames, queues prompts, runs the
+//! session's turns one at a time, and writes frames through one bounded
+//! channel to a writer task that coalesces flushes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{
+    error::{CapacityError, Error as WsError},
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message as WsMessage,
+};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::protocol::{
+    protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
+};
+use crate::session::{self, Loaded};
+use crate::turn::{self, Prompt};
+use crate::HostState;
+
+/// Frames buffered between the producers (turns, the reader) and the socket.
+/// When it is full, producers wait: that bounds memory per slow client.
+const OUTGOING_FRAMES: usize = 64;
+
+/// What the upgrade request asked for.
+#[derive(Debug, Clone)]
+pub struct Opening {
+    /// The session id (given or generated).
+    pub session_id: String,
+    /// The backend name for this connection.
+    pub model: String,
+    /// Whether the client asked for command mode.
+    pub command_mode: bool,
+    /// The API key id that opened it; empty in open mode.
+    pub owner: String,
+}
+
+/// State shared by a connection's reader, its turn worker and its turns.
+/// Lives until the last turn of the connection has finished.
+pub struct Connection {
+    /// The host.
+    pub host: Arc<HostState>,
+    /// The session this connection speaks for.
+    pub session_id: String,
+    /// Who opened it.
+    pub owner: String,
+    /// The connection's backend name.
+    pub model: String,
+    /// Frame writer.
+    pub framer: Framer,
+    /// Into the writer task.
+    pub out: mpsc::Sender<WsMessage>,
+    /// The last sequence number sent (turns update it as they stream).
+    pub last_sequence: Arc<AtomicU64>,
+    /// Turns of the session known to this connection.
+    pub turns: AtomicU64,
+}
+
+impl Connection {
+    /// The session's current last sequence number.
+    pub fn sequence(&self) -> u64 {
+        self.last_sequence.load(Ordering::Relaxed)
+    }
+
+    /// Queues a frame for the socket, waiting while the channel is full.
+    /// A closed socket drops it.
+    pub async fn send(&self, frame: String) {
+        let _ = self.out.send(WsMessage::text(frame)).await;
+    }
+
+    /// An `interaction.diagnostic` outside any turn (it carries the current
+    /// last sequence and does not advance it).
+    pub async fn diagnostic(&self, level: &str, kind: &str, code: &str, message: &str) {
+        let entry = DiagnosticEntry {
+            level,
+            kind,
+            message,
+            data: Some(serde_json::json!({ "code": code })),
+        };
+        self.send_entry(&entry).await;
+    }
+
+    async fn send_entry(&self, entry: &DiagnosticEntry<'_>) {
+        let meta = Meta::now(self.sequence(), SOURCE_HOST, None);
+        self.send(self.framer.diagnostic(entry, &meta)).await;
+    }
+}
+
+/// The running turn's cancel flag, if a turn runs.
+type CurrentTurn = Arc<Mutex<Option<Arc<AtomicBool>>>>;
+
+fn set_current(current: &CurrentTurn, flag: Option<Arc<AtomicBool>>) {
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = flag;
+}
+
+/// Cancels the running turn; answers whether there was one.
+fn cancel_current(current: &CurrentTurn) -> bool {
+    let guard = current.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(flag) => {
+            flag.store(true, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Serves one upgraded socket until the client goes away.
+pub async fn connected<S>(ws: WebSocketStream<S>, host: Arc<HostState>, opening: Opening)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let active = host.active.load_full();
+    let framer = Framer {
+        envelope: active.config.server.envelope,
+    };
+    let max_queued = active.config.server.max_queued_prompts;
+    let (ws_tx, ws_rx) = ws.split();
+    let (out, out_rx) = mpsc::channel(OUTGOING_FRAMES);
+    let writer = tokio::spawn(write_frames(ws_tx, out_rx));
+
+    let conn = Arc::new(Connection {
+        host: host.clone(),
+        session_id: opening.session_id.clone(),
+        owner: opening.owner.clone(),
+        model: opening.model.clone(),
+        framer,
+        out,
+        last_sequence: Arc::new(AtomicU64::new(0)),
+        turns: AtomicU64::new(0),
+    });
+
+    let Some(store) = active.store().cloned() else {
+        close(&conn, CloseCode::Error, "no store is configured").await;
+        return;
+    };
+    let loaded = match session::load(&store, &opening.session_id).await {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            tracing::error!(session = %opening.session_id, error = %err, "cannot load session");
+            let message = format!("the session could not be loaded: {err}");
+            conn.send_entry(&DiagnosticEntry {
+                level: "error",
+                kind: "store",
+                message: &message,
+                data: Some(serde_json::json!({ "code": "store_unavailable" })),
+            })
+            .await;
+            close(
+                &conn,
+                CloseCode::Again,
+                "store unavailable, try again later",
+            )
+            .await;
+            drop(conn);
+            let _ = writer.await;
+            return;
+        }
+    };
+    let resumed = loaded.is_some();
+    let Loaded { doc, .. } = loaded.unwrap_or_default();
+    conn.last_sequence
+        .store(doc.last_sequence, Ordering::Relaxed);
+    conn.turns.store(doc.turns, Ordering::Relaxed);
+    tracing::debug!(session = %opening.session_id, resumed, model = %opening.model, "connected");
+    conn.send(framer.session(
+        &SessionEvent::Open {
+            session_id: &opening.session_id,
+            resumed,
+            model: &opening.model,
+            last_sequence: doc.last_sequence,
+        },
+        &Meta::now(doc.last_sequence, SOURCE_HOST, None),
+    ))
+    .await;
+
+    let (prompts, prompt_rx) = mpsc::channel(max_queued);
+    let current: CurrentTurn = Arc::default();
+    let closed = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(run_turns(
+        conn.clone(),
+        prompt_rx,
+        current.clone(),
+        closed.clone(),
+    ));
+
+    read_frames(&conn, ws_rx, &prompts, &current, opening.command_mode).await;
+
+    // The client is gone (or was closed on): the running turn is cancelled
+    // and saved; queued prompts are dropped.
+    closed.store(true, Ordering::Relaxed);
+    cancel_current(&current);
+    drop(prompts);
+    drop(conn);
+    let _ = worker.await;
+    let _ = writer.await;
+    tracing::debug!(session = %opening.session_id, "disconnected");
+}
+
+async fn read_frames<R>(
+    conn: &Connection,
+    mut frames: R,
+    prompts: &mpsc::Sender<Prompt>,
+    current: &CurrentTurn,
+    command_mode: bool,
+) where
+    R: Stream<Item = Result<WsMessage, WsError>> + Unpin,
+{
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(WsMessage::Text(text)) if command_mode => match Command::parse(text.as_str()) {
+                Ok(Command::Prompt {
+                    text,
+                    model,
+                    params,
+                }) => {
+                    if let Some(name) = &model {
+                        if !conn.host.active.load().models.contains_key(name) {
+                            let message = format!("unknown model backend `{name}`");
+                            let entry = protocol_diagnostic("error", "unknown_model", &message);
+                            conn.send_entry(&entry).await;
+                            continue;
+                        }
+                    }
+                    enqueue(
+                        conn,
+                        prompts,
+                        Prompt {
+                            text,
+                            model,
+                            params,
+                        },
+                    )
+                    .await;
+                }
+                Ok(Command::Cancel) => {
+                    if !cancel_current(current) {
+                        let entry = protocol_diagnostic(
+                            "warn",
+                            "nothing_to_cancel",
+                            "no turn is running; nothing was cancelled",
+                        );
+                        conn.send_entry(&entry).await;
+                    }
+                }
+                Err((code, message)) => {
+                    conn.send_entry(&protocol_diagnostic("error", code, &message))
+                        .await;
+                }
+            },
+            Ok(WsMessage::Text(text)) => {
+                let prompt = Prompt {
+                    text: text.as_str().to_owned(),
+                    model: None,
+                    params: Default::default(),
+                };
+                enqueue(conn, prompts, prompt).await;
+            }
+            Ok(WsMessage::Binary(bytes)) => {
+                let message = format!(
+                    "binary frames are not prompts ({} bytes ignored); send text frames",
+                    bytes.len()
+                );
+                conn.send_entry(&protocol_diagnostic("error", "binary_frame", &message))
+                    .await;
+            }
+            Ok(WsMessage::Close(_)) => return,
+            Ok(_) => {}
+            Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                let message = format!(
+                    "a frame of {size} bytes is over the limit of {max_size} (server.max_frame_bytes)"
+                );
+                conn.send_entry(&protocol_diagnostic("error", "frame_too_large", &message))
+                    .await;
+                close(conn, CloseCode::Size, "frame too large").await;
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(session = %conn.session_id, error = %err, "read failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn enqueue(conn: &Connection, prompts: &mpsc::Sender<Prompt>, prompt: Prompt) {
+    if prompts.try_send(prompt).is_err() {
+        let message = format!(
+            "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
+             this one was not run",
+            prompts.max_capacity()
+        );
+        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
+            .await;
+    }
+}
+
+/// Runs queued prompts one after another until the connection closes.
+async fn run_turns(
+    conn: Arc<Connection>,
+    mut prompts: mpsc::Receiver<Prompt>,
+    current: CurrentTurn,
+    closed: Arc<AtomicBool>,
+) {
+    while let Some(prompt) = prompts.recv().await {
+        let cancel = Arc::new(AtomicBool::new(false));
+        set_current(&current, Some(cancel.clone()));
+        if closed.load(Ordering::Relaxed) {
+            break;
+        }
+        turn::run(&conn, prompt, cancel).await;
+        set_current(&current, None);
+    }
+}
+
+async fn close(conn: &Connection, code: CloseCode, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = conn.out.send(WsMessage::Close(Some(frame))).await;
+}
+
+/// Writes frames as they come, feeding every frame that is ready before one
+/// flush. Ends after a close frame, when the socket fails, or when every
+/// sender is gone.
+async fn write_frames<S>(mut socket: S, mut frames: mpsc::Receiver<WsMessage>)
+where
+    S: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
+{
+    while let Some(frame) = frames.recv().await {
+        let mut closing = frame.is_close();
+        if socket.feed(frame).await.is_err() {
+            return;
+        }
+        while !closing {
+            let Ok(frame) = frames.try_recv() else { break };
+            closing = frame.is_close();
+            if socket.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if socket.flush().await.is_err() || closing {
+            return;
+        }
+    }
+    let _ = socket.close().await;
+}

@@ -1,0 +1,77 @@
+//! llm-host: a WebSocket server that hosts LLM sessions and loads its model
+//! backends and session stores as plugins.
+//!
+//! Layout:
+//! - [`config`]: config.toml, parsed strictly and validated.
+//! - [`plugins`]: finding, staging (content-hashed copies) and loading plugin
+//!   libraries; ABI and version checks with readable errors.
+//! - [`runtime`]: the active set of adapters built from config and plugins,
+//!   swapped whole.
+//! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
+//! - [`connection`]: one socket: reading frames, the prompt queue, the writer.
+//! - [`turn`]: one turn: store load, the model streaming through a sink, save.
+//! - [`session`]: the stored session document and store calls.
+//! - [`protocol`]: commands in, frames out (PROTOCOL.md).
+
+pub mod config;
+pub mod connection;
+pub mod plugins;
+pub mod protocol;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod turn;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError};
+use crate::plugins::Loader;
+use crate::runtime::Active;
+use crate::session::SessionLocks;
+
+/// Everything the host serves from. One per process, shared by every
+/// connection through an `Arc`; lives until the process ends.
+pub struct HostState {
+    /// The active adapters and config; a turn takes one snapshot and keeps it.
+    pub active: ArcSwap<Active>,
+    /// Per-session turn locks.
+    pub locks: SessionLocks,
+    /// Loads plugin libraries (and remembers every one it loaded).
+    pub loader: Loader,
+    /// The config file the host was started with.
+    pub config_path: PathBuf,
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// config.toml is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Configured plugins or adapters failed; every problem is listed.
+    #[error("{}", .0.join("\n"))]
+    Plugins(Vec<String>),
+}
+
+impl HostState {
+    /// Reads the config at `path`, loads the plugin directory and builds every
+    /// configured adapter. Reports every problem at once.
+    pub fn boot(path: &Path) -> Result<Arc<HostState>, BootError> {
+        let config = Arc::new(Config::load(path)?);
+        let loader = Loader::new(config.plugins.staging_dir.clone());
+        let catalog = loader.scan(&config.plugins.dir);
+        for error in &catalog.errors {
+            tracing::warn!("plugin not loaded: {error}");
+        }
+        let active = Active::build(config, &catalog).map_err(BootError::Plugins)?;
+        Ok(Arc::new(HostState {
+            active: ArcSwap::from_pointee(active),
+            locks: SessionLocks::default(),
+            loader,
+            config_path: path.to_owned(),
+        }))
+    }
+}

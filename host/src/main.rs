@@ -1,0 +1,201 @@
+//! The `llm-host` command.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use llm_host::config::Config;
+use llm_host::plugins::Loader;
+use llm_host::{server, HostState};
+
+const USAGE: &str = "\
+usage:
+  llm-host [--config PATH] [--listen ADDR]   serve (the flag overrides [server] listen)
+  llm-host plugins [--config PATH]           list what the plugin directory provides
+  llm-host --help | --version
+
+PATH defaults to ./config.toml. Logging: RUST_LOG (default `info`).";
+
+enum Command {
+    Serve {
+        config: PathBuf,
+        listen: Option<SocketAddr>,
+    },
+    Plugins {
+        config: PathBuf,
+    },
+    Help,
+    Version,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let mut config = PathBuf::from("config.toml");
+    let mut listen = None;
+    let mut plugins = false;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                config = args.next().ok_or("--config needs a path")?.into();
+            }
+            "--listen" | "-l" => {
+                let addr = args.next().ok_or("--listen needs an address")?;
+                listen = Some(
+                    addr.parse()
+                        .map_err(|err| format!("--listen `{addr}`: {err}"))?,
+                );
+            }
+            "plugins" if !plugins => plugins = true,
+            "--help" | "-h" | "help" => return Ok(Command::Help),
+            "--version" | "-V" => return Ok(Command::Version),
+            other => return Err(format!("unexpected argument `{other}`")),
+        }
+    }
+    if plugins {
+        if listen.is_some() {
+            return Err("--listen does not apply to `plugins`".to_owned());
+        }
+        return Ok(Command::Plugins { config });
+    }
+    Ok(Command::Serve { config, listen })
+}
+
+fn main() -> ExitCode {
+    let command = match parse_args(std::env::args().skip(1)) {
+        Ok(command) => command,
+        Err(message) => {
+            eprintln!("llm-host: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging();
+    match command {
+        Command::Help => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!(
+                "llm-host {} (plugin-api {})",
+                env!("CARGO_PKG_VERSION"),
+                llm_host_plugin_api::API_VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Plugins { config } => list_plugins(config),
+        Command::Serve { config, listen } => serve(config, listen),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
+    let host = match HostState::boot(&config) {
+        Ok(host) => host,
+        Err(err) => {
+            eprintln!("llm-host: cannot start:\n{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listen.unwrap_or(host.active.load().config.server.listen);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llm-host: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match server::bind(addr) {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("llm-host: cannot listen on {addr}: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let bound = listener.local_addr().unwrap_or(addr);
+        {
+            let active = host.active.load();
+            tracing::info!(
+                models = ?active.models.keys().collect::<Vec<_>>(),
+                default_model = %active.config.default_model,
+                store = %active.config.default_store,
+                "llm-host {} ready",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        tracing::info!("listening on {bound}");
+        server::serve(listener, host, shutdown_signal()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn list_plugins(config: PathBuf) -> ExitCode {
+    let config = match Config::load(&config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("llm-host: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loader = Loader::new(config.plugins.staging_dir.clone());
+    let catalog = loader.scan(&config.plugins.dir);
+    println!("plugin directory: {}", config.plugins.dir.display());
+    let mut plugins: Vec<_> = catalog.plugins.values().collect();
+    plugins.sort_by(|a, b| a.name.cmp(&b.name));
+    if plugins.is_empty() {
+        println!("no plugins loaded");
+    }
+    for plugin in plugins {
+        println!(
+            "{:<12} {:<8} {:<12} plugin-api {:<7} {}  {}  {}",
+            plugin.name,
+            plugin.version,
+            plugin.kinds.names().join("+"),
+            plugin.api_version,
+            plugin.short_hash(),
+            plugin.file.display(),
+            plugin.description
+        );
+    }
+    if !catalog.errors.is_empty() {
+        println!("\nnot loaded:");
+        for error in &catalog.errors {
+            println!("{error}");
+        }
+    }
+    ExitCode::SUCCESS
+}

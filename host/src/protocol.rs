@@ -1,0 +1,405 @@
+//! The wire protocol (PROTOCOL.md): client commands in, event frames out.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use llm_host_plugin_api::{ToolCall, TurnParams, Usage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Envelope;
+
+/// The subprotocol that selects command mode.
+pub const COMMAND_SUBPROTOCOL: &str = "llm-host.v1";
+
+/// `sourceId` of model events.
+pub const SOURCE_MODEL: &str = "model.primary";
+/// `sourceId` of the host's own events.
+pub const SOURCE_HOST: &str = "host";
+
+/// A command-mode client frame.
+#[derive(Deserialize, Debug, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Command {
+    /// Run a turn.
+    Prompt {
+        /// The user's message.
+        text: String,
+        /// A backend name for this turn only.
+        #[serde(default)]
+        model: Option<String>,
+        /// Per-turn parameters.
+        #[serde(default)]
+        params: TurnParams,
+    },
+    /// Stop the running turn.
+    Cancel,
+}
+
+impl Command {
+    /// Parses a command frame; the error names the problem and a stable code
+    /// (`bad_frame` or `unknown_command`).
+    pub fn parse(text: &str) -> Result<Command, (&'static str, String)> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|err| ("bad_frame", format!("the frame is not JSON: {err}")))?;
+        match value.get("type").and_then(Value::as_str) {
+            Some("prompt" | "cancel") => {}
+            Some(other) => {
+                return Err((
+                    "unknown_command",
+                    format!("unknown command type `{other}` (expected `prompt` or `cancel`)"),
+                ))
+            }
+            None => {
+                return Err((
+                    "bad_frame",
+                    "a command is a JSON object with a string `type`".to_owned(),
+                ))
+            }
+        }
+        serde_json::from_value(value).map_err(|err| ("bad_frame", format!("bad command: {err}")))
+    }
+}
+
+/// `meta` of every frame.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Meta<'a> {
+    /// Per-session event number.
+    pub sequence: u64,
+    /// Unix milliseconds.
+    pub timestamp: u64,
+    /// Who produced the event.
+    #[serde(rename = "sourceId")]
+    pub source_id: &'a str,
+    /// The turn's id, inside turns.
+    #[serde(rename = "interactionId", skip_serializing_if = "Option::is_none")]
+    pub interaction_id: Option<&'a str>,
+}
+
+impl<'a> Meta<'a> {
+    /// Meta stamped now.
+    pub fn now(sequence: u64, source_id: &'a str, interaction_id: Option<&'a str>) -> Self {
+        Self {
+            sequence,
+            timestamp: now_ms(),
+            source_id,
+            interaction_id,
+        }
+    }
+}
+
+/// Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// `{code, message}` of error events.
+#[derive(Serialize, Debug, Clone)]
+pub struct ErrorBody<'a> {
+    /// Stable, machine-readable.
+    pub code: &'a str,
+    /// For people.
+    pub message: &'a str,
+}
+
+/// One entry of `diagnostics`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    /// `warn`, `error`, ...
+    pub level: String,
+    /// What happened.
+    pub message: String,
+    /// Details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// `usage` of usage events.
+#[derive(Serialize, Debug, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageBody {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Total.
+    pub total_tokens: u64,
+}
+
+impl From<Usage> for UsageBody {
+    fn from(u: Usage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
+/// `event` of `interaction.model` frames.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ModelEvent<'a> {
+    /// Generation started.
+    Start {
+        /// Provider's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        /// The answering model.
+        #[serde(rename = "modelId", skip_serializing_if = "Option::is_none")]
+        model_id: Option<&'a str>,
+    },
+    /// A piece of output.
+    Delta {
+        /// Answer text.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text: Option<&'a str>,
+        /// Reasoning text.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reasoning: Option<&'a str>,
+        /// A whole tool call.
+        #[serde(rename = "toolCall", skip_serializing_if = "Option::is_none")]
+        tool_call: Option<&'a ToolCall>,
+    },
+    /// Token counts.
+    Usage {
+        /// The counts.
+        usage: UsageBody,
+    },
+    /// Generation ended.
+    End {
+        /// Why.
+        #[serde(rename = "finishReason", skip_serializing_if = "Option::is_none")]
+        finish_reason: Option<&'a str>,
+        /// Adapter diagnostics gathered during the turn.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        diagnostics: &'a [Diagnostic],
+    },
+    /// Generation failed.
+    Error {
+        /// What went wrong.
+        error: ErrorBody<'a>,
+        /// Adapter diagnostics gathered during the turn.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        diagnostics: &'a [Diagnostic],
+    },
+}
+
+/// `event` of `interaction.session` frames.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum SessionEvent<'a> {
+    /// Sent first on every connection.
+    #[serde(rename_all = "camelCase")]
+    Open {
+        /// The session's id.
+        session_id: &'a str,
+        /// Whether the store had it.
+        resumed: bool,
+        /// The backend this connection uses.
+        model: &'a str,
+        /// The session's last sequence number.
+        last_sequence: u64,
+    },
+}
+
+/// `event` of `interaction.turn` frames.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum TurnEvent<'a> {
+    /// The last frame of every turn.
+    #[serde(rename_all = "camelCase")]
+    End {
+        /// `completed`, `cancelled` or `failed`.
+        status: &'a str,
+        /// The turn's id.
+        interaction_id: &'a str,
+    },
+}
+
+/// `entry` of `interaction.diagnostic` frames.
+#[derive(Serialize, Debug)]
+pub struct DiagnosticEntry<'a> {
+    /// `warn` or `error`.
+    pub level: &'a str,
+    /// `adapter`, `host`, `store` or `protocol`.
+    pub kind: &'a str,
+    /// What happened.
+    pub message: &'a str,
+    /// Details; always carries a stable `code`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// A diagnostic about the client's input, with a stable code in `data.code`.
+pub fn protocol_diagnostic<'a>(
+    level: &'a str,
+    code: &str,
+    message: &'a str,
+) -> DiagnosticEntry<'a> {
+    DiagnosticEntry {
+        level,
+        kind: "protocol",
+        message,
+        data: Some(serde_json::json!({ "code": code })),
+    }
+}
+
+#[derive(Serialize)]
+struct Data<'a, B> {
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a B>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entry: Option<&'a B>,
+    meta: &'a Meta<'a>,
+}
+
+#[derive(Serialize)]
+struct Flat<'a, B> {
+    name: &'a str,
+    data: Data<'a, B>,
+}
+
+#[derive(Serialize)]
+struct NestedData<'a, B> {
+    event: Data<'a, B>,
+}
+
+#[derive(Serialize)]
+struct Nested<'a, B> {
+    name: &'a str,
+    data: NestedData<'a, B>,
+}
+
+/// Writes event frames in the configured envelope.
+#[derive(Clone, Copy, Debug)]
+pub struct Framer {
+    /// Flat or nested.
+    pub envelope: Envelope,
+}
+
+impl Framer {
+    /// An `interaction.model` frame.
+    pub fn model(&self, event: &ModelEvent<'_>, meta: &Meta<'_>) -> String {
+        self.frame("model", false, event, meta)
+    }
+
+    /// An `interaction.session` frame.
+    pub fn session(&self, event: &SessionEvent<'_>, meta: &Meta<'_>) -> String {
+        self.frame("session", false, event, meta)
+    }
+
+    /// An `interaction.turn` frame.
+    pub fn turn(&self, event: &TurnEvent<'_>, meta: &Meta<'_>) -> String {
+        self.frame("turn", false, event, meta)
+    }
+
+    /// An `interaction.diagnostic` frame.
+    pub fn diagnostic(&self, entry: &DiagnosticEntry<'_>, meta: &Meta<'_>) -> String {
+        self.frame("diagnostic", true, entry, meta)
+    }
+
+    fn frame<B: Serialize>(&self, kind: &str, is_entry: bool, body: &B, meta: &Meta<'_>) -> String {
+        let name = match kind {
+            "model" => "interaction.model",
+            "session" => "interaction.session",
+            "turn" => "interaction.turn",
+            _ => "interaction.diagnostic",
+        };
+        let data = Data {
+            kind,
+            event: (!is_entry).then_some(body),
+            entry: is_entry.then_some(body),
+            meta,
+        };
+        let result = match self.envelope {
+            Envelope::Flat => serde_json::to_string(&Flat { name, data }),
+            Envelope::Nested => serde_json::to_string(&Nested {
+                name,
+                data: NestedData { event: data },
+            }),
+        };
+        // Serializing these borrowed structs cannot fail (no maps with
+        // non-string keys, no failing Serialize impls); keep a valid frame anyway.
+        result.unwrap_or_else(|err| {
+            format!(r#"{{"name":"{name}","data":{{"kind":"{kind}","error":"{err}"}}}}"#)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta<'static> {
+        Meta {
+            sequence: 1,
+            timestamp: 1_764_028_800_000,
+            source_id: SOURCE_MODEL,
+            interaction_id: None,
+        }
+    }
+
+    #[test]
+    fn flat_and_nested_match_the_protocol_byte_for_byte() {
+        let start = ModelEvent::Start {
+            id: None,
+            model_id: None,
+        };
+        let flat = Framer {
+            envelope: Envelope::Flat,
+        };
+        assert_eq!(
+            flat.model(&start, &meta()),
+            r#"{"name":"interaction.model","data":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary"}}}"#
+        );
+        let nested = Framer {
+            envelope: Envelope::Nested,
+        };
+        assert_eq!(
+            nested.model(&start, &meta()),
+            r#"{"name":"interaction.model","data":{"event":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary"}}}}"#
+        );
+    }
+
+    #[test]
+    fn diagnostics_use_entry() {
+        let framer = Framer {
+            envelope: Envelope::Flat,
+        };
+        let frame = framer.diagnostic(&protocol_diagnostic("error", "bad_frame", "nope"), &meta());
+        assert_eq!(
+            frame,
+            r#"{"name":"interaction.diagnostic","data":{"kind":"diagnostic","entry":{"level":"error","kind":"protocol","message":"nope","data":{"code":"bad_frame"}},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary"}}}"#
+        );
+    }
+
+    #[test]
+    fn commands_parse_with_named_problems() {
+        assert_eq!(Command::parse(r#"{"type":"cancel"}"#), Ok(Command::Cancel));
+        let Ok(Command::Prompt {
+            text,
+            model,
+            params,
+        }) = Command::parse(
+            r#"{"type":"prompt","text":"Hello","model":"fast","params":{"temperature":0.2,"maxTokens":256}}"#,
+        )
+        else {
+            panic!("a prompt command parses");
+        };
+        assert_eq!((text.as_str(), model.as_deref()), ("Hello", Some("fast")));
+        assert_eq!(params.max_tokens, Some(256));
+        assert_eq!(Command::parse("{oops").map_err(|e| e.0), Err("bad_frame"));
+        assert_eq!(
+            Command::parse(r#"{"type":"dance"}"#).map_err(|e| e.0),
+            Err("unknown_command")
+        );
+        assert_eq!(
+            Command::parse(r#"{"type":"prompt"}"#).map_err(|e| e.0),
+            Err("bad_frame")
+        );
+    }
+}

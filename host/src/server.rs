@@ -1,0 +1,233 @@
+//! The listener and the HTTP routes: WebSocket upgrades on `/v1/ws` and `/`.
+//!
+//! The upgrade is answered here rather than with `warp::ws()`, so that each
+//! socket gets a 4 KiB read buffer instead of tungstenite's 128 KiB (FACTS.md:
+//! ~6 KiB per idle connection instead of ~130 KiB) and the subprotocol is
+//! negotiated explicitly.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_tungstenite::tungstenite::{
+    handshake::derive_accept_key,
+    protocol::{Role, WebSocketConfig},
+};
+use tokio_tungstenite::WebSocketStream;
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
+use warp::hyper::upgrade::OnUpgrade;
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::connection::{self, Opening};
+use crate::protocol::COMMAND_SUBPROTOCOL;
+use crate::session::{new_session_id, valid_name};
+use crate::HostState;
+
+/// Binds `addr` with `TCP_NODELAY` (copied by Linux to accepted sockets; a
+/// streamed token must not wait for Nagle) and a deep accept backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Serves `host` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    host: Arc<HostState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes(host))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}
+
+/// Every route of the host.
+pub fn routes(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    websocket(host)
+        .recover(|rejection: warp::Rejection| async move {
+            let (status, code, message) = if rejection.is_not_found() {
+                (
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route".to_owned(),
+                )
+            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "method not allowed".to_owned(),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("{rejection:?}"),
+                )
+            };
+            Ok::<_, std::convert::Infallible>(error_reply(status, code, &message))
+        })
+        .unify()
+}
+
+/// `GET /v1/ws` and `GET /`: upgrade to a session socket.
+fn websocket(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let path = warp::path!("v1" / "ws").or(warp::path::end()).unify();
+    warp::get()
+        .and(path)
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(
+            move |params: HashMap<String, String>, headers: HeaderMap, upgrade| {
+                upgrade_session(&host, &params, &headers, upgrade)
+            },
+        )
+}
+
+fn upgrade_session(
+    host: &Arc<HostState>,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    upgrade: Option<OnUpgrade>,
+) -> Response {
+    let session_id = match params.get("session") {
+        Some(id) if valid_name(id) => id.clone(),
+        Some(_) => {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "bad_session_id",
+                "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
+            )
+        }
+        None => new_session_id(),
+    };
+    let active = host.active.load_full();
+    let model = match params.get("model") {
+        Some(name) if active.models.contains_key(name) => name.clone(),
+        Some(name) => {
+            let known: Vec<&str> = active.models.keys().map(String::as_str).collect();
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "unknown_model",
+                &format!(
+                    "unknown model backend `{name}` (configured: {})",
+                    known.join(", ")
+                ),
+            );
+        }
+        None => active.config.default_model.clone(),
+    };
+
+    let key = match websocket_key(headers) {
+        Ok(key) => key,
+        Err(message) => {
+            return error_reply(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)
+        }
+    };
+    let Some(upgrade) = upgrade else {
+        return error_reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this connection cannot be upgraded",
+        );
+    };
+    let command_mode = requested_protocols(headers).any(|p| p == COMMAND_SUBPROTOCOL);
+    let opening = Opening {
+        session_id,
+        model,
+        command_mode,
+        owner: String::new(),
+    };
+    let max_frame = active.config.server.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    let host = host.clone();
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                connection::connected(ws, host, opening).await;
+            }
+            Err(err) => tracing::debug!(error = %err, "upgrade failed"),
+        }
+    });
+
+    let mut response = Response::default();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if command_mode {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(COMMAND_SUBPROTOCOL),
+        );
+    }
+    response
+}
+
+/// The client's `Sec-WebSocket-Key`, after checking the upgrade headers.
+fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err("this endpoint speaks WebSocket only (Upgrade: websocket)");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or("Sec-WebSocket-Key is missing")
+}
+
+fn requested_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// A JSON error body: `{"error":{"code","message"}}`.
+pub fn error_reply(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}

@@ -1,0 +1,196 @@
+//! Sessions as the host stores them, and the store calls that move them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use llm_host_plugin_api::{abi_stable::std_types::RStr, Message, PluginError, SaveOutcome};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::StoreBackend;
+
+/// Whether `id` is a valid session id or config name: 1-128 characters of
+/// `[A-Za-z0-9._:-]`.
+pub fn valid_name(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A fresh, unguessable session id.
+pub fn new_session_id() -> String {
+    format!("session-{}", uuid::Uuid::new_v4())
+}
+
+/// The document the host keeps in the store for each session.
+///
+/// Fields are only ever added, with defaults, so older documents still load.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDoc {
+    /// The conversation.
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    /// The last sequence number used.
+    #[serde(default)]
+    pub last_sequence: u64,
+    /// Turns run so far; the next turn is `turn-{turns + 1}`.
+    #[serde(default)]
+    pub turns: u64,
+}
+
+/// A session loaded from the store.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Its document.
+    pub doc: SessionDoc,
+    /// The version loaded (0: not in the store).
+    pub version: u64,
+    /// Its owner.
+    pub owner: String,
+}
+
+/// A store call that failed, for the client and the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store plugin returned an error.
+    #[error("store `{store}` failed: {error}")]
+    Plugin {
+        /// The store's name.
+        store: String,
+        /// Its error.
+        error: PluginError,
+    },
+    /// The stored document is not a session document.
+    #[error("session `{id}` in store `{store}` is not readable: {error}")]
+    Corrupt {
+        /// The store's name.
+        store: String,
+        /// The session.
+        id: String,
+        /// The parse error.
+        error: serde_json::Error,
+    },
+    /// The blocking task running the call was lost.
+    #[error("store `{0}` call did not complete")]
+    Lost(String),
+    /// Saves kept conflicting with other writers.
+    #[error("store `{0}`: the session kept changing under this save; gave up")]
+    Contended(String),
+}
+
+/// Loads session `id` on the blocking pool.
+pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>, StoreError> {
+    let (store, id, name) = (store.clone(), id.to_owned(), store.name.clone());
+    tokio::task::spawn_blocking(move || {
+        let found = store
+            .adapter
+            .load(RStr::from(id.as_str()))
+            .into_result()
+            .map_err(|error| StoreError::Plugin {
+                store: store.name.clone(),
+                error,
+            })?;
+        let Some(stored) = found.into_option() else {
+            return Ok(None);
+        };
+        let doc =
+            serde_json::from_str(stored.data.as_str()).map_err(|error| StoreError::Corrupt {
+                store: store.name.clone(),
+                id: id.clone(),
+                error,
+            })?;
+        Ok(Some(Loaded {
+            doc,
+            version: stored.version,
+            owner: stored.owner.to_string(),
+        }))
+    })
+    .await
+    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
+}
+
+/// Saves `doc` if the stored version is still `expected_version`.
+pub async fn save(
+    store: &Arc<StoreBackend>,
+    id: &str,
+    expected_version: u64,
+    owner: &str,
+    doc: &SessionDoc,
+) -> Result<SaveOutcome, StoreError> {
+    let data = serde_json::to_string(doc).map_err(|error| StoreError::Corrupt {
+        store: store.name.clone(),
+        id: id.to_owned(),
+        error,
+    })?;
+    let (store, id, owner, name) = (
+        store.clone(),
+        id.to_owned(),
+        owner.to_owned(),
+        store.name.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        store
+            .adapter
+            .save(
+                RStr::from(id.as_str()),
+                expected_version,
+                RStr::from(owner.as_str()),
+                RStr::from(data.as_str()),
+            )
+            .into_result()
+            .map_err(|error| StoreError::Plugin {
+                store: store.name.clone(),
+                error,
+            })
+    })
+    .await
+    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
+}
+
+/// Per-session locks, so that the turns of one session run one at a time on
+/// this host even when several connections share the session.
+#[derive(Default)]
+pub struct SessionLocks {
+    /// Held weakly: a session's lock lives while some turn holds or waits for it.
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl SessionLocks {
+    /// The lock of session `id`.
+    pub fn get(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lock) = locks.get(id).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if locks.len() > 1024 {
+            locks.retain(|_, weak| weak.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(id.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids() {
+        assert!(valid_name("session-6f1c:a.b_c"));
+        assert!(valid_name(&"x".repeat(128)));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"x".repeat(129)));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("a/b"));
+        assert!(valid_name(&new_session_id()));
+        assert_ne!(new_session_id(), new_session_id());
+    }
+
+    #[test]
+    fn old_documents_still_load() {
+        let doc: SessionDoc = serde_json::from_str(r#"{"messages":[]}"#).expect("loads");
+        assert_eq!(doc, SessionDoc::default());
+    }
+}

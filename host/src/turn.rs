@@ -1,0 +1,500 @@
+//! One turn: load the session, stream the model into the socket, save.
+//!
+//! The model adapter runs on the blocking pool with a [`TurnSink`] that turns
+//! each event into a frame on the spot and pushes it into the connection's
+//! bounded outgoing channel. When the client reads slowly the channel fills
+//! and the adapter's thread waits, so a slow client cannot grow the host's
+//! memory. Cancel (a command, or the socket closing) makes the sink answer
+//! [`Flow::STOP`], and the adapter returns at its next event.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use llm_host_plugin_api::{
+    abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
+    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, ModelRequest, PluginError,
+    Role, SaveOutcome, ToolCall, TurnParams, Usage,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::connection::Connection;
+use crate::protocol::{
+    Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
+};
+use crate::runtime::{ModelBackend, StoreBackend};
+use crate::session::{self, Loaded, SessionDoc, StoreError};
+
+/// A prompt waiting for its turn.
+#[derive(Debug)]
+pub struct Prompt {
+    /// The user's message.
+    pub text: String,
+    /// The backend for this turn, when the client named one.
+    pub model: Option<String>,
+    /// Per-turn parameters.
+    pub params: TurnParams,
+}
+
+/// How a turn ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The model finished.
+    Completed,
+    /// Cancelled by the client or its disconnect.
+    Cancelled,
+    /// The model or the store failed.
+    Failed,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Completed => "completed",
+            Status::Cancelled => "cancelled",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// Where a turn's model events go: frames into the connection's channel, and
+/// the assistant message assembled from them.
+///
+/// Runs on the adapter's blocking thread; none of its methods may panic (a
+/// panic here would cross the FFI boundary and abort the host).
+pub struct TurnSink {
+    out: mpsc::Sender<WsMessage>,
+    framer: Framer,
+    cancel: Arc<AtomicBool>,
+    conn_sequence: Arc<std::sync::atomic::AtomicU64>,
+    interaction_id: String,
+    /// The last sequence number used.
+    sequence: u64,
+    started: bool,
+    /// Set once the model's `end` or `error` went out.
+    outcome: Option<Status>,
+    client_gone: bool,
+    text: String,
+    reasoning: String,
+    tool_calls: Vec<ToolCall>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl TurnSink {
+    fn stopped(&self) -> bool {
+        self.client_gone || self.outcome.is_some() || self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn flow(&self) -> Flow {
+        if self.stopped() {
+            Flow::STOP
+        } else {
+            Flow::CONTINUE
+        }
+    }
+
+    fn emit(&mut self, event: &ModelEvent<'_>) {
+        self.sequence += 1;
+        let meta = Meta::now(self.sequence, SOURCE_MODEL, Some(&self.interaction_id));
+        let frame = self.framer.model(event, &meta);
+        self.conn_sequence.store(self.sequence, Ordering::Relaxed);
+        if !self.client_gone && self.out.blocking_send(WsMessage::text(frame)).is_err() {
+            self.client_gone = true;
+        }
+    }
+
+    fn ensure_started(&mut self) {
+        if !self.started {
+            self.started = true;
+            self.emit(&ModelEvent::Start {
+                id: None,
+                model_id: None,
+            });
+        }
+    }
+
+    fn finish(&mut self, status: Status, event: &ModelEvent<'_>) {
+        self.ensure_started();
+        self.emit(event);
+        self.outcome = Some(status);
+    }
+
+    /// Completes the model's part of the turn after the adapter returned:
+    /// whatever it left out (`start`, `end`, an error for a returned error or
+    /// panic, `end` with `cancelled`) is filled in here.
+    fn close(&mut self, result: Result<(), PluginError>) -> Status {
+        if let Some(status) = self.outcome {
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "adapter returned an error after its last event");
+            }
+            return status;
+        }
+        let diagnostics = std::mem::take(&mut self.diagnostics);
+        match result {
+            Err(err) => {
+                tracing::warn!(turn = %self.interaction_id, error = %err, "model adapter failed");
+                let event = ModelEvent::Error {
+                    error: ErrorBody {
+                        code: err.kind.as_str(),
+                        message: err.message.as_str(),
+                    },
+                    diagnostics: &diagnostics,
+                };
+                self.finish(Status::Failed, &event);
+            }
+            Ok(()) => {
+                let cancelled = self.client_gone || self.cancel.load(Ordering::Relaxed);
+                let (status, reason) = if cancelled {
+                    (Status::Cancelled, FinishReason::CANCELLED)
+                } else {
+                    (Status::Completed, FinishReason::STOP)
+                };
+                let event = ModelEvent::End {
+                    finish_reason: Some(reason.as_str()),
+                    diagnostics: &diagnostics,
+                };
+                self.finish(status, &event);
+            }
+        }
+        self.outcome.unwrap_or(Status::Failed)
+    }
+
+    fn assistant_message(&mut self) -> Option<Message> {
+        if self.text.is_empty() && self.reasoning.is_empty() && self.tool_calls.is_empty() {
+            return None;
+        }
+        Some(Message {
+            role: Role::Assistant,
+            content: std::mem::take(&mut self.text),
+            reasoning: Some(std::mem::take(&mut self.reasoning)).filter(|r| !r.is_empty()),
+            tool_calls: std::mem::take(&mut self.tool_calls),
+            tool_call_id: None,
+        })
+    }
+}
+
+fn optional(text: RStr<'_>) -> Option<&str> {
+    Some(text.as_str()).filter(|t| !t.is_empty())
+}
+
+impl EventSink for TurnSink {
+    fn start(&mut self, id: RStr<'_>, model_id: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        if !self.started {
+            self.started = true;
+            self.emit(&ModelEvent::Start {
+                id: optional(id),
+                model_id: optional(model_id),
+            });
+        }
+        self.flow()
+    }
+
+    fn text(&mut self, text: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        self.ensure_started();
+        self.text.push_str(text.as_str());
+        self.emit(&ModelEvent::Delta {
+            text: Some(text.as_str()),
+            reasoning: None,
+            tool_call: None,
+        });
+        self.flow()
+    }
+
+    fn reasoning(&mut self, text: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        self.ensure_started();
+        self.reasoning.push_str(text.as_str());
+        self.emit(&ModelEvent::Delta {
+            text: None,
+            reasoning: Some(text.as_str()),
+            tool_call: None,
+        });
+        self.flow()
+    }
+
+    fn tool_call(&mut self, id: RStr<'_>, name: RStr<'_>, arguments: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        self.ensure_started();
+        let call = ToolCall {
+            id: id.to_string(),
+            name: name.to_string(),
+            arguments: arguments.to_string(),
+        };
+        self.emit(&ModelEvent::Delta {
+            text: None,
+            reasoning: None,
+            tool_call: Some(&call),
+        });
+        self.tool_calls.push(call);
+        self.flow()
+    }
+
+    fn usage(&mut self, usage: Usage) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        self.ensure_started();
+        self.emit(&ModelEvent::Usage {
+            usage: usage.into(),
+        });
+        self.flow()
+    }
+
+    fn end(&mut self, reason: FinishReason) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        let status = if reason == FinishReason::CANCELLED {
+            Status::Cancelled
+        } else {
+            Status::Completed
+        };
+        let diagnostics = std::mem::take(&mut self.diagnostics);
+        self.finish(
+            status,
+            &ModelEvent::End {
+                finish_reason: Some(reason.as_str()),
+                diagnostics: &diagnostics,
+            },
+        );
+        Flow::STOP
+    }
+
+    fn error(&mut self, code: RStr<'_>, message: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        let code = optional(code).unwrap_or("model_error");
+        let diagnostics = std::mem::take(&mut self.diagnostics);
+        self.finish(
+            Status::Failed,
+            &ModelEvent::Error {
+                error: ErrorBody {
+                    code,
+                    message: message.as_str(),
+                },
+                diagnostics: &diagnostics,
+            },
+        );
+        Flow::STOP
+    }
+
+    fn diagnostic(&mut self, level: LogLevel, message: RStr<'_>, data_json: RStr<'_>) -> Flow {
+        if self.stopped() {
+            return Flow::STOP;
+        }
+        let data = optional(data_json).and_then(|json| serde_json::from_str(json).ok());
+        self.diagnostics.push(Diagnostic {
+            level: level.as_str().to_owned(),
+            message: message.to_string(),
+            data,
+        });
+        self.flow()
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.client_gone || self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one turn of `conn`'s session to the end, including its save and its
+/// `interaction.turn` frame. `cancel` is this turn's cancel flag.
+pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
+    let active = conn.host.active.load_full();
+    let backend_name = prompt.model.as_deref().unwrap_or(&conn.model);
+    let backend = active
+        .models
+        .get(backend_name)
+        .or_else(|| active.default_model())
+        .cloned();
+    let (Some(backend), Some(store)) = (backend, active.store().cloned()) else {
+        let turn = format!("turn-{}", conn.turns.load(Ordering::Relaxed) + 1);
+        conn.diagnostic(
+            "error",
+            "host",
+            "no_backend",
+            "no model backend or store is configured",
+        )
+        .await;
+        end_turn(conn, conn.sequence(), &turn, Status::Failed).await;
+        return;
+    };
+
+    let lock = conn.host.locks.get(&conn.session_id);
+    let _turns_of_this_session = lock.lock().await;
+
+    let Loaded {
+        doc: mut base,
+        version,
+        owner,
+    } = match session::load(&store, &conn.session_id).await {
+        Ok(found) => found.unwrap_or_else(|| Loaded {
+            owner: conn.owner.clone(),
+            ..Loaded::default()
+        }),
+        Err(err) => {
+            let turn = format!("turn-{}", conn.turns.load(Ordering::Relaxed) + 1);
+            store_failed(
+                conn,
+                &err,
+                "the session could not be loaded; the prompt was not run",
+            )
+            .await;
+            end_turn(conn, conn.sequence(), &turn, Status::Failed).await;
+            return;
+        }
+    };
+    // Never reuse a number this connection already sent, even if a save was lost.
+    base.last_sequence = base.last_sequence.max(conn.sequence());
+    base.turns = base.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
+    let interaction_id = format!("turn-{}", base.turns);
+    let user = Message::new(Role::User, prompt.text);
+
+    let mut messages = base.messages.clone();
+    messages.push(user.clone());
+    let request = ModelRequest {
+        session_id: conn.session_id.clone(),
+        interaction_id: interaction_id.clone(),
+        backend: backend.name.clone(),
+        messages,
+        params: prompt.params,
+    };
+    let sink = TurnSink {
+        out: conn.out.clone(),
+        framer: conn.framer,
+        cancel,
+        conn_sequence: conn.last_sequence.clone(),
+        interaction_id: interaction_id.clone(),
+        sequence: base.last_sequence,
+        started: false,
+        outcome: None,
+        client_gone: false,
+        text: String::new(),
+        reasoning: String::new(),
+        tool_calls: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    let mut turn_messages = vec![user];
+    let (mut status, last_model_sequence) = match generate(backend, request, sink).await {
+        Some((mut sink, status)) => {
+            turn_messages.extend(sink.assistant_message());
+            (status, sink.sequence)
+        }
+        None => (Status::Failed, conn.sequence()),
+    };
+
+    // The turn's end frame takes the next number; it is saved with the turn.
+    let end_sequence = last_model_sequence + 1;
+    let turns = base.turns;
+    if let Err(err) = save(
+        conn,
+        &store,
+        version,
+        &owner,
+        base,
+        turn_messages,
+        end_sequence,
+    )
+    .await
+    {
+        store_failed(conn, &err, "the turn could not be saved").await;
+        status = Status::Failed;
+    }
+    conn.turns.fetch_max(turns, Ordering::Relaxed);
+    end_turn(conn, end_sequence, &interaction_id, status).await;
+}
+
+async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status: Status) {
+    conn.last_sequence.fetch_max(sequence, Ordering::Relaxed);
+    let meta = Meta::now(sequence, SOURCE_HOST, Some(interaction_id));
+    let frame = conn.framer.turn(
+        &TurnEvent::End {
+            status: status.as_str(),
+            interaction_id,
+        },
+        &meta,
+    );
+    conn.send(frame).await;
+}
+
+/// Runs the adapter on the blocking pool; gives the sink back with the
+/// status, or nothing if the host's own sink code panicked (the adapter's
+/// panics are caught inside the plugin).
+async fn generate(
+    backend: Arc<ModelBackend>,
+    request: ModelRequest,
+    mut sink: TurnSink,
+) -> Option<(TurnSink, Status)> {
+    let request = match serde_json::to_string(&request) {
+        Ok(json) => json,
+        Err(err) => {
+            let status = sink.close(Err(PluginError::internal(err.to_string())));
+            return Some((sink, status));
+        }
+    };
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = backend
+            .adapter
+            .generate(
+                RStr::from(request.as_str()),
+                EventSink_TO::from_ptr(&mut sink, TD_Opaque),
+            )
+            .into_result();
+        let status = sink.close(result);
+        (sink, status)
+    })
+    .await;
+    joined
+        .map_err(|err| tracing::error!(error = %err, "turn task failed"))
+        .ok()
+}
+
+/// Saves the turn on top of `base` (the session as loaded at `version`). On
+/// a conflict (another host or connection saved the session meanwhile) the
+/// turn's messages go on top of the newer state and the save is retried.
+async fn save(
+    conn: &Connection,
+    store: &Arc<StoreBackend>,
+    mut version: u64,
+    owner: &str,
+    mut base: SessionDoc,
+    turn_messages: Vec<Message>,
+    end_sequence: u64,
+) -> Result<(), StoreError> {
+    let turns = base.turns;
+    for _ in 0..8 {
+        let mut doc = base;
+        doc.messages.extend(turn_messages.iter().cloned());
+        doc.last_sequence = doc.last_sequence.max(end_sequence);
+        doc.turns = doc.turns.max(turns);
+        match session::save(store, &conn.session_id, version, owner, &doc).await? {
+            SaveOutcome::Saved { .. } => return Ok(()),
+            SaveOutcome::Conflict { current } => {
+                tracing::info!(session = %conn.session_id, version, current, "save conflict; merging");
+                let newer = session::load(store, &conn.session_id)
+                    .await?
+                    .unwrap_or_default();
+                version = newer.version;
+                base = newer.doc;
+            }
+        }
+    }
+    Err(StoreError::Contended(store.name.clone()))
+}
+
+async fn store_failed(conn: &Connection, err: &StoreError, what: &str) {
+    tracing::error!(session = %conn.session_id, error = %err, "{what}");
+    let message = format!("{what}: {err}");
+    conn.diagnostic("error", "store", "store_unavailable", &message)
+        .await;
+}
