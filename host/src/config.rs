@@ -133,6 +133,8 @@ pub struct AdapterConfig {
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
+    /// The directory relative paths are resolved against (the config file's).
+    pub base_dir: PathBuf,
     /// `[server]`.
     pub server: ServerConfig,
     /// `[plugins]`.
@@ -158,7 +160,8 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|message| ConfigError {
+        let base = base.canonicalize().unwrap_or_else(|_| base.to_owned());
+        Self::parse(&text, &base).map_err(|message| ConfigError {
             path: path.to_owned(),
             message,
         })
@@ -212,6 +215,7 @@ impl Config {
             None => std::env::temp_dir().join("llm-host-staging"),
         };
         Ok(Config {
+            base_dir: base.to_owned(),
             server: ServerConfig {
                 listen,
                 envelope: raw.server.envelope,

@@ -61,7 +61,7 @@ impl HostState {
     /// configured adapter. Reports every problem at once.
     pub fn boot(path: &Path) -> Result<Arc<HostState>, BootError> {
         let config = Arc::new(Config::load(path)?);
-        let loader = Loader::new(config.plugins.staging_dir.clone());
+        let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
         let catalog = loader.scan(&config.plugins.dir);
         for error in &catalog.errors {
             tracing::warn!("plugin not loaded: {error}");

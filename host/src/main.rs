@@ -171,7 +171,7 @@ fn list_plugins(config: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let loader = Loader::new(config.plugins.staging_dir.clone());
+    let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
     let catalog = loader.scan(&config.plugins.dir);
     println!("plugin directory: {}", config.plugins.dir.display());
     let mut plugins: Vec<_> = catalog.plugins.values().collect();

@@ -111,16 +111,19 @@ pub struct Catalog {
 /// its whole life.
 pub struct Loader {
     staging_dir: PathBuf,
+    base_dir: PathBuf,
     /// Libraries loaded so far, by content hash. Never shrinks: a loaded
     /// library stays mapped until the process ends.
     loaded: Mutex<HashMap<String, Arc<LoadedPlugin>>>,
 }
 
 impl Loader {
-    /// A loader that stages copies under `staging_dir`.
-    pub fn new(staging_dir: PathBuf) -> Self {
+    /// A loader that stages copies under `staging_dir`; plugins resolve
+    /// relative paths in their settings against `base_dir`.
+    pub fn new(staging_dir: PathBuf, base_dir: PathBuf) -> Self {
         Self {
             staging_dir,
+            base_dir,
             loaded: Mutex::new(HashMap::new()),
         }
     }
@@ -180,7 +183,7 @@ impl Loader {
         }
         let staged = self.stage(file, &hash, &bytes)?;
         drop(bytes);
-        let plugin = Arc::new(open(file, &staged, hash.clone())?);
+        let plugin = Arc::new(open(file, &staged, hash.clone(), &self.base_dir)?);
         tracing::info!(
             plugin = %plugin.name,
             version = %plugin.version,
@@ -227,7 +230,7 @@ impl Loader {
     }
 }
 
-fn open(file: &Path, staged: &Path, hash: String) -> Result<LoadedPlugin, String> {
+fn open(file: &Path, staged: &Path, hash: String, base_dir: &Path) -> Result<LoadedPlugin, String> {
     let header = lib_header_from_path(staged).map_err(|err| describe(&err))?;
     let api_version = header.version_strings().to_string();
     let module = header
@@ -238,6 +241,7 @@ fn open(file: &Path, staged: &Path, hash: String) -> Result<LoadedPlugin, String
     let logger = HostApi_TO::from_value(
         PluginLogger {
             plugin: name.clone(),
+            base_dir: base_dir.to_string_lossy().into_owned(),
         },
         TD_Opaque,
     );
@@ -317,6 +321,7 @@ fn hex(bytes: &[u8]) -> String {
 /// tracing subscriber, tagged with the plugin's name.
 struct PluginLogger {
     plugin: String,
+    base_dir: String,
 }
 
 impl HostApi for PluginLogger {
@@ -343,5 +348,9 @@ impl HostApi for PluginLogger {
 
     fn host_version(&self) -> RString {
         env!("CARGO_PKG_VERSION").into()
+    }
+
+    fn base_dir(&self) -> RString {
+        self.base_dir.as_str().into()
     }
 }

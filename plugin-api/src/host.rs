@@ -64,8 +64,12 @@ pub trait HostApi: Send + Sync {
     fn log_enabled(&self, level: LogLevel) -> bool;
 
     /// The host's own version, for diagnostics.
-    #[sabi(last_prefix_field)]
     fn host_version(&self) -> RString;
+
+    /// The directory relative paths in settings are meant from: the one
+    /// holding the host's config file.
+    #[sabi(last_prefix_field)]
+    fn base_dir(&self) -> RString;
 }
 
 /// A [`HostApi`] trait object as the host passes it.
@@ -82,6 +86,18 @@ pub fn set_host(host: HostApiBox) {
 /// The host's API, once `init` has run.
 pub fn host() -> Option<&'static HostApiBox> {
     HOST.get()
+}
+
+/// Resolves a path from settings: relative paths are taken from the host's
+/// [`base_dir`](HostApi::base_dir) (before `init`, from the working directory).
+pub fn resolve_path(path: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(path);
+    match HOST.get() {
+        Some(host) if path.is_relative() => {
+            std::path::Path::new(host.base_dir().as_str()).join(path)
+        }
+        _ => path.to_owned(),
+    }
 }
 
 /// Writes a log line through the host; before `init`, to stderr.

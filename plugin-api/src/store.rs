@@ -103,8 +103,11 @@ pub trait StoreAdapter: Send + Sync {
     fn delete(&self, id: RStr<'_>) -> RResult<bool, PluginError>;
 
     /// One page of session ids.
-    #[sabi(last_prefix_field)]
     fn list(&self, query: ListQuery<'_>) -> RResult<SessionPage, PluginError>;
+
+    /// Whether the store can serve now (its server answers); used for readiness.
+    #[sabi(last_prefix_field)]
+    fn ping(&self) -> RResult<(), PluginError>;
 }
 
 /// A store adapter trait object as the host holds it.
@@ -127,6 +130,10 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, id: &str) -> Result<bool, PluginError>;
     /// See [`StoreAdapter::list`].
     fn list(&self, owner: &str, after: &str, limit: u32) -> Result<SessionPage, PluginError>;
+    /// See [`StoreAdapter::ping`]. The default answers ready.
+    fn ping(&self) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
 
 struct StoreShim<S>(S);
@@ -158,6 +165,10 @@ impl<S: Store> StoreAdapter for StoreShim<S> {
             self.0
                 .list(query.owner.as_str(), query.after.as_str(), query.limit)
         })
+    }
+
+    fn ping(&self) -> RResult<(), PluginError> {
+        guard(|| self.0.ping())
     }
 }
 
