@@ -82,6 +82,18 @@ fn default_max_queued_prompts() -> usize {
 struct RawPlugins {
     dir: PathBuf,
     staging_dir: Option<PathBuf>,
+    #[serde(default = "default_watch")]
+    watch: bool,
+    #[serde(default = "default_debounce_ms")]
+    debounce_ms: u64,
+}
+
+fn default_watch() -> bool {
+    true
+}
+
+fn default_debounce_ms() -> u64 {
+    500
 }
 
 #[derive(Deserialize, Debug)]
@@ -119,6 +131,10 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Where staged copies go.
     pub staging_dir: PathBuf,
+    /// Whether to reload when config.toml or a plugin library changes.
+    pub watch: bool,
+    /// How long files must be quiet before a reload, in milliseconds.
+    pub debounce_ms: u64,
 }
 
 /// A `[models.NAME]` or `[stores.NAME]` entry.
@@ -152,23 +168,44 @@ pub struct Config {
 impl Config {
     /// Reads and validates the config at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        match Self::load_checked(path)? {
+            (config, problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(ConfigError {
+                path: path.to_owned(),
+                message: problems.join("\n"),
+            }),
+        }
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        match Self::check(text, base)? {
+            (config, problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(problems.join("\n")),
+        }
+    }
+
+    /// Like [`Config::load`], but a config that parses and has only
+    /// semantic problems (bad values, a default naming no entry) comes back
+    /// with those problems, so that plugin problems can be reported with them.
+    pub fn load_checked(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let error = |message: String| ConfigError {
             path: path.to_owned(),
-            message: format!("cannot read: {err}"),
-        })?;
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|err| error(format!("cannot read: {err}")))?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let base = base.canonicalize().unwrap_or_else(|_| base.to_owned());
-        Self::parse(&text, &base).map_err(|message| ConfigError {
-            path: path.to_owned(),
-            message,
-        })
+        Self::check(&text, &base).map_err(error)
     }
 
-    /// Parses and validates config text; relative paths resolve against `base`.
-    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+    /// Parses config text. Err: it does not parse (syntax, unknown keys,
+    /// wrong types). Ok: the config with every semantic problem found.
+    pub fn check(text: &str, base: &Path) -> Result<(Config, Vec<String>), String> {
         let raw: RawConfig = toml::from_str(text).map_err(|err| err.to_string())?;
         let mut problems = Vec::new();
 
@@ -205,16 +242,12 @@ impl Config {
                 names(&stores)
             ));
         }
-        if !problems.is_empty() {
-            return Err(problems.join("\n"));
-        }
-
         let dir = base.join(raw.plugins.dir);
         let staging_dir = match raw.plugins.staging_dir {
             Some(dir) => base.join(dir),
             None => std::env::temp_dir().join("llm-host-staging"),
         };
-        Ok(Config {
+        let config = Config {
             base_dir: base.to_owned(),
             server: ServerConfig {
                 listen,
@@ -222,12 +255,18 @@ impl Config {
                 max_frame_bytes: raw.server.max_frame_bytes,
                 max_queued_prompts: raw.server.max_queued_prompts,
             },
-            plugins: PluginsConfig { dir, staging_dir },
+            plugins: PluginsConfig {
+                dir,
+                staging_dir,
+                watch: raw.plugins.watch,
+                debounce_ms: raw.plugins.debounce_ms,
+            },
             default_model: raw.defaults.model,
             default_store: raw.defaults.store,
             models,
             stores,
-        })
+        };
+        Ok((config, problems))
     }
 }
 

@@ -4,10 +4,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::{
     error::{CapacityError, Error as WsError},
     protocol::{frame::coding::CloseCode, CloseFrame},
@@ -18,6 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::protocol::{
     protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
 };
+use crate::reload::Notice;
 use crate::session::{self, Loaded};
 use crate::turn::{self, Prompt};
 use crate::HostState;
@@ -25,6 +27,10 @@ use crate::HostState;
 /// Frames buffered between the producers (turns, the reader) and the socket.
 /// When it is full, producers wait: that bounds memory per slow client.
 const OUTGOING_FRAMES: usize = 64;
+
+/// How long a new connection waits for a turn of its session that is still
+/// finishing before it announces the session as stored.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// What the upgrade request asked for.
 #[derive(Debug, Clone)]
@@ -48,8 +54,12 @@ pub struct Connection {
     pub session_id: String,
     /// Who opened it.
     pub owner: String,
-    /// The connection's backend name.
-    pub model: String,
+    /// The connection's backend name; a reload that removes it moves the
+    /// connection to the default.
+    pub model: Mutex<String>,
+    /// The store the session lives in; kept while it exists, so a change of
+    /// the default store does not move a connected session.
+    pub store: Mutex<String>,
     /// Frame writer.
     pub framer: Framer,
     /// Into the writer task.
@@ -61,6 +71,16 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The connection's backend name.
+    pub fn model(&self) -> String {
+        self.model.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The connection's store name.
+    pub fn store(&self) -> String {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The session's current last sequence number.
     pub fn sequence(&self) -> u64 {
         self.last_sequence.load(Ordering::Relaxed)
@@ -127,7 +147,8 @@ where
         host: host.clone(),
         session_id: opening.session_id.clone(),
         owner: opening.owner.clone(),
-        model: opening.model.clone(),
+        model: Mutex::new(opening.model.clone()),
+        store: Mutex::new(active.config.default_store.clone()),
         framer,
         out,
         last_sequence: Arc::new(AtomicU64::new(0)),
@@ -138,7 +159,13 @@ where
         close(&conn, CloseCode::Error, "no store is configured").await;
         return;
     };
-    let loaded = match session::load(&store, &opening.session_id).await {
+    // A turn of this session may still be finishing (a client that just
+    // reconnected after a disconnect mid-turn): announce what it saved.
+    let lock = host.locks.get(&opening.session_id);
+    let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
+    let loaded = session::load(&store, &opening.session_id).await;
+    drop(finishing);
+    let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(err) => {
             tracing::error!(session = %opening.session_id, error = %err, "cannot load session");
@@ -188,7 +215,16 @@ where
         closed.clone(),
     ));
 
-    read_frames(&conn, ws_rx, &prompts, &current, opening.command_mode).await;
+    let notices = host.reloader.notices.subscribe();
+    read_frames(
+        &conn,
+        ws_rx,
+        notices,
+        &prompts,
+        &current,
+        opening.command_mode,
+    )
+    .await;
 
     // The client is gone (or was closed on): the running turn is cancelled
     // and saved; queued prompts are dropped.
@@ -204,13 +240,26 @@ where
 async fn read_frames<R>(
     conn: &Connection,
     mut frames: R,
+    mut notices: broadcast::Receiver<Arc<Notice>>,
     prompts: &mpsc::Sender<Prompt>,
     current: &CurrentTurn,
     command_mode: bool,
 ) where
     R: Stream<Item = Result<WsMessage, WsError>> + Unpin,
 {
-    while let Some(frame) = frames.next().await {
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next() => frame,
+            notice = notices.recv() => {
+                match notice {
+                    Ok(notice) => reloaded(conn, &notice).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {}
+                }
+                continue;
+            }
+        };
+        let Some(frame) = frame else { return };
         match frame {
             Ok(WsMessage::Text(text)) if command_mode => match Command::parse(text.as_str()) {
                 Ok(Command::Prompt {
@@ -285,6 +334,40 @@ async fn read_frames<R>(
             }
         }
     }
+}
+
+/// Tells the client what a reload changed, and moves the connection off a
+/// backend or store that no longer exists.
+async fn reloaded(conn: &Connection, notice: &Notice) {
+    let mut lines = notice.changes.clone();
+    {
+        let mut model = conn.model.lock().unwrap_or_else(|p| p.into_inner());
+        if notice.removed_models.contains(&model) {
+            lines.push(format!(
+                "this session's backend `{model}` was removed; it now uses `{}`",
+                notice.default_model
+            ));
+            *model = notice.default_model.clone();
+        }
+    }
+    {
+        let mut store = conn.store.lock().unwrap_or_else(|p| p.into_inner());
+        if notice.removed_stores.contains(&store) {
+            lines.push(format!(
+                "this session's store `{store}` was removed; it now lives in `{}`",
+                notice.default_store
+            ));
+            *store = notice.default_store.clone();
+        }
+    }
+    let message = lines.join("; ");
+    let entry = DiagnosticEntry {
+        level: "warn",
+        kind: "host",
+        message: &message,
+        data: Some(serde_json::json!({ "code": "reloaded", "changes": lines })),
+    };
+    conn.send_entry(&entry).await;
 }
 
 async fn enqueue(conn: &Connection, prompts: &mpsc::Sender<Prompt>, prompt: Prompt) {

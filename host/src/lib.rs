@@ -7,16 +7,20 @@
 //!   libraries; ABI and version checks with readable errors.
 //! - [`runtime`]: the active set of adapters built from config and plugins,
 //!   swapped whole.
+//! - [`reload`]: watching files, two-phase reloads, what sessions are told.
 //! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
+//! - [`admin`]: the HTTP API: plugins, config, reload, sessions.
 //! - [`connection`]: one socket: reading frames, the prompt queue, the writer.
 //! - [`turn`]: one turn: store load, the model streaming through a sink, save.
 //! - [`session`]: the stored session document and store calls.
 //! - [`protocol`]: commands in, frames out (PROTOCOL.md).
 
+pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod plugins;
 pub mod protocol;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod session;
@@ -29,6 +33,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, ConfigError};
 use crate::plugins::Loader;
+use crate::reload::Reloader;
 use crate::runtime::Active;
 use crate::session::SessionLocks;
 
@@ -41,6 +46,8 @@ pub struct HostState {
     pub locks: SessionLocks,
     /// Loads plugin libraries (and remembers every one it loaded).
     pub loader: Loader,
+    /// Reload bookkeeping and the channel that tells sessions about reloads.
+    pub reloader: Reloader,
     /// The config file the host was started with.
     pub config_path: PathBuf,
 }
@@ -51,26 +58,30 @@ pub enum BootError {
     /// config.toml is unreadable or invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// Configured plugins or adapters failed; every problem is listed.
+    /// The config, plugins or adapters have problems; every one is listed.
     #[error("{}", .0.join("\n"))]
-    Plugins(Vec<String>),
+    Problems(Vec<String>),
 }
 
 impl HostState {
     /// Reads the config at `path`, loads the plugin directory and builds every
     /// configured adapter. Reports every problem at once.
     pub fn boot(path: &Path) -> Result<Arc<HostState>, BootError> {
-        let config = Arc::new(Config::load(path)?);
+        // The staging directory comes from the config; read it first (a
+        // config that does not even parse fails here, alone).
+        let config = match Config::load_checked(path) {
+            Ok((config, _)) => config,
+            Err(err) => return Err(BootError::Config(err)),
+        };
         let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
-        let catalog = loader.scan(&config.plugins.dir);
-        for error in &catalog.errors {
-            tracing::warn!("plugin not loaded: {error}");
-        }
-        let active = Active::build(config, &catalog).map_err(BootError::Plugins)?;
+        let (catalog, active) =
+            Active::assemble(path, &loader, None).map_err(BootError::Problems)?;
+        let reloader = Reloader::new(&active.config, &catalog);
         Ok(Arc::new(HostState {
             active: ArcSwap::from_pointee(active),
             locks: SessionLocks::default(),
             loader,
+            reloader,
             config_path: path.to_owned(),
         }))
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use llm_host::config::Config;
 use llm_host::plugins::Loader;
-use llm_host::{server, HostState};
+use llm_host::{reload, server, HostState};
 
 const USAGE: &str = "\
 usage:
@@ -135,11 +135,33 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
                 env!("CARGO_PKG_VERSION")
             );
         }
+        let plugins = host.active.load().config.plugins.clone();
+        if plugins.watch {
+            let debounce = std::time::Duration::from_millis(plugins.debounce_ms);
+            if let Err(err) = reload::watch(host.clone(), debounce) {
+                tracing::error!("{err}; reload with SIGHUP or POST /v1/reload");
+            }
+        }
+        reload_on_hangup(host.clone());
         tracing::info!("listening on {bound}");
         server::serve(listener, host, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP reloads config.toml and the plugin directory.
+fn reload_on_hangup(host: std::sync::Arc<HostState>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let _ = reload::reload(&host, "SIGHUP").await;
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -174,7 +174,7 @@ impl Loader {
     /// Loads one library. `Ok(None)`: not an llm-host plugin.
     pub fn load(&self, file: &Path) -> Result<Option<Arc<LoadedPlugin>>, String> {
         let bytes = std::fs::read(file).map_err(|err| format!("cannot read: {err}"))?;
-        if !bytes.starts_with(b"\x7fELF") || !contains(&bytes, ROOT_SYMBOL) {
+        if !exports_root_module(&bytes)? {
             return Ok(None);
         }
         let hash = hex(&Sha256::digest(&bytes));
@@ -306,8 +306,42 @@ fn is_library_name(path: &Path) -> bool {
     name.starts_with("lib") && name.ends_with(".so") && path.is_file()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(haystack, needle).is_some()
+/// Checks that `bytes` is a whole ELF shared library (every segment and
+/// section lies inside the file: a half-copied library passes `dlopen` and
+/// crashes on first call) and answers whether it exports the plugin root
+/// module.
+fn exports_root_module(bytes: &[u8]) -> Result<bool, String> {
+    use object::read::elf::ElfFile64;
+    use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+
+    if !bytes.starts_with(b"\x7fELF") {
+        return Err("not an ELF shared library".to_owned());
+    }
+    let elf = ElfFile64::<object::Endianness>::parse(bytes)
+        .map_err(|err| format!("not a readable 64-bit ELF library ({err}); truncated?"))?;
+    let len = bytes.len() as u64;
+    let inside =
+        |(offset, size): (u64, u64)| offset.checked_add(size).is_some_and(|end| end <= len);
+    if let Some(segment) = elf.segments().find(|s| !inside(s.file_range())) {
+        let (offset, size) = segment.file_range();
+        return Err(format!(
+            "truncated: a segment ends at byte {} but the file has {len} bytes \
+             (still being written? copy to a temporary name, then mv)",
+            offset + size
+        ));
+    }
+    if elf
+        .sections()
+        .filter_map(|s| s.file_range())
+        .any(|range| !inside(range))
+    {
+        return Err(format!(
+            "truncated: a section lies past the end of the file ({len} bytes)"
+        ));
+    }
+    Ok(elf
+        .dynamic_symbols()
+        .any(|symbol| symbol.name_bytes().is_ok_and(|name| name == ROOT_SYMBOL)))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::Arc;
 
 use llm_host_plugin_api::{Kinds, ModelAdapterBox, StoreAdapterBox};
 
 use crate::config::{AdapterConfig, Config};
-use crate::plugins::{Catalog, LoadedPlugin};
+use crate::plugins::{Catalog, LoadedPlugin, Loader};
 
 /// A configured model backend (`[models.NAME]`).
 pub struct ModelBackend {
@@ -19,6 +20,8 @@ pub struct ModelBackend {
     pub name: String,
     /// The library that built it.
     pub plugin: Arc<LoadedPlugin>,
+    /// The settings it was built from.
+    pub settings: serde_json::Value,
     /// The adapter.
     pub adapter: ModelAdapterBox,
 }
@@ -29,6 +32,8 @@ pub struct StoreBackend {
     pub name: String,
     /// The library that built it.
     pub plugin: Arc<LoadedPlugin>,
+    /// The settings it was built from.
+    pub settings: serde_json::Value,
     /// The adapter.
     pub adapter: StoreAdapterBox,
 }
@@ -44,9 +49,14 @@ pub struct Active {
 }
 
 impl Active {
-    /// Builds every configured adapter from `catalog`. Fails with every
-    /// problem found, each naming its config key.
-    pub fn build(config: Arc<Config>, catalog: &Catalog) -> Result<Active, Vec<String>> {
+    /// Builds every configured adapter from `catalog`. Adapters of `previous`
+    /// whose library and settings are unchanged are kept as they are. Fails
+    /// with every problem found, each naming its config key.
+    pub fn build(
+        config: Arc<Config>,
+        catalog: &Catalog,
+        previous: Option<&Active>,
+    ) -> Result<Active, Vec<String>> {
         let mut problems = Vec::new();
         let mut models = BTreeMap::new();
         for (name, entry) in &config.models {
@@ -54,21 +64,24 @@ impl Active {
             let Some(plugin) = find(catalog, &key, entry, Kinds::MODEL, &mut problems) else {
                 continue;
             };
+            let kept = previous
+                .and_then(|p| p.models.get(name))
+                .filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
+            if let Some(backend) = kept {
+                models.insert(name.clone(), backend.clone());
+                continue;
+            }
             match plugin.new_model(&entry.settings) {
                 Ok(adapter) => {
-                    models.insert(
-                        name.clone(),
-                        Arc::new(ModelBackend {
-                            name: name.clone(),
-                            plugin,
-                            adapter,
-                        }),
-                    );
+                    let backend = ModelBackend {
+                        name: name.clone(),
+                        plugin,
+                        settings: entry.settings.clone(),
+                        adapter,
+                    };
+                    models.insert(name.clone(), Arc::new(backend));
                 }
-                Err(err) => problems.push(format!(
-                    "{key}: plugin `{}` refused its settings: {err}",
-                    entry.plugin
-                )),
+                Err(err) => problems.push(refused(&key, entry, &err)),
             }
         }
         let mut stores = BTreeMap::new();
@@ -77,21 +90,24 @@ impl Active {
             let Some(plugin) = find(catalog, &key, entry, Kinds::STORE, &mut problems) else {
                 continue;
             };
+            let kept = previous
+                .and_then(|p| p.stores.get(name))
+                .filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
+            if let Some(store) = kept {
+                stores.insert(name.clone(), store.clone());
+                continue;
+            }
             match plugin.new_store(&entry.settings) {
                 Ok(adapter) => {
-                    stores.insert(
-                        name.clone(),
-                        Arc::new(StoreBackend {
-                            name: name.clone(),
-                            plugin,
-                            adapter,
-                        }),
-                    );
+                    let store = StoreBackend {
+                        name: name.clone(),
+                        plugin,
+                        settings: entry.settings.clone(),
+                        adapter,
+                    };
+                    stores.insert(name.clone(), Arc::new(store));
                 }
-                Err(err) => problems.push(format!(
-                    "{key}: plugin `{}` refused its settings: {err}",
-                    entry.plugin
-                )),
+                Err(err) => problems.push(refused(&key, entry, &err)),
             }
         }
         if !problems.is_empty() {
@@ -104,6 +120,33 @@ impl Active {
         })
     }
 
+    /// Reads the config at `path`, scans its plugin directory with `loader`
+    /// and builds the set, reusing what `previous` has. Every problem of the
+    /// config, the libraries and the adapters is reported together.
+    pub fn assemble(
+        path: &Path,
+        loader: &Loader,
+        previous: Option<&Active>,
+    ) -> Result<(Catalog, Active), Vec<String>> {
+        let (config, problems) = Config::load_checked(path).map_err(|err| vec![err.to_string()])?;
+        let mut problems: Vec<String> = problems
+            .into_iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect();
+        let catalog = loader.scan(&config.plugins.dir);
+        for error in &catalog.errors {
+            tracing::warn!("plugin not loaded: {error}");
+        }
+        match Active::build(Arc::new(config), &catalog, previous) {
+            Ok(active) if problems.is_empty() => Ok((catalog, active)),
+            Ok(_) => Err(problems),
+            Err(more) => {
+                problems.extend(more);
+                Err(problems)
+            }
+        }
+    }
+
     /// The backend a client gets when it names none.
     pub fn default_model(&self) -> Option<&Arc<ModelBackend>> {
         self.models.get(&self.config.default_model)
@@ -113,6 +156,13 @@ impl Active {
     pub fn store(&self) -> Option<&Arc<StoreBackend>> {
         self.stores.get(&self.config.default_store)
     }
+}
+
+fn refused(key: &str, entry: &AdapterConfig, err: &llm_host_plugin_api::PluginError) -> String {
+    format!(
+        "{key}: plugin `{}` refused its settings: {err}",
+        entry.plugin
+    )
 }
 
 fn find(

@@ -148,6 +148,23 @@ pub async fn save(
     .unwrap_or_else(|_| Err(StoreError::Lost(name)))
 }
 
+/// Deletes session `id`; answers whether it existed.
+pub async fn delete(store: &Arc<StoreBackend>, id: &str) -> Result<bool, StoreError> {
+    let (store, id, name) = (store.clone(), id.to_owned(), store.name.clone());
+    tokio::task::spawn_blocking(move || {
+        store
+            .adapter
+            .delete(RStr::from(id.as_str()))
+            .into_result()
+            .map_err(|error| StoreError::Plugin {
+                store: store.name.clone(),
+                error,
+            })
+    })
+    .await
+    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
+}
+
 /// Per-session locks, so that the turns of one session run one at a time on
 /// this host even when several connections share the session.
 #[derive(Default)]

@@ -311,13 +311,18 @@ impl EventSink for TurnSink {
 /// `interaction.turn` frame. `cancel` is this turn's cancel flag.
 pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
     let active = conn.host.active.load_full();
-    let backend_name = prompt.model.as_deref().unwrap_or(&conn.model);
+    let backend_name = prompt.model.unwrap_or_else(|| conn.model());
     let backend = active
         .models
-        .get(backend_name)
+        .get(&backend_name)
         .or_else(|| active.default_model())
         .cloned();
-    let (Some(backend), Some(store)) = (backend, active.store().cloned()) else {
+    let store = active
+        .stores
+        .get(&conn.store())
+        .or_else(|| active.store())
+        .cloned();
+    let (Some(backend), Some(store)) = (backend, store) else {
         let turn = format!("turn-{}", conn.turns.load(Ordering::Relaxed) + 1);
         conn.diagnostic(
             "error",

@@ -7,6 +7,7 @@ use llm_host_plugin_api::{
 };
 
 use super::*;
+use llm_host_plugin_api::FinishReason;
 
 #[derive(Default)]
 struct Recorder {

@@ -1,0 +1,290 @@
+//! The HTTP API beside the sockets: plugins, config, reload, sessions.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::protocol::now_ms;
+use crate::reload::{self, Outcome};
+use crate::server::error_reply;
+use crate::session;
+use crate::HostState;
+
+/// Every admin route.
+pub fn routes(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    plugins(host.clone())
+        .or(config(host.clone()))
+        .unify()
+        .or(reload_now(host.clone()))
+        .unify()
+        .or(get_session(host.clone()))
+        .unify()
+        .or(delete_session(host))
+        .unify()
+}
+
+fn with_host(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Arc<HostState>,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || host.clone())
+}
+
+/// `GET /v1/plugins`: each loaded library, reload counters and the last error.
+fn plugins(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "plugins")
+        .and(warp::get())
+        .and(with_host(host))
+        .map(|host: Arc<HostState>| {
+            let active = host.active.load();
+            let status = host.reloader.status();
+            let plugins: Vec<Value> = status
+                .plugins
+                .values()
+                .map(|entry| {
+                    let p = &entry.plugin;
+                    let used_by: Vec<&String> = active
+                        .models
+                        .values()
+                        .filter(|b| Arc::ptr_eq(&b.plugin, p))
+                        .map(|b| &b.name)
+                        .chain(
+                            active
+                                .stores
+                                .values()
+                                .filter(|s| Arc::ptr_eq(&s.plugin, p))
+                                .map(|s| &s.name),
+                        )
+                        .collect();
+                    json!({
+                        "name": p.name,
+                        "version": p.version,
+                        "description": p.description,
+                        "kinds": p.kinds.names(),
+                        "apiVersion": p.api_version,
+                        "file": p.file,
+                        "hash": p.hash,
+                        "loadedAt": millis(p.loaded_at),
+                        "reloads": entry.reloads,
+                        "usedBy": used_by,
+                    })
+                })
+                .collect();
+            let load_errors: Vec<Value> = status
+                .load_errors
+                .iter()
+                .map(|e| json!({ "file": e.file, "message": e.message }))
+                .collect();
+            let last_error = status
+                .last_error
+                .as_ref()
+                .map(|(at, message)| json!({ "at": at, "message": message }));
+            warp::reply::json(&json!({
+                "plugins": plugins,
+                "reloads": status.reloads,
+                "lastReloadAt": status.last_reload_ms,
+                "lastError": last_error,
+                "loadErrors": load_errors,
+            }))
+            .into_response()
+        })
+}
+
+/// `GET /v1/config`: the active config, secrets redacted.
+fn config(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "config")
+        .and(warp::get())
+        .and(with_host(host))
+        .map(|host: Arc<HostState>| {
+            let active = host.active.load();
+            let mut value = serde_json::to_value(&*active.config).unwrap_or(Value::Null);
+            redact(&mut value);
+            warp::reply::json(&value).into_response()
+        })
+}
+
+/// `POST /v1/reload`: reload config.toml and the plugin directory now.
+fn reload_now(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "reload")
+        .and(warp::post())
+        .and(with_host(host))
+        .then(|host: Arc<HostState>| async move {
+            match reload::reload(&host, "POST /v1/reload").await {
+                Ok(Outcome::Unchanged) => {
+                    warp::reply::json(&json!({ "status": "unchanged" })).into_response()
+                }
+                Ok(Outcome::Reloaded(changes)) => {
+                    warp::reply::json(&json!({ "status": "reloaded", "changes": changes }))
+                        .into_response()
+                }
+                Err(message) => error_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "reload_failed",
+                    &format!("nothing changed; the running set keeps serving: {message}"),
+                ),
+            }
+        })
+}
+
+/// `GET /v1/sessions/{id}`: the stored messages, version and last sequence.
+fn get_session(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "sessions" / String)
+        .and(warp::get())
+        .and(with_host(host))
+        .then(|id: String, host: Arc<HostState>| async move {
+            if !session::valid_name(&id) {
+                return bad_id();
+            }
+            let Some(store) = host.active.load().store().cloned() else {
+                return no_store();
+            };
+            match session::load(&store, &id).await {
+                Ok(Some(loaded)) => warp::reply::json(&json!({
+                    "id": id,
+                    "store": store.name,
+                    "version": loaded.version,
+                    "lastSequence": loaded.doc.last_sequence,
+                    "turns": loaded.doc.turns,
+                    "messages": loaded.doc.messages,
+                }))
+                .into_response(),
+                Ok(None) => not_found(&id),
+                Err(err) => error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    &err.to_string(),
+                ),
+            }
+        })
+}
+
+/// `DELETE /v1/sessions/{id}`: removes the session from the store.
+fn delete_session(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "sessions" / String)
+        .and(warp::delete())
+        .and(with_host(host))
+        .then(|id: String, host: Arc<HostState>| async move {
+            if !session::valid_name(&id) {
+                return bad_id();
+            }
+            let Some(store) = host.active.load().store().cloned() else {
+                return no_store();
+            };
+            match session::delete(&store, &id).await {
+                Ok(true) => StatusCode::NO_CONTENT.into_response(),
+                Ok(false) => not_found(&id),
+                Err(err) => error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    &err.to_string(),
+                ),
+            }
+        })
+}
+
+fn bad_id() -> Response {
+    error_reply(
+        StatusCode::BAD_REQUEST,
+        "bad_session_id",
+        "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
+    )
+}
+
+fn no_store() -> Response {
+    error_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_store",
+        "no store is configured",
+    )
+}
+
+fn not_found(id: &str) -> Response {
+    error_reply(
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+        &format!("no session `{id}`"),
+    )
+}
+
+fn millis(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_else(|_| now_ms())
+}
+
+/// Replaces secrets in a config value: settings whose key names a secret
+/// (`key`, `secret`, `token`, `password`; not `*_env`, which names a variable)
+/// and passwords inside URLs.
+pub fn redact(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                let lower = key.to_ascii_lowercase();
+                let secret = ["key", "secret", "token", "password", "passwd", "credential"]
+                    .iter()
+                    .any(|word| lower.contains(word))
+                    && !lower.ends_with("_env");
+                if secret && !value.is_null() {
+                    *value = Value::String("[redacted]".to_owned());
+                } else {
+                    redact(value);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::String(text) => {
+            if let Some(clean) = redact_url(text) {
+                *text = clean;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `scheme://user:password@host...` with the password replaced.
+fn redact_url(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let (userinfo, host) = rest.split_once('@')?;
+    if host.contains('@') || userinfo.contains('/') {
+        return None;
+    }
+    let (user, _password) = userinfo.split_once(':')?;
+    Some(format!("{scheme}://{user}:[redacted]@{host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_the_rest_kept() {
+        let mut value = json!({
+            "models": {"a": {"settings": {
+                "api_key": "sk-123", "api_key_env": "OPENAI_API_KEY",
+                "headers": {"X-Token": "t"}, "model": "gpt",
+                "url": "postgres://me:hunter2@db:5432/x"
+            }}}
+        });
+        redact(&mut value);
+        let settings = &value["models"]["a"]["settings"];
+        assert_eq!(settings["api_key"], "[redacted]");
+        assert_eq!(settings["api_key_env"], "OPENAI_API_KEY");
+        assert_eq!(settings["headers"]["X-Token"], "[redacted]");
+        assert_eq!(settings["model"], "gpt");
+        assert_eq!(settings["url"], "postgres://me:[redacted]@db:5432/x");
+    }
+}

@@ -1,0 +1,403 @@
+//! Live reload of plugins and config.toml.
+//!
+//! A reload runs in two phases. *Prepare* does everything that can fail: read
+//! and validate the config, scan the plugin directory (each library checked
+//! for completeness, staged under its content hash and loaded), and build
+//! every adapter that changed. *Swap* then replaces the whole active set in
+//! one store. A failed prepare changes nothing: the running set keeps
+//! serving and the error is logged and kept for `GET /v1/plugins`.
+//!
+//! Adapters whose plugin library and settings did not change are carried over
+//! as they are (a memory store keeps its sessions, a pool its connections).
+//! A turn keeps the snapshot it started with; the next turn uses the new one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::config::Config;
+use crate::plugins::{Catalog, LoadError, LoadedPlugin};
+use crate::protocol::now_ms;
+use crate::runtime::Active;
+use crate::HostState;
+
+/// What connected sessions are told after a reload.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    /// One line per change.
+    pub changes: Vec<String>,
+    /// Model backends that no longer exist.
+    pub removed_models: Vec<String>,
+    /// Stores that no longer exist.
+    pub removed_stores: Vec<String>,
+    /// The default backend now.
+    pub default_model: String,
+    /// The default store now.
+    pub default_store: String,
+}
+
+/// The result of a reload that did not fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Config and plugins are as they were; nothing was swapped.
+    Unchanged,
+    /// A new active set is serving; one line per change.
+    Reloaded(Vec<String>),
+}
+
+/// A plugin library as the admin endpoint shows it.
+#[derive(Clone)]
+pub struct PluginStatus {
+    /// The library.
+    pub plugin: Arc<LoadedPlugin>,
+    /// How many other libraries with this plugin's name were loaded before it.
+    pub reloads: u64,
+}
+
+/// What reloads did, for `GET /v1/plugins`.
+#[derive(Default)]
+pub struct Status {
+    /// Reloads applied since start.
+    pub reloads: u64,
+    /// When the last one was applied, Unix ms.
+    pub last_reload_ms: Option<u64>,
+    /// The last failed reload: when, and why.
+    pub last_error: Option<(u64, String)>,
+    /// Libraries of the last scan that failed to load.
+    pub load_errors: Vec<LoadError>,
+    /// Libraries of the last successful scan, by plugin name.
+    pub plugins: BTreeMap<String, PluginStatus>,
+    /// Distinct libraries loaded per plugin name.
+    loads: HashMap<String, Vec<String>>,
+}
+
+impl Status {
+    fn record_scan(&mut self, catalog: &Catalog) {
+        self.load_errors = catalog.errors.clone();
+        self.plugins.clear();
+        for (name, plugin) in &catalog.plugins {
+            let hashes = self.loads.entry(name.clone()).or_default();
+            if !hashes.contains(&plugin.hash) {
+                hashes.push(plugin.hash.clone());
+            }
+            let reloads = hashes.len() as u64 - 1;
+            self.plugins.insert(
+                name.clone(),
+                PluginStatus {
+                    plugin: plugin.clone(),
+                    reloads,
+                },
+            );
+        }
+    }
+}
+
+/// What an active set was built from; an unchanged fingerprint means there
+/// is nothing to reload.
+#[derive(Clone, PartialEq, Default)]
+struct Fingerprint {
+    config: Option<Config>,
+    plugins: BTreeMap<String, String>,
+}
+
+impl Fingerprint {
+    fn of(config: &Config, catalog: &Catalog) -> Self {
+        Self {
+            config: Some(config.clone()),
+            plugins: catalog
+                .plugins
+                .iter()
+                .map(|(name, plugin)| (name.clone(), plugin.hash.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Reload bookkeeping. One per host.
+pub struct Reloader {
+    /// One reload at a time.
+    lock: tokio::sync::Mutex<()>,
+    fingerprint: Mutex<Fingerprint>,
+    /// What reloads did.
+    pub status: Mutex<Status>,
+    /// Connected sessions subscribe to hear about applied reloads.
+    pub notices: broadcast::Sender<Arc<Notice>>,
+}
+
+impl Reloader {
+    /// Bookkeeping for a host that booted from `config` and `catalog`.
+    pub fn new(config: &Config, catalog: &Catalog) -> Self {
+        let mut status = Status::default();
+        status.record_scan(catalog);
+        Self {
+            lock: tokio::sync::Mutex::new(()),
+            fingerprint: Mutex::new(Fingerprint::of(config, catalog)),
+            status: Mutex::new(status),
+            notices: broadcast::channel(16).0,
+        }
+    }
+
+    /// The bookkeeping, locked.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reloads config.toml and the plugin directory now. `why` is logged.
+pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String> {
+    let _one_at_a_time = host.reloader.lock.lock().await;
+    let prepared = {
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || prepare(&host))
+            .await
+            .map_err(|err| format!("reload task failed: {err}"))?
+    };
+    let reloader = &host.reloader;
+    match prepared {
+        Ok(None) => {
+            tracing::debug!(trigger = why, "reload: nothing changed");
+            Ok(Outcome::Unchanged)
+        }
+        Ok(Some((active, notice))) => {
+            host.active.store(Arc::new(active));
+            {
+                let mut status = reloader.status();
+                status.reloads += 1;
+                status.last_reload_ms = Some(now_ms());
+            }
+            for change in &notice.changes {
+                tracing::info!(trigger = why, "reloaded: {change}");
+            }
+            let changes = notice.changes.clone();
+            let _ = reloader.notices.send(Arc::new(notice));
+            Ok(Outcome::Reloaded(changes))
+        }
+        Err(message) => {
+            tracing::error!(
+                trigger = why,
+                "reload refused, the running set keeps serving:\n{message}"
+            );
+            reloader.status().last_error = Some((now_ms(), message.clone()));
+            Err(message)
+        }
+    }
+}
+
+type Prepared = Option<(Active, Notice)>;
+
+fn prepare(host: &HostState) -> Result<Prepared, String> {
+    let old = host.active.load_full();
+    let assembled = Active::assemble(&host.config_path, &host.loader, Some(&old));
+    let (catalog, active) = match assembled {
+        Ok(done) => done,
+        Err(problems) => return Err(problems.join("\n")),
+    };
+    host.reloader.status().record_scan(&catalog);
+    let fingerprint = Fingerprint::of(&active.config, &catalog);
+    let mut current = host
+        .reloader
+        .fingerprint
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if *current == fingerprint {
+        return Ok(None);
+    }
+    *current = fingerprint;
+    drop(current);
+    let notice = describe(&old, &active);
+    Ok(Some((active, notice)))
+}
+
+/// Says what differs between two active sets.
+fn describe(old: &Active, new: &Active) -> Notice {
+    let mut changes = Vec::new();
+    let mut removed_models = Vec::new();
+    let mut removed_stores = Vec::new();
+    for (name, backend) in &new.models {
+        match old.models.get(name) {
+            None => changes.push(format!(
+                "model backend `{name}` added (plugin {} {})",
+                backend.plugin.name, backend.plugin.version
+            )),
+            Some(before) if !Arc::ptr_eq(before, backend) => changes.push(adapter_change(
+                "model backend",
+                name,
+                &before.plugin,
+                &backend.plugin,
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in old.models.keys().filter(|n| !new.models.contains_key(*n)) {
+        changes.push(format!("model backend `{name}` removed"));
+        removed_models.push(name.clone());
+    }
+    for (name, store) in &new.stores {
+        match old.stores.get(name) {
+            None => changes.push(format!(
+                "store `{name}` added (plugin {} {})",
+                store.plugin.name, store.plugin.version
+            )),
+            Some(before) if !Arc::ptr_eq(before, store) => {
+                changes.push(adapter_change("store", name, &before.plugin, &store.plugin))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.stores.keys().filter(|n| !new.stores.contains_key(*n)) {
+        changes.push(format!("store `{name}` removed"));
+        removed_stores.push(name.clone());
+    }
+    let (was, now) = (&old.config, &new.config);
+    if was.default_model != now.default_model {
+        changes.push(format!(
+            "default model backend: `{}` -> `{}`",
+            was.default_model, now.default_model
+        ));
+    }
+    if was.default_store != now.default_store {
+        changes.push(format!(
+            "default store: `{}` -> `{}` (connected sessions keep their store while it exists; \
+             new connections use the new one)",
+            was.default_store, now.default_store
+        ));
+    }
+    if was.server.listen != now.server.listen {
+        changes.push(format!(
+            "server.listen changed to {}: restart the host to apply it (still listening on {})",
+            now.server.listen, was.server.listen
+        ));
+    }
+    if was.server != now.server && was.server.listen == now.server.listen {
+        changes.push("[server] settings changed: they apply to new connections".to_owned());
+    }
+    if was.plugins != now.plugins {
+        changes.push(format!(
+            "plugin directory is now {}",
+            now.plugins.dir.display()
+        ));
+    }
+    if changes.is_empty() {
+        changes.push("plugin libraries rescanned; no backend or store changed".to_owned());
+    }
+    Notice {
+        changes,
+        removed_models,
+        removed_stores,
+        default_model: now.default_model.clone(),
+        default_store: now.default_store.clone(),
+    }
+}
+
+fn adapter_change(what: &str, name: &str, before: &LoadedPlugin, now: &LoadedPlugin) -> String {
+    if before.hash == now.hash {
+        format!("{what} `{name}` rebuilt with new settings")
+    } else {
+        format!(
+            "{what} `{name}` now runs plugin {} {} ({}; was {} {} {})",
+            now.name,
+            now.version,
+            now.short_hash(),
+            before.name,
+            before.version,
+            before.short_hash()
+        )
+    }
+}
+
+/// Watches config.toml and the plugin directory, and reloads after changes
+/// settle (no event for `debounce`). Runs until the host stops.
+pub fn watch(host: Arc<HostState>, debounce: Duration) -> Result<(), String> {
+    let config_path = absolute(&host.config_path);
+    let config_dir = config_path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let plugin_dir = Arc::new(Mutex::new(absolute(&host.active.load().config.plugins.dir)));
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watched_dir = plugin_dir.clone();
+    let watched_config = config_path.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let dir = watched_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if relevant(&event, &watched_config, &dir) {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|err| format!("cannot watch files: {err}"))?;
+    watcher
+        .watch(&config_dir, RecursiveMode::NonRecursive)
+        .map_err(|err| format!("cannot watch {}: {err}", config_dir.display()))?;
+    let initial_dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if initial_dir != config_dir {
+        watcher
+            .watch(&initial_dir, RecursiveMode::NonRecursive)
+            .map_err(|err| format!("cannot watch {}: {err}", initial_dir.display()))?;
+    }
+    tracing::info!(
+        config = %config_path.display(),
+        plugins = %initial_dir.display(),
+        "watching for changes"
+    );
+
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Wait until the files have been quiet for the whole window: a
+            // library still being copied keeps producing events.
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let _ = reload(&host, "file change").await;
+            let now_dir = absolute(&host.active.load().config.plugins.dir);
+            let mut dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner());
+            if *dir != now_dir {
+                if *dir != config_dir {
+                    let _ = watcher.unwatch(&dir);
+                }
+                if let Err(err) = watcher.watch(&now_dir, RecursiveMode::NonRecursive) {
+                    tracing::error!(dir = %now_dir.display(), error = %err, "cannot watch the new plugin directory");
+                }
+                *dir = now_dir;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Whether a file event can change what a reload would build. Reads
+/// (including the host's own) and metadata changes do not.
+fn relevant(event: &notify::Event, config_path: &Path, plugin_dir: &Path) -> bool {
+    let kind_matters = matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    );
+    kind_matters
+        && event.paths.iter().any(|path| {
+            path == config_path
+                || (path.parent() == Some(plugin_dir)
+                    && path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("lib") && n.ends_with(".so")))
+        })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_owned())
+}

@@ -1,0 +1,18 @@
+//! End-to-end tests of llm-host: the real binary, real plugin libraries
+//! copied into a temporary plugin directory, and a real WebSocket client.
+//!
+//! Every test starts its own host (see `llm_host_tests::Host`), so tests are
+//! independent and run in parallel.
+
+#[path = "host/cli.rs"]
+mod cli;
+#[path = "host/common.rs"]
+mod common;
+#[path = "host/failures.rs"]
+mod failures;
+#[path = "host/plugins.rs"]
+mod plugins;
+#[path = "host/protocol.rs"]
+mod protocol;
+#[path = "host/sessions.rs"]
+mod sessions;
