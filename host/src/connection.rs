@@ -37,8 +37,9 @@ const CONNECT_WAIT: Duration = Duration::from_secs(5);
 pub struct Opening {
     /// The session id (given or generated).
     pub session_id: String,
-    /// The backend name for this connection.
-    pub model: String,
+    /// The backend the client chose with `?model=`; none follows the
+    /// config's default from turn to turn.
+    pub model: Option<String>,
     /// Whether the client asked for command mode.
     pub command_mode: bool,
     /// The API key id that opened it; empty in open mode.
@@ -54,9 +55,9 @@ pub struct Connection {
     pub session_id: String,
     /// Who opened it.
     pub owner: String,
-    /// The connection's backend name; a reload that removes it moves the
-    /// connection to the default.
-    pub model: Mutex<String>,
+    /// The backend the client chose, if any; a reload that removes it makes
+    /// the connection follow the default.
+    pub model: Mutex<Option<String>>,
     /// The store the session lives in; kept while it exists, so a change of
     /// the default store does not move a connected session.
     pub store: Mutex<String>,
@@ -71,8 +72,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The connection's backend name.
-    pub fn model(&self) -> String {
+    /// The backend the client chose, if any.
+    pub fn model(&self) -> Option<String> {
         self.model.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -193,12 +194,16 @@ where
     conn.last_sequence
         .store(doc.last_sequence, Ordering::Relaxed);
     conn.turns.store(doc.turns, Ordering::Relaxed);
-    tracing::debug!(session = %opening.session_id, resumed, model = %opening.model, "connected");
+    let model = opening
+        .model
+        .clone()
+        .unwrap_or_else(|| active.config.default_model.clone());
+    tracing::debug!(session = %opening.session_id, resumed, model = %model, "connected");
     conn.send(framer.session(
         &SessionEvent::Open {
             session_id: &opening.session_id,
             resumed,
-            model: &opening.model,
+            model: &model,
             last_sequence: doc.last_sequence,
         },
         &Meta::now(doc.last_sequence, SOURCE_HOST, None),
@@ -342,12 +347,12 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
     let mut lines = notice.changes.clone();
     {
         let mut model = conn.model.lock().unwrap_or_else(|p| p.into_inner());
-        if notice.removed_models.contains(&model) {
+        if let Some(chosen) = model.as_ref().filter(|m| notice.removed_models.contains(m)) {
             lines.push(format!(
-                "this session's backend `{model}` was removed; it now uses `{}`",
+                "this session's backend `{chosen}` was removed; it now uses the default, `{}`",
                 notice.default_model
             ));
-            *model = notice.default_model.clone();
+            *model = None;
         }
     }
     {

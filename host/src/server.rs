@@ -58,7 +58,9 @@ pub async fn serve(
 pub fn routes(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    websocket(host)
+    websocket(host.clone())
+        .or(crate::admin::routes(host))
+        .unify()
         .recover(|rejection: warp::Rejection| async move {
             let (status, code, message) = if rejection.is_not_found() {
                 (
@@ -120,7 +122,7 @@ fn upgrade_session(
     };
     let active = host.active.load_full();
     let model = match params.get("model") {
-        Some(name) if active.models.contains_key(name) => name.clone(),
+        Some(name) if active.models.contains_key(name) => Some(name.clone()),
         Some(name) => {
             let known: Vec<&str> = active.models.keys().map(String::as_str).collect();
             return error_reply(
@@ -132,7 +134,7 @@ fn upgrade_session(
                 ),
             );
         }
-        None => active.config.default_model.clone(),
+        None => None,
     };
 
     let key = match websocket_key(headers) {

@@ -311,10 +311,10 @@ impl EventSink for TurnSink {
 /// `interaction.turn` frame. `cancel` is this turn's cancel flag.
 pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
     let active = conn.host.active.load_full();
-    let backend_name = prompt.model.unwrap_or_else(|| conn.model());
-    let backend = active
-        .models
-        .get(&backend_name)
+    let backend = prompt
+        .model
+        .or_else(|| conn.model())
+        .and_then(|name| active.models.get(&name))
         .or_else(|| active.default_model())
         .cloned();
     let store = active

@@ -59,6 +59,8 @@ pub struct Artifacts {
     pub foreign: PathBuf,
     /// The same fixture claiming plugin-api's own version (0.1.0).
     pub foreign_same_version: PathBuf,
+    /// A newer build of echo (plugin `echo` 2.0.0, answers `echo v2: ...`).
+    pub echo_v2: PathBuf,
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
@@ -173,6 +175,7 @@ fn build() -> Result<Artifacts, String> {
             "llm-plugin-echo",
             "llm-plugin-memory",
             "llm-host-foreign-plugin-fixture",
+            "llm-host-echo-v2-fixture",
         ],
         &[],
     )?;
@@ -194,8 +197,14 @@ fn build() -> Result<Artifacts, String> {
         memory: profile_dir.join("libllm_plugin_memory.so"),
         foreign,
         foreign_same_version,
+        echo_v2: profile_dir.join("libllm_host_echo_v2_fixture.so"),
     };
-    for path in [&artifacts.host, &artifacts.echo, &artifacts.memory] {
+    for path in [
+        &artifacts.host,
+        &artifacts.echo,
+        &artifacts.memory,
+        &artifacts.echo_v2,
+    ] {
         if !path.is_file() {
             return Err(format!("the build did not produce {}", path.display()));
         }
@@ -218,6 +227,8 @@ pub enum Plugin {
     Foreign,
     /// The fixture claiming plugin-api's version, with another layout.
     ForeignSameVersion,
+    /// A newer build of echo: plugin `echo` 2.0.0, answering `echo v2: ...`.
+    EchoV2,
 }
 
 impl Plugin {
@@ -229,6 +240,7 @@ impl Plugin {
             Plugin::Memory => &artifacts.memory,
             Plugin::Foreign => &artifacts.foreign,
             Plugin::ForeignSameVersion => &artifacts.foreign_same_version,
+            Plugin::EchoV2 => &artifacts.echo_v2,
         }
     }
 
@@ -238,6 +250,7 @@ impl Plugin {
             Plugin::Echo => "libllm_plugin_echo.so",
             Plugin::Memory => "libllm_plugin_memory.so",
             Plugin::Foreign | Plugin::ForeignSameVersion => "libllm_host_foreign_plugin_fixture.so",
+            Plugin::EchoV2 => "libllm_host_echo_v2_fixture.so",
         }
     }
 }
@@ -259,6 +272,8 @@ pub struct Config {
     pub max_queued_prompts: u64,
     /// `[models.NAME]` tables: name and the inline table of echo settings.
     pub models: Vec<(String, String)>,
+    /// `plugins.debounce_ms`: how long files must be quiet before a reload.
+    pub debounce_ms: u64,
 }
 
 impl Default for Config {
@@ -286,6 +301,7 @@ impl Default for Config {
                 .iter()
                 .map(|(name, settings)| ((*name).to_owned(), (*settings).to_owned()))
                 .collect(),
+            debounce_ms: 200,
         }
     }
 }
@@ -304,9 +320,13 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut text = format!(
             "[server]\nlisten = \"{}\"\nenvelope = \"{}\"\nmax_frame_bytes = {}\n\
-             max_queued_prompts = {}\n\n[plugins]\ndir = \"plugins\"\n\n\
+             max_queued_prompts = {}\n\n[plugins]\ndir = \"plugins\"\ndebounce_ms = {}\n\n\
              [defaults]\nmodel = \"echo\"\nstore = \"memory\"\n",
-            self.listen, self.envelope, self.max_frame_bytes, self.max_queued_prompts
+            self.listen,
+            self.envelope,
+            self.max_frame_bytes,
+            self.max_queued_prompts,
+            self.debounce_ms
         );
         for (name, settings) in &self.models {
             text.push_str(&format!(
@@ -574,6 +594,11 @@ impl Host {
                 );
             }
         }
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The address the host listens on.
@@ -1032,13 +1057,27 @@ impl HttpReply {
 /// connection and reads the answer's status, headers and body (by
 /// `Content-Length`, chunked encoding, or until the connection closes).
 pub async fn http_upgrade(addr: SocketAddr, path_and_query: &str) -> HttpReply {
+    let request = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    exchange(addr, request, &format!("GET {path_and_query}")).await
+}
+
+/// Sends a plain HTTP request (`method` `path_and_query`, no body) and reads
+/// the whole answer.
+pub async fn http(addr: SocketAddr, method: &str, path_and_query: &str) -> HttpReply {
+    let request = format!(
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    exchange(addr, request, &format!("{method} {path_and_query}")).await
+}
+
+async fn exchange(addr: SocketAddr, request: String, what: &str) -> HttpReply {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.expect("connect to the host");
-        let request = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        );
         stream
             .write_all(request.as_bytes())
             .await
@@ -1105,9 +1144,7 @@ pub async fn http_upgrade(addr: SocketAddr, path_and_query: &str) -> HttpReply {
     };
     tokio::time::timeout(FRAME_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| {
-            panic!("no complete HTTP answer to GET {path_and_query} within {FRAME_TIMEOUT:?}")
-        })
+        .unwrap_or_else(|_| panic!("no complete HTTP answer to {what} within {FRAME_TIMEOUT:?}"))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

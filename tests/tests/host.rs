@@ -14,5 +14,7 @@ mod failures;
 mod plugins;
 #[path = "host/protocol.rs"]
 mod protocol;
+#[path = "host/reload.rs"]
+mod reload;
 #[path = "host/sessions.rs"]
 mod sessions;
