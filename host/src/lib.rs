@@ -50,6 +50,8 @@ pub struct HostState {
     pub reloader: Reloader,
     /// The config file the host was started with.
     pub config_path: PathBuf,
+    /// This process's id among hosts sharing a store (in turn leases).
+    pub instance: String,
 }
 
 /// Why the host could not start.
@@ -83,6 +85,7 @@ impl HostState {
             loader,
             reloader,
             config_path: path.to_owned(),
+            instance: format!("host-{}", uuid::Uuid::new_v4()),
         }))
     }
 }

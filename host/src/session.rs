@@ -37,6 +37,22 @@ pub struct SessionDoc {
     /// Turns run so far; the next turn is `turn-{turns + 1}`.
     #[serde(default)]
     pub turns: u64,
+    /// The claim of the turn running now, if one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+/// A running turn's claim on its session: while it holds, no other host runs
+/// a turn of the session (see `turn::claim`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    /// The host instance running the turn.
+    pub holder: String,
+    /// The turn's id.
+    pub turn: String,
+    /// When the claim runs out unless renewed, Unix ms.
+    pub expires_ms: u64,
 }
 
 /// A session loaded from the store.

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
@@ -20,10 +21,10 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::connection::Connection;
 use crate::protocol::{
-    Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
+    now_ms, Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
 };
 use crate::runtime::{ModelBackend, StoreBackend};
-use crate::session::{self, Loaded, SessionDoc, StoreError};
+use crate::session::{self, Lease, Loaded, SessionDoc, StoreError};
 
 /// A prompt waiting for its turn.
 #[derive(Debug)]
@@ -338,15 +339,15 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
     let lock = conn.host.locks.get(&conn.session_id);
     let _turns_of_this_session = lock.lock().await;
 
-    let Loaded {
-        doc: mut base,
-        version,
-        owner,
-    } = match session::load(&store, &conn.session_id).await {
-        Ok(found) => found.unwrap_or_else(|| Loaded {
-            owner: conn.owner.clone(),
-            ..Loaded::default()
-        }),
+    let user = Message::new(Role::User, prompt.text);
+    let claimed = match claim(conn, &store, &user, &cancel).await {
+        Ok(Some(claimed)) => claimed,
+        Ok(None) => {
+            // Cancelled while another host's turn held the session.
+            let turn = format!("turn-{}", conn.turns.load(Ordering::Relaxed) + 1);
+            end_turn(conn, conn.sequence(), &turn, Status::Cancelled).await;
+            return;
+        }
         Err(err) => {
             let turn = format!("turn-{}", conn.turns.load(Ordering::Relaxed) + 1);
             store_failed(
@@ -359,19 +360,19 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
             return;
         }
     };
-    // Never reuse a number this connection already sent, even if a save was lost.
-    base.last_sequence = base.last_sequence.max(conn.sequence());
-    base.turns = base.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
-    let interaction_id = format!("turn-{}", base.turns);
-    let user = Message::new(Role::User, prompt.text);
+    let Claimed {
+        doc,
+        version,
+        owner,
+    } = claimed;
+    let interaction_id = format!("turn-{}", doc.turns);
+    conn.turns.fetch_max(doc.turns, Ordering::Relaxed);
 
-    let mut messages = base.messages.clone();
-    messages.push(user.clone());
     let request = ModelRequest {
         session_id: conn.session_id.clone(),
         interaction_id: interaction_id.clone(),
         backend: backend.name.clone(),
-        messages,
+        messages: doc.messages.clone(),
         params: prompt.params,
     };
     let sink = TurnSink {
@@ -380,7 +381,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
         cancel,
         conn_sequence: conn.last_sequence.clone(),
         interaction_id: interaction_id.clone(),
-        sequence: base.last_sequence,
+        sequence: doc.last_sequence,
         started: false,
         outcome: None,
         client_gone: false,
@@ -389,33 +390,20 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
         tool_calls: Vec::new(),
         diagnostics: Vec::new(),
     };
-    let mut turn_messages = vec![user];
-    let (mut status, last_model_sequence) = match generate(backend, request, sink).await {
-        Some((mut sink, status)) => {
-            turn_messages.extend(sink.assistant_message());
-            (status, sink.sequence)
-        }
-        None => (Status::Failed, conn.sequence()),
+    let lease = Renewal::start(conn, &store, doc.clone(), version, owner.clone());
+    let generated = generate(backend, request, sink).await;
+    let version = lease.stop().await;
+    let (mut status, last_model_sequence, answer) = match generated {
+        Some((mut sink, status)) => (status, sink.sequence, sink.assistant_message()),
+        None => (Status::Failed, conn.sequence(), None),
     };
 
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
-    let turns = base.turns;
-    if let Err(err) = save(
-        conn,
-        &store,
-        version,
-        &owner,
-        base,
-        turn_messages,
-        end_sequence,
-    )
-    .await
-    {
+    if let Err(err) = commit(conn, &store, version, &owner, doc, answer, end_sequence).await {
         store_failed(conn, &err, "the turn could not be saved").await;
         status = Status::Failed;
     }
-    conn.turns.fetch_max(turns, Ordering::Relaxed);
     end_turn(conn, end_sequence, &interaction_id, status).await;
 }
 
@@ -464,33 +452,161 @@ async fn generate(
         .ok()
 }
 
-/// Saves the turn on top of `base` (the session as loaded at `version`). On
-/// a conflict (another host or connection saved the session meanwhile) the
-/// turn's messages go on top of the newer state and the save is retried.
-async fn save(
+/// How long a turn's claim on its session lasts without renewal. A host
+/// that dies mid-turn blocks the session's next turn for at most this long.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often a running turn renews its claim.
+const RENEW_EVERY: Duration = Duration::from_secs(10);
+
+/// A session claimed for one turn: saved with the user message, the turn
+/// counted, and a lease naming this host, at `version`.
+struct Claimed {
+    doc: SessionDoc,
+    version: u64,
+    owner: String,
+}
+
+/// Claims the session for a turn. Several hosts (or connections on several
+/// hosts) may share a session: a turn first saves, conditionally on the
+/// version it loaded, the user message and a lease naming this host, so that
+/// no other host streams on the session (and uses its sequence numbers) until
+/// the turn is saved or the lease runs out. A live lease of another host is
+/// waited for. `Ok(None)`: the turn was cancelled while waiting.
+async fn claim(
+    conn: &Connection,
+    store: &Arc<StoreBackend>,
+    user: &Message,
+    cancel: &AtomicBool,
+) -> Result<Option<Claimed>, StoreError> {
+    let mut wait = Duration::from_millis(10);
+    loop {
+        let loaded = session::load(store, &conn.session_id)
+            .await?
+            .unwrap_or_else(|| Loaded {
+                owner: conn.owner.clone(),
+                ..Loaded::default()
+            });
+        let Loaded {
+            mut doc,
+            version,
+            owner,
+        } = loaded;
+        let now = now_ms();
+        let held_elsewhere = doc
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.holder != conn.host.instance && l.expires_ms > now);
+        if held_elsewhere {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+            continue;
+        }
+        // Never reuse a number this connection already sent, even if a save was lost.
+        doc.last_sequence = doc.last_sequence.max(conn.sequence());
+        doc.turns = doc.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
+        doc.messages.push(user.clone());
+        doc.lease = Some(Lease {
+            holder: conn.host.instance.clone(),
+            turn: format!("turn-{}", doc.turns),
+            expires_ms: now + LEASE.as_millis() as u64,
+        });
+        match session::save(store, &conn.session_id, version, &owner, &doc).await? {
+            SaveOutcome::Saved { version } => {
+                return Ok(Some(Claimed {
+                    doc,
+                    version,
+                    owner,
+                }))
+            }
+            SaveOutcome::Conflict { .. } => continue,
+        }
+    }
+}
+
+/// Renews a turn's lease while the model streams; [`Renewal::stop`] gives
+/// back the version the session is at.
+struct Renewal {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Renewal {
+    fn start(
+        conn: &Connection,
+        store: &Arc<StoreBackend>,
+        mut doc: SessionDoc,
+        mut version: u64,
+        owner: String,
+    ) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let (store, id) = (store.clone(), conn.session_id.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return version,
+                    _ = tokio::time::sleep(RENEW_EVERY) => {}
+                }
+                if let Some(lease) = doc.lease.as_mut() {
+                    lease.expires_ms = now_ms() + LEASE.as_millis() as u64;
+                }
+                match session::save(&store, &id, version, &owner, &doc).await {
+                    Ok(SaveOutcome::Saved { version: now }) => version = now,
+                    Ok(SaveOutcome::Conflict { current }) => {
+                        tracing::warn!(session = %id, version, current, "turn lease lost");
+                        return version;
+                    }
+                    Err(err) => {
+                        tracing::warn!(session = %id, error = %err, "cannot renew the turn lease")
+                    }
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Saves the finished turn: the answer appended, the end sequence recorded,
+/// the lease released, conditionally on `version` (the claim's, or its last
+/// renewal's). If the session changed meanwhile (the lease ran out and
+/// another host took it), the answer goes on top of the newer state.
+async fn commit(
     conn: &Connection,
     store: &Arc<StoreBackend>,
     mut version: u64,
     owner: &str,
-    mut base: SessionDoc,
-    turn_messages: Vec<Message>,
+    mut doc: SessionDoc,
+    answer: Option<Message>,
     end_sequence: u64,
 ) -> Result<(), StoreError> {
-    let turns = base.turns;
+    let turns = doc.turns;
     for _ in 0..8 {
-        let mut doc = base;
-        doc.messages.extend(turn_messages.iter().cloned());
+        doc.messages.extend(answer.iter().cloned());
         doc.last_sequence = doc.last_sequence.max(end_sequence);
         doc.turns = doc.turns.max(turns);
+        if doc
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.holder == conn.host.instance)
+        {
+            doc.lease = None;
+        }
         match session::save(store, &conn.session_id, version, owner, &doc).await? {
             SaveOutcome::Saved { .. } => return Ok(()),
             SaveOutcome::Conflict { current } => {
-                tracing::info!(session = %conn.session_id, version, current, "save conflict; merging");
+                tracing::warn!(session = %conn.session_id, version, current, "turn save conflict; merging");
                 let newer = session::load(store, &conn.session_id)
                     .await?
                     .unwrap_or_default();
                 version = newer.version;
-                base = newer.doc;
+                doc = newer.doc;
             }
         }
     }
