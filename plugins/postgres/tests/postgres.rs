@@ -1,0 +1,382 @@
+//! The PostgreSQL store against a real server: `LLM_HOST_TEST_POSTGRES_URL`
+//! (default `host=127.0.0.1 user=postgres dbname=test`). Without a server
+//! these tests print `skipped: ...`, except under CI (`CI=true`), where they
+//! fail.
+//!
+//! Every test uses a table and an application_name of its own and drops the
+//! table when it ends, so runs may share the server.
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use llm_host_conformance::{store, support};
+use llm_host_plugin_api::{
+    abi_stable::std_types::RStr, ErrorKind, ListQuery, Plugin, PluginError, SaveOutcome,
+    StoreAdapterBox,
+};
+use llm_plugin_postgres::{PostgresPlugin, MIGRATIONS_TABLE};
+
+fn url() -> String {
+    support::env_or(
+        "LLM_HOST_TEST_POSTGRES_URL",
+        "host=127.0.0.1 user=postgres dbname=test",
+    )
+}
+
+/// `url` with `application_name` set, in the URL's own form.
+fn with_application_name(url: &str, name: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let joiner = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{joiner}application_name={name}")
+    } else {
+        format!("{url} application_name={name}")
+    }
+}
+
+/// A connection of the test's own, and the table and application name the
+/// test's stores use; drops the table when dropped.
+struct Server {
+    client: postgres::Client,
+    table: String,
+    application_name: String,
+}
+
+impl Server {
+    /// Connects, or skips (fails under CI) when nothing answers.
+    fn connect() -> Option<Server> {
+        let url = url();
+        let token = support::unique_token();
+        let client = support::require(
+            url.parse::<postgres::Config>()
+                .and_then(|mut config| {
+                    config
+                        .connect_timeout(Duration::from_secs(3))
+                        .connect(postgres::NoTls)
+                })
+                .map_err(|err| {
+                    // tokio-postgres puts the reason in the error's source.
+                    let mut text = err.to_string();
+                    let mut source = std::error::Error::source(&err);
+                    while let Some(cause) = source {
+                        text = format!("{text}: {cause}");
+                        source = cause.source();
+                    }
+                    text
+                }),
+            &format!("no PostgreSQL server at `{url}` (set LLM_HOST_TEST_POSTGRES_URL)"),
+        )?;
+        Some(Server {
+            client,
+            table: format!("llm_host_test_{token}"),
+            application_name: format!("llm-host-test-{token}"),
+        })
+    }
+
+    fn settings(&self, extra: &str) -> String {
+        let url = with_application_name(&url(), &self.application_name);
+        let mut json = format!(
+            r#"{{"url": {url:?}, "table": {:?}, "pool_size": 4"#,
+            self.table
+        );
+        if !extra.is_empty() {
+            json.push_str(", ");
+            json.push_str(extra);
+        }
+        json.push('}');
+        json
+    }
+
+    fn adapter(&self, extra: &str) -> StoreAdapterBox {
+        match PostgresPlugin::new_store(&self.settings(extra)) {
+            Ok(store) => store,
+            Err(err) => panic!("the settings are valid: {err}"),
+        }
+    }
+
+    fn count(&mut self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .and_then(|row| row.try_get(0))
+            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    /// Ends every connection of this test's stores, as an operator or a
+    /// failover would.
+    fn kill_store_connections(&mut self) -> i64 {
+        self.client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND application_name = $1",
+                &[&self.application_name],
+            )
+            .map(|rows| rows.len() as i64)
+            .expect("pg_terminate_backend")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.client.batch_execute(&format!(
+            "DROP TABLE IF EXISTS \"{0}\";
+             DELETE FROM {MIGRATIONS_TABLE} WHERE table_name = '{0}'",
+            self.table
+        ));
+    }
+}
+
+fn load(store: &StoreAdapterBox, id: &str) -> Result<Option<u64>, PluginError> {
+    store
+        .load(RStr::from(id))
+        .into_result()
+        .map(|s| s.into_option().map(|s| s.version))
+}
+
+fn save(store: &StoreAdapterBox, id: &str, expected: u64, owner: &str) -> SaveOutcome {
+    store
+        .save(id.into(), expected, owner.into(), "{}".into())
+        .into_result()
+        .expect("save")
+}
+
+fn list(store: &StoreAdapterBox, owner: &str) -> Vec<String> {
+    store
+        .list(ListQuery {
+            owner: owner.into(),
+            after: "".into(),
+            limit: 100,
+        })
+        .into_result()
+        .expect("list")
+        .ids
+        .into_iter()
+        .map(|id| id.into_string())
+        .collect()
+}
+
+#[test]
+fn conforms() {
+    let Some(mut server) = Server::connect() else {
+        return;
+    };
+    let settings = server.settings("");
+    let results = store::assert_store_conforms(&|| PostgresPlugin::new_store(&settings));
+    eprintln!("{}", store::report(&results));
+    let table = server.table.clone();
+    assert_eq!(
+        server.count(&format!("SELECT COUNT(*) FROM \"{table}\"")),
+        0,
+        "the suite cleans up"
+    );
+}
+
+#[test]
+fn conforms_with_a_ttl() {
+    let Some(server) = Server::connect() else {
+        return;
+    };
+    let settings = server.settings(r#""ttl_secs": 600"#);
+    store::assert_store_conforms(&|| PostgresPlugin::new_store(&settings));
+}
+
+#[test]
+fn the_migration_runs_once_even_when_hosts_start_together() {
+    let Some(mut server) = Server::connect() else {
+        return;
+    };
+    // Eight "hosts" whose first calls race to create the table.
+    let stores: Vec<StoreAdapterBox> = (0..8).map(|_| server.adapter("")).collect();
+    std::thread::scope(|scope| {
+        for (n, store) in stores.iter().enumerate() {
+            scope.spawn(move || {
+                assert_eq!(
+                    save(store, &format!("s{n}"), 0, "k"),
+                    SaveOutcome::Saved { version: 1 }
+                );
+            });
+        }
+    });
+    let table = server.table.clone();
+    assert_eq!(
+        server.count(&format!(
+            "SELECT COUNT(*) FROM {MIGRATIONS_TABLE} WHERE table_name = '{table}'"
+        )),
+        1
+    );
+    assert_eq!(list(&stores[0], "k").len(), 8);
+    // The table's schema version is recorded; a newer one is refused.
+    server
+        .client
+        .execute(
+            &format!("INSERT INTO {MIGRATIONS_TABLE} (table_name, version) VALUES ($1, 99)"),
+            &[&table],
+        )
+        .expect("insert");
+    let store = server.adapter("");
+    let err = store
+        .ping()
+        .into_result()
+        .expect_err("version 99 is unknown");
+    assert_eq!(err.kind, ErrorKind::UNSUPPORTED, "{err}");
+    assert!(err.message.contains("version 99"), "{err}");
+}
+
+#[test]
+fn idle_sessions_expire() {
+    let Some(mut server) = Server::connect() else {
+        return;
+    };
+    let store = server.adapter(r#""ttl_secs": 1"#);
+    assert_eq!(
+        save(&store, "idle", 0, "k"),
+        SaveOutcome::Saved { version: 1 }
+    );
+    assert_eq!(
+        save(&store, "busy", 0, "k"),
+        SaveOutcome::Saved { version: 1 }
+    );
+    // Loading counts as use: "busy" is loaded every 0.6 s and outlives the ttl.
+    for _ in 0..3 {
+        sleep(Duration::from_millis(600));
+        assert_eq!(load(&store, "busy").expect("load"), Some(1));
+    }
+    assert_eq!(load(&store, "idle").expect("load"), None, "idle for 1.8 s");
+    assert_eq!(list(&store, "k"), ["busy"]);
+    sleep(Duration::from_millis(2100));
+    assert_eq!(load(&store, "busy").expect("load"), None);
+    assert_eq!(list(&store, "k"), Vec::<String>::new());
+    assert_eq!(list(&store, ""), Vec::<String>::new());
+    assert!(!store.delete("idle".into()).into_result().expect("delete"));
+    assert_eq!(
+        save(&store, "busy", 1, "k"),
+        SaveOutcome::Conflict { current: 0 }
+    );
+    assert_eq!(
+        save(&store, "busy", 0, "k"),
+        SaveOutcome::Saved { version: 1 }
+    );
+    // The expired rows met by calls are gone, not just hidden.
+    let table = server.table.clone();
+    assert_eq!(
+        server.count(&format!("SELECT COUNT(*) FROM \"{table}\"")),
+        1
+    );
+}
+
+#[test]
+fn hosts_sharing_a_server_see_each_others_saves() {
+    let Some(server) = Server::connect() else {
+        return;
+    };
+    let first = server.adapter("");
+    let second = server.adapter("");
+    assert_eq!(
+        save(&first, "shared", 0, "k"),
+        SaveOutcome::Saved { version: 1 }
+    );
+    assert_eq!(load(&second, "shared").expect("load"), Some(1));
+    assert_eq!(
+        save(&second, "shared", 1, "k"),
+        SaveOutcome::Saved { version: 2 }
+    );
+    assert_eq!(
+        save(&first, "shared", 1, "k"),
+        SaveOutcome::Conflict { current: 2 }
+    );
+    assert_eq!(list(&first, "k"), ["shared"]);
+}
+
+#[test]
+fn recovers_after_its_connections_are_killed() {
+    let Some(mut server) = Server::connect() else {
+        return;
+    };
+    let store = server.adapter("");
+    // Open several connections at once, so the pool holds more than one.
+    std::thread::scope(|scope| {
+        for n in 0..4 {
+            let store = &store;
+            scope.spawn(move || save(store, &format!("s{n}"), 0, "k"));
+        }
+    });
+    let killed = server.kill_store_connections();
+    assert!(
+        killed >= 1,
+        "the store's connections carry its application_name"
+    );
+    let mut failures = 0;
+    for n in 0..4 {
+        match load(&store, &format!("s{n}")) {
+            Ok(found) => assert_eq!(found, Some(1)),
+            Err(err) => {
+                assert_eq!(err.kind, ErrorKind::UNAVAILABLE, "{err}");
+                failures += 1;
+            }
+        }
+    }
+    assert!(failures <= 1, "{failures} calls failed after the kill");
+    assert_eq!(
+        save(&store, "s0", 1, "k"),
+        SaveOutcome::Saved { version: 2 }
+    );
+    // A save whose connection was killed is retried, not doubled.
+    server.kill_store_connections();
+    assert_eq!(
+        save(&store, "s0", 2, "k"),
+        SaveOutcome::Saved { version: 3 }
+    );
+    eprintln!(
+        "killed {killed} connections; {failures} call(s) failed before the store reconnected"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_an_error_not_a_panic() {
+    // Nothing listens on port 1; the constructor must not care.
+    let store = match PostgresPlugin::new_store(
+        r#"{"url": "host=127.0.0.1 port=1 user=postgres dbname=test", "connect_timeout_ms": 500}"#,
+    ) {
+        Ok(store) => store,
+        Err(err) => panic!("the store is built while the server is down: {err}"),
+    };
+    let err = store.ping().into_result().expect_err("nothing to ping");
+    assert_eq!(err.kind, ErrorKind::UNAVAILABLE);
+    assert!(err.message.contains("postgres 127.0.0.1:1/test"), "{err}");
+    assert!(err.message.contains("cannot connect"), "{err}");
+    let err = load(&store, "x").expect_err("nothing to load from");
+    assert_eq!(err.kind, ErrorKind::UNAVAILABLE);
+}
+
+#[test]
+fn invalid_settings_are_refused_with_the_key_named() {
+    for (json, key) in [
+        (r#"{"url": "host=x port=notanumber"}"#, "url"),
+        (r#"{"table": "Robert'); DROP TABLE students;--"}"#, "table"),
+        (r#"{"pool_size": 0}"#, "pool_size"),
+        (r#"{"ttl_secs": 0}"#, "ttl_secs"),
+        (r#"{"tabel": "x"}"#, "tabel"),
+    ] {
+        let Err(err) = PostgresPlugin::new_store(json) else {
+            panic!("{json} was accepted");
+        };
+        assert_eq!(err.kind, ErrorKind::INVALID_SETTINGS, "{json}");
+        assert!(err.message.contains(key), "{json}: {err}");
+    }
+}
+
+#[test]
+fn a_nul_character_is_refused_as_input() {
+    let Some(server) = Server::connect() else {
+        return;
+    };
+    let store = server.adapter("");
+    let err = store
+        .save("nul".into(), 0, "".into(), "{\"a\":\"\0\"}".into())
+        .into_result()
+        .expect_err("PostgreSQL text holds no NUL");
+    assert_eq!(err.kind, ErrorKind::INVALID_INPUT, "{err}");
+    assert!(
+        store.ping().into_result().is_ok(),
+        "the connection is still good"
+    );
+}
