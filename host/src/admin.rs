@@ -1,5 +1,6 @@
 //! The HTTP API beside the sockets: plugins, config, reload, sessions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -7,6 +8,8 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
+use crate::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
+use crate::metrics::metrics;
 use crate::protocol::now_ms;
 use crate::reload::{self, Outcome};
 use crate::server::error_reply;
@@ -22,9 +25,17 @@ pub fn routes(
         .unify()
         .or(reload_now(host.clone()))
         .unify()
+        .or(list_sessions(host.clone()))
+        .unify()
         .or(get_session(host.clone()))
         .unify()
-        .or(delete_session(host))
+        .or(delete_session(host.clone()))
+        .unify()
+        .or(prometheus(host.clone()))
+        .unify()
+        .or(healthz())
+        .unify()
+        .or(readyz(host))
         .unify()
 }
 
@@ -34,14 +45,48 @@ fn with_host(
     warp::any().map(move || host.clone())
 }
 
+/// The host and the caller named by the request's API key (or the refusal).
+fn with_caller(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Arc<HostState>, Result<Caller, Refusal>), Error = warp::Rejection> + Clone
+{
+    with_host(host)
+        .and(warp::header::headers_cloned())
+        .and(warp::query::<HashMap<String, String>>())
+        .map(|host: Arc<HostState>, headers, query| {
+            let caller = authenticate(&host.active.load().config.auth, &headers, &query);
+            if caller.is_err() {
+                metrics().refuse("unauthorized");
+            }
+            (host, caller)
+        })
+        .untuple_one()
+}
+
+/// The admin caller, or the answer that refuses the request.
+fn admin(caller: Result<Caller, Refusal>) -> Result<Caller, Response> {
+    match caller {
+        Ok(caller) if caller.is_admin() => Ok(caller),
+        Ok(_) => Err(refusal(&ADMIN_ONLY)),
+        Err(refused) => Err(refusal(&refused)),
+    }
+}
+
+fn refusal(refused: &Refusal) -> Response {
+    error_reply(refused.status, refused.code, refused.message)
+}
+
 /// `GET /v1/plugins`: each loaded library, reload counters and the last error.
 fn plugins(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "plugins")
         .and(warp::get())
-        .and(with_host(host))
-        .map(|host: Arc<HostState>| {
+        .and(with_caller(host))
+        .map(|host: Arc<HostState>, caller| {
+            if let Err(refused) = admin(caller) {
+                return refused;
+            }
             let active = host.active.load();
             let status = host.reloader.status();
             let plugins: Vec<Value> = status
@@ -102,8 +147,11 @@ fn config(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "config")
         .and(warp::get())
-        .and(with_host(host))
-        .map(|host: Arc<HostState>| {
+        .and(with_caller(host))
+        .map(|host: Arc<HostState>, caller| {
+            if let Err(refused) = admin(caller) {
+                return refused;
+            }
             let active = host.active.load();
             let mut value = serde_json::to_value(&*active.config).unwrap_or(Value::Null);
             redact(&mut value);
@@ -117,8 +165,11 @@ fn reload_now(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "reload")
         .and(warp::post())
-        .and(with_host(host))
-        .then(|host: Arc<HostState>| async move {
+        .and(with_caller(host))
+        .then(|host: Arc<HostState>, caller| async move {
+            if let Err(refused) = admin(caller) {
+                return refused;
+            }
             match reload::reload(&host, "POST /v1/reload").await {
                 Ok(Outcome::Unchanged) => {
                     warp::reply::json(&json!({ "status": "unchanged" })).into_response()
@@ -142,8 +193,12 @@ fn get_session(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "sessions" / String)
         .and(warp::get())
-        .and(with_host(host))
-        .then(|id: String, host: Arc<HostState>| async move {
+        .and(with_caller(host))
+        .then(|id: String, host: Arc<HostState>, caller| async move {
+            let caller: Caller = match caller {
+                Ok(caller) => caller,
+                Err(refused) => return refusal(&refused),
+            };
             if !session::valid_name(&id) {
                 return bad_id();
             }
@@ -151,6 +206,7 @@ fn get_session(
                 return no_store();
             };
             match session::load(&store, &id).await {
+                Ok(Some(loaded)) if !caller.may_access(&loaded.owner) => not_found(&id),
                 Ok(Some(loaded)) => warp::reply::json(&json!({
                     "id": id,
                     "store": store.name,
@@ -176,17 +232,142 @@ fn delete_session(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "sessions" / String)
         .and(warp::delete())
-        .and(with_host(host))
-        .then(|id: String, host: Arc<HostState>| async move {
+        .and(with_caller(host))
+        .then(|id: String, host: Arc<HostState>, caller| async move {
+            let caller: Caller = match caller {
+                Ok(caller) => caller,
+                Err(refused) => return refusal(&refused),
+            };
             if !session::valid_name(&id) {
                 return bad_id();
             }
             let Some(store) = host.active.load().store().cloned() else {
                 return no_store();
             };
+            match session::load(&store, &id).await {
+                Ok(Some(found)) if caller.may_access(&found.owner) => {}
+                Ok(_) => return not_found(&id),
+                Err(err) => {
+                    return error_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        &err.to_string(),
+                    )
+                }
+            }
             match session::delete(&store, &id).await {
                 Ok(true) => StatusCode::NO_CONTENT.into_response(),
                 Ok(false) => not_found(&id),
+                Err(err) => error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    &err.to_string(),
+                ),
+            }
+        })
+}
+
+/// `GET /v1/sessions?after=ID&limit=N`: the caller's session ids, a page at a time.
+fn list_sessions(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "sessions")
+        .and(warp::get())
+        .and(with_caller(host))
+        .and(warp::query::<HashMap<String, String>>())
+        .then(
+            |host: Arc<HostState>, caller, query: HashMap<String, String>| async move {
+                let caller: Caller = match caller {
+                    Ok(caller) => caller,
+                    Err(refused) => return refusal(&refused),
+                };
+                let Some(store) = host.active.load().store().cloned() else {
+                    return no_store();
+                };
+                let limit = query
+                    .get("limit")
+                    .and_then(|l| l.parse::<u32>().ok())
+                    .unwrap_or(100)
+                    .clamp(1, 1000);
+                let after = query.get("after").cloned().unwrap_or_default();
+                // Admins see every session; other keys their own.
+                let owner = match &caller {
+                    Caller::Key { admin: false, id } => id.clone(),
+                    _ => String::new(),
+                };
+                match session::list(&store, &owner, &after, limit).await {
+                    Ok(page) => warp::reply::json(&json!({
+                        "sessions": page.ids,
+                        "next": page.next,
+                    }))
+                    .into_response(),
+                    Err(err) => error_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        &err.to_string(),
+                    ),
+                }
+            },
+        )
+}
+
+/// `GET /metrics`: Prometheus text format (an admin key when keys are set).
+fn prometheus(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_caller(host))
+        .map(|_host: Arc<HostState>, caller| {
+            if let Err(refused) = admin(caller) {
+                return refused;
+            }
+            warp::reply::with_header(
+                metrics().render(),
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .into_response()
+        })
+}
+
+/// `GET /healthz`: the process serves HTTP.
+fn healthz() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({ "status": "ok" })).into_response())
+}
+
+/// `GET /readyz`: plugins are loaded and the default store answers.
+fn readyz(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("readyz")
+        .and(warp::get())
+        .and(with_host(host))
+        .then(|host: Arc<HostState>| async move {
+            if *host.shutdown.borrow() {
+                return error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the host is shutting down",
+                );
+            }
+            let active = host.active.load_full();
+            let (Some(store), Some(_)) = (active.store().cloned(), active.default_model()) else {
+                return error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    "no default backend or store",
+                );
+            };
+            match session::ping(&store).await {
+                Ok(()) => warp::reply::json(&json!({
+                    "status": "ready",
+                    "store": store.name,
+                    "models": active.models.keys().collect::<Vec<_>>(),
+                }))
+                .into_response(),
                 Err(err) => error_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",

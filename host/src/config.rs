@@ -33,6 +33,8 @@ pub enum Envelope {
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    auth: RawAuth,
     plugins: RawPlugins,
     defaults: RawDefaults,
     #[serde(default)]
@@ -42,16 +44,19 @@ struct RawConfig {
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct RawServer {
-    #[serde(default = "default_listen")]
     listen: String,
-    #[serde(default)]
     envelope: Envelope,
-    #[serde(default = "default_max_frame_bytes")]
     max_frame_bytes: usize,
-    #[serde(default = "default_max_queued_prompts")]
     max_queued_prompts: usize,
+    max_prompt_bytes: usize,
+    max_connections: usize,
+    turns_per_minute: u32,
+    idle_timeout_secs: u64,
+    ping_interval_secs: u64,
+    turn_timeout_secs: u64,
+    shutdown_grace_secs: u64,
 }
 
 impl Default for RawServer {
@@ -59,22 +64,38 @@ impl Default for RawServer {
         Self {
             listen: default_listen(),
             envelope: Envelope::default(),
-            max_frame_bytes: default_max_frame_bytes(),
-            max_queued_prompts: default_max_queued_prompts(),
+            max_frame_bytes: 65_536,
+            max_queued_prompts: 8,
+            max_prompt_bytes: 65_536,
+            max_connections: 10_000,
+            turns_per_minute: 0,
+            idle_timeout_secs: 600,
+            ping_interval_secs: 30,
+            turn_timeout_secs: 600,
+            shutdown_grace_secs: 30,
         }
     }
 }
 
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawAuth {
+    open: bool,
+    keys: Vec<RawKey>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    key: Option<String>,
+    key_env: Option<String>,
+    #[serde(default)]
+    admin: bool,
+}
+
 fn default_listen() -> String {
     "127.0.0.1:3000".to_owned()
-}
-
-fn default_max_frame_bytes() -> usize {
-    65_536
-}
-
-fn default_max_queued_prompts() -> usize {
-    8
 }
 
 #[derive(Deserialize, Debug)]
@@ -122,6 +143,56 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Prompts a session may queue behind its running turn.
     pub max_queued_prompts: usize,
+    /// Longest prompt accepted, in bytes of text.
+    pub max_prompt_bytes: usize,
+    /// Most WebSocket connections served at once.
+    pub max_connections: usize,
+    /// Turns each API key may start per minute; 0: no limit.
+    pub turns_per_minute: u32,
+    /// Close a connection with no client message and no turn for this long; 0: never.
+    pub idle_timeout_secs: u64,
+    /// Ping each connection this often, and close it when a ping goes
+    /// unanswered for as long; 0: no pings.
+    pub ping_interval_secs: u64,
+    /// Longest a turn may run; 0: no limit.
+    pub turn_timeout_secs: u64,
+    /// On shutdown, how long running turns may go on before they are cancelled.
+    pub shutdown_grace_secs: u64,
+}
+
+/// An API key.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ApiKey {
+    /// Its name: sessions it creates are owned by this id.
+    pub id: String,
+    /// The secret itself; never serialized.
+    #[serde(skip_serializing)]
+    pub secret: String,
+    /// Whether it may use the admin endpoints.
+    pub admin: bool,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Default)]
+pub struct AuthConfig {
+    /// Serve without keys even on a non-loopback address.
+    pub open: bool,
+    /// The keys; none means open mode.
+    pub keys: Vec<ApiKey>,
+}
+
+impl AuthConfig {
+    /// Why serving on `addr` with these keys is refused: open mode (no keys)
+    /// on an address other machines reach needs `auth.open = true`.
+    pub fn exposure_problem(&self, addr: SocketAddr) -> Option<String> {
+        (self.keys.is_empty() && !self.open && !addr.ip().is_loopback()).then(|| {
+            format!(
+                "the host would listen on {addr}, which other machines reach, and [auth] has \
+                 no keys: add [[auth.keys]], or set auth.open = true to serve without \
+                 authentication"
+            )
+        })
+    }
 }
 
 /// `[plugins]`, with paths resolved against the config file's directory.
@@ -153,6 +224,8 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// `[server]`.
     pub server: ServerConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
     /// `[plugins]`.
     pub plugins: PluginsConfig,
     /// `[defaults] model`: the backend used when a client names none.
@@ -220,12 +293,17 @@ impl Config {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
-        if raw.server.max_frame_bytes < 16 {
-            problems.push("server.max_frame_bytes: must be at least 16".to_owned());
+        for (key, value, least) in [
+            ("max_frame_bytes", raw.server.max_frame_bytes, 16),
+            ("max_queued_prompts", raw.server.max_queued_prompts, 1),
+            ("max_prompt_bytes", raw.server.max_prompt_bytes, 1),
+            ("max_connections", raw.server.max_connections, 1),
+        ] {
+            if value < least {
+                problems.push(format!("server.{key}: must be at least {least}"));
+            }
         }
-        if raw.server.max_queued_prompts == 0 {
-            problems.push("server.max_queued_prompts: must be at least 1".to_owned());
-        }
+        let auth = auth(raw.auth, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
         if !models.contains_key(&raw.defaults.model) {
@@ -254,7 +332,15 @@ impl Config {
                 envelope: raw.server.envelope,
                 max_frame_bytes: raw.server.max_frame_bytes,
                 max_queued_prompts: raw.server.max_queued_prompts,
+                max_prompt_bytes: raw.server.max_prompt_bytes,
+                max_connections: raw.server.max_connections,
+                turns_per_minute: raw.server.turns_per_minute,
+                idle_timeout_secs: raw.server.idle_timeout_secs,
+                ping_interval_secs: raw.server.ping_interval_secs,
+                turn_timeout_secs: raw.server.turn_timeout_secs,
+                shutdown_grace_secs: raw.server.shutdown_grace_secs,
             },
+            auth,
             plugins: PluginsConfig {
                 dir,
                 staging_dir,
@@ -267,6 +353,52 @@ impl Config {
             stores,
         };
         Ok((config, problems))
+    }
+}
+
+/// Shortest API key accepted.
+const MIN_KEY_LEN: usize = 16;
+
+fn auth(raw: RawAuth, problems: &mut Vec<String>) -> AuthConfig {
+    let mut keys: Vec<ApiKey> = Vec::new();
+    for (i, key) in raw.keys.into_iter().enumerate() {
+        let at = format!("auth.keys[{i}] (id `{}`)", key.id);
+        if !crate::session::valid_name(&key.id) {
+            problems.push(format!(
+                "{at}: ids are 1-128 characters of A-Z a-z 0-9 . _ : -"
+            ));
+        }
+        if keys.iter().any(|k| k.id == key.id) {
+            problems.push(format!("{at}: the id is used twice"));
+        }
+        let secret = match (key.key, key.key_env) {
+            (Some(secret), None) => secret,
+            (None, Some(var)) => match std::env::var(&var) {
+                Ok(secret) => secret,
+                Err(_) => {
+                    problems.push(format!("{at}: key_env names `{var}`, which is not set"));
+                    continue;
+                }
+            },
+            _ => {
+                problems.push(format!("{at}: give exactly one of `key` and `key_env`"));
+                continue;
+            }
+        };
+        if secret.len() < MIN_KEY_LEN {
+            problems.push(format!(
+                "{at}: the key is shorter than {MIN_KEY_LEN} characters"
+            ));
+        }
+        keys.push(ApiKey {
+            id: key.id,
+            secret,
+            admin: key.admin,
+        });
+    }
+    AuthConfig {
+        open: raw.open,
+        keys,
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_tungstenite::tungstenite::{
     error::{CapacityError, Error as WsError},
     protocol::{frame::coding::CloseCode, CloseFrame},
@@ -16,12 +16,14 @@ use tokio_tungstenite::tungstenite::{
 };
 use tokio_tungstenite::WebSocketStream;
 
+use crate::auth::Caller;
+use crate::metrics::metrics;
 use crate::protocol::{
-    protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
+    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
 };
 use crate::reload::Notice;
 use crate::session::{self, Loaded};
-use crate::turn::{self, Prompt};
+use crate::turn::{self, Prompt, TurnControl};
 use crate::HostState;
 
 /// Frames buffered between the producers (turns, the reader) and the socket.
@@ -42,8 +44,8 @@ pub struct Opening {
     pub model: Option<String>,
     /// Whether the client asked for command mode.
     pub command_mode: bool,
-    /// The API key id that opened it; empty in open mode.
-    pub owner: String,
+    /// Who opened it.
+    pub caller: Caller,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -54,7 +56,11 @@ pub struct Connection {
     /// The session this connection speaks for.
     pub session_id: String,
     /// Who opened it.
+    pub caller: Caller,
+    /// The owner recorded on the session if this connection creates it.
     pub owner: String,
+    /// When the client last sent a frame or a turn ended, Unix ms.
+    pub active_at: AtomicU64,
     /// The backend the client chose, if any; a reload that removes it makes
     /// the connection follow the default.
     pub model: Mutex<Option<String>>,
@@ -111,23 +117,37 @@ impl Connection {
     }
 }
 
-/// The running turn's cancel flag, if a turn runs.
-type CurrentTurn = Arc<Mutex<Option<Arc<AtomicBool>>>>;
+/// The running turn's control, if a turn runs.
+type CurrentTurn = Arc<Mutex<Option<Arc<TurnControl>>>>;
 
-fn set_current(current: &CurrentTurn, flag: Option<Arc<AtomicBool>>) {
-    *current.lock().unwrap_or_else(|p| p.into_inner()) = flag;
+fn set_current(current: &CurrentTurn, control: Option<Arc<TurnControl>>) {
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = control;
+}
+
+fn turn_running(current: &CurrentTurn) -> bool {
+    current.lock().unwrap_or_else(|p| p.into_inner()).is_some()
 }
 
 /// Cancels the running turn; answers whether there was one.
 fn cancel_current(current: &CurrentTurn) -> bool {
     let guard = current.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
-        Some(flag) => {
-            flag.store(true, Ordering::Relaxed);
+        Some(control) => {
+            control.cancel();
             true
         }
         None => false,
     }
+}
+
+/// How the reading side of a connection ended.
+enum Ended {
+    /// The client closed or went away.
+    ClientGone,
+    /// The host closed it (a frame too large, idle).
+    Closed,
+    /// The host is shutting down.
+    Shutdown,
 }
 
 /// Serves one upgraded socket until the client goes away.
@@ -147,7 +167,9 @@ where
     let conn = Arc::new(Connection {
         host: host.clone(),
         session_id: opening.session_id.clone(),
-        owner: opening.owner.clone(),
+        owner: opening.caller.owner().to_owned(),
+        caller: opening.caller.clone(),
+        active_at: AtomicU64::new(now_ms()),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
         framer,
@@ -220,38 +242,71 @@ where
         closed.clone(),
     ));
 
-    let notices = host.reloader.notices.subscribe();
-    read_frames(
-        &conn,
-        ws_rx,
-        notices,
-        &prompts,
-        &current,
-        opening.command_mode,
-    )
-    .await;
+    let reading = Reading {
+        notices: host.reloader.notices.subscribe(),
+        shutdown: host.shutdown.subscribe(),
+        prompts: &prompts,
+        current: &current,
+        command_mode: opening.command_mode,
+    };
+    let ended = read_frames(&conn, ws_rx, reading).await;
 
-    // The client is gone (or was closed on): the running turn is cancelled
-    // and saved; queued prompts are dropped.
+    // Queued prompts are dropped. When the client is gone, the running turn
+    // is cancelled (and saved with what it had); on shutdown it may finish
+    // within the grace period first.
     closed.store(true, Ordering::Relaxed);
-    cancel_current(&current);
     drop(prompts);
+    let mut worker = worker;
+    if matches!(ended, Ended::Shutdown) {
+        let grace = Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
+        if tokio::time::timeout(grace, &mut worker).await.is_err() {
+            cancel_current(&current);
+            let _ = worker.await;
+        }
+        close(&conn, CloseCode::Away, "the server is shutting down").await;
+    } else {
+        cancel_current(&current);
+        let _ = worker.await;
+    }
     drop(conn);
-    let _ = worker.await;
     let _ = writer.await;
     tracing::debug!(session = %opening.session_id, "disconnected");
 }
 
-async fn read_frames<R>(
-    conn: &Connection,
-    mut frames: R,
-    mut notices: broadcast::Receiver<Arc<Notice>>,
-    prompts: &mpsc::Sender<Prompt>,
-    current: &CurrentTurn,
+/// What the read loop works with besides the socket.
+struct Reading<'a> {
+    notices: broadcast::Receiver<Arc<Notice>>,
+    shutdown: watch::Receiver<bool>,
+    prompts: &'a mpsc::Sender<Prompt>,
+    current: &'a CurrentTurn,
     command_mode: bool,
-) where
+}
+
+/// How often the read loop wakes to ping and to check idleness.
+fn tick_period(server: &crate::config::ServerConfig) -> Option<Duration> {
+    [server.ping_interval_secs, server.idle_timeout_secs]
+        .into_iter()
+        .filter(|secs| *secs > 0)
+        .min()
+        .map(|secs| Duration::from_secs(secs.clamp(1, 30)))
+}
+
+async fn read_frames<R>(conn: &Connection, mut frames: R, reading: Reading<'_>) -> Ended
+where
     R: Stream<Item = Result<WsMessage, WsError>> + Unpin,
 {
+    let Reading {
+        mut notices,
+        mut shutdown,
+        prompts,
+        current,
+        command_mode,
+    } = reading;
+    let period = tick_period(&conn.host.active.load().config.server);
+    let mut ticks = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = std::time::Instant::now();
+    let mut last_ping = std::time::Instant::now();
     loop {
         let frame = tokio::select! {
             frame = frames.next() => frame,
@@ -263,8 +318,46 @@ async fn read_frames<R>(
                 }
                 continue;
             }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return Ended::Shutdown;
+                }
+                continue;
+            }
+            _ = ticks.tick(), if period.is_some() => {
+                let server = conn.host.active.load().config.server.clone();
+                let idle_for = now_ms().saturating_sub(conn.active_at.load(Ordering::Relaxed));
+                let busy = turn_running(current) || prompts.capacity() < prompts.max_capacity();
+                if server.idle_timeout_secs > 0 && !busy && idle_for >= server.idle_timeout_secs * 1000 {
+                    let message = format!(
+                        "no prompt for {} s (server.idle_timeout_secs); closing",
+                        server.idle_timeout_secs
+                    );
+                    conn.send_entry(&protocol_diagnostic("warn", "idle_timeout", &message)).await;
+                    close(conn, CloseCode::Normal, "idle timeout").await;
+                    return Ended::Closed;
+                }
+                let ping = Duration::from_secs(server.ping_interval_secs);
+                if !ping.is_zero() {
+                    if last_seen.elapsed() >= ping * 2 {
+                        tracing::debug!(session = %conn.session_id, "no answer to pings; dropping");
+                        return Ended::ClientGone;
+                    }
+                    if last_ping.elapsed() >= ping {
+                        last_ping = std::time::Instant::now();
+                        let _ = conn.out.send(WsMessage::Ping(Default::default())).await;
+                    }
+                }
+                continue;
+            }
         };
-        let Some(frame) = frame else { return };
+        let Some(frame) = frame else {
+            return Ended::ClientGone;
+        };
+        last_seen = std::time::Instant::now();
+        if matches!(frame, Ok(WsMessage::Text(_) | WsMessage::Binary(_))) {
+            conn.active_at.store(now_ms(), Ordering::Relaxed);
+        }
         match frame {
             Ok(WsMessage::Text(text)) if command_mode => match Command::parse(text.as_str()) {
                 Ok(Command::Prompt {
@@ -322,7 +415,7 @@ async fn read_frames<R>(
                 conn.send_entry(&protocol_diagnostic("error", "binary_frame", &message))
                     .await;
             }
-            Ok(WsMessage::Close(_)) => return,
+            Ok(WsMessage::Close(_)) => return Ended::ClientGone,
             Ok(_) => {}
             Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
                 let message = format!(
@@ -331,11 +424,11 @@ async fn read_frames<R>(
                 conn.send_entry(&protocol_diagnostic("error", "frame_too_large", &message))
                     .await;
                 close(conn, CloseCode::Size, "frame too large").await;
-                return;
+                return Ended::Closed;
             }
             Err(err) => {
                 tracing::debug!(session = %conn.session_id, error = %err, "read failed");
-                return;
+                return Ended::ClientGone;
             }
         }
     }
@@ -376,7 +469,35 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
 }
 
 async fn enqueue(conn: &Connection, prompts: &mpsc::Sender<Prompt>, prompt: Prompt) {
+    let server = conn.host.active.load().config.server.clone();
+    if prompt.text.len() > server.max_prompt_bytes {
+        metrics().refuse("prompt_too_long");
+        let message = format!(
+            "the prompt has {} bytes, over server.max_prompt_bytes = {}; it was not run",
+            prompt.text.len(),
+            server.max_prompt_bytes
+        );
+        conn.send_entry(&protocol_diagnostic("error", "prompt_too_long", &message))
+            .await;
+        return;
+    }
+    if !conn
+        .host
+        .turn_rate
+        .allow(conn.caller.id(), server.turns_per_minute)
+    {
+        metrics().refuse("rate_limited");
+        let message = format!(
+            "more than {} turns a minute for this API key (server.turns_per_minute); \
+             this prompt was not run",
+            server.turns_per_minute
+        );
+        conn.send_entry(&protocol_diagnostic("error", "rate_limited", &message))
+            .await;
+        return;
+    }
     if prompts.try_send(prompt).is_err() {
+        metrics().refuse("queue_full");
         let message = format!(
             "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
              this one was not run",
@@ -395,13 +516,25 @@ async fn run_turns(
     closed: Arc<AtomicBool>,
 ) {
     while let Some(prompt) = prompts.recv().await {
-        let cancel = Arc::new(AtomicBool::new(false));
-        set_current(&current, Some(cancel.clone()));
+        let control = Arc::new(TurnControl::default());
+        set_current(&current, Some(control.clone()));
         if closed.load(Ordering::Relaxed) {
             break;
         }
-        turn::run(&conn, prompt, cancel).await;
+        let limit = conn.host.active.load().config.server.turn_timeout_secs;
+        let deadline = (limit > 0).then(|| {
+            let control = control.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(limit)).await;
+                control.time_out(limit);
+            })
+        });
+        turn::run(&conn, prompt, control).await;
+        if let Some(deadline) = deadline {
+            deadline.abort();
+        }
         set_current(&current, None);
+        conn.active_at.store(now_ms(), Ordering::Relaxed);
     }
 }
 

@@ -11,13 +11,17 @@
 //! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions.
 //! - [`connection`]: one socket: reading frames, the prompt queue, the writer.
+//! - [`auth`], [`limits`], [`metrics`]: API keys, caps and rates, Prometheus.
 //! - [`turn`]: one turn: store load, the model streaming through a sink, save.
 //! - [`session`]: the stored session document and store calls.
 //! - [`protocol`]: commands in, frames out (PROTOCOL.md).
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod limits;
+pub mod metrics;
 pub mod plugins;
 pub mod protocol;
 pub mod reload;
@@ -32,6 +36,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, ConfigError};
+use crate::limits::{ConnectionSlots, TurnRate};
 use crate::plugins::Loader;
 use crate::reload::Reloader;
 use crate::runtime::Active;
@@ -52,6 +57,14 @@ pub struct HostState {
     pub config_path: PathBuf,
     /// This process's id among hosts sharing a store (in turn leases).
     pub instance: String,
+    /// Open connections, against `server.max_connections`.
+    pub connections: ConnectionSlots,
+    /// Turns per minute per API key.
+    pub turn_rate: TurnRate,
+    /// Becomes true when the host starts shutting down.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The address the host listens on, once bound.
+    pub listening: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Why the host could not start.
@@ -86,6 +99,10 @@ impl HostState {
             reloader,
             config_path: path.to_owned(),
             instance: format!("host-{}", uuid::Uuid::new_v4()),
+            connections: ConnectionSlots::default(),
+            turn_rate: TurnRate::default(),
+            shutdown: tokio::sync::watch::channel(false).0,
+            listening: std::sync::OnceLock::new(),
         }))
     }
 }

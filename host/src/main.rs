@@ -61,7 +61,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
 }
 
 fn main() -> ExitCode {
-    let command = match parse_args(std::env::args().skip(1)) {
+    let args = std::env::args().skip(1);
+    let command = match parse_args(args) {
         Ok(command) => command,
         Err(message) => {
             eprintln!("llm-host: {message}\n\n{USAGE}");
@@ -87,14 +88,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr: human-readable, or one JSON object per line when
+/// `LLM_HOST_LOG_FORMAT=json`. `RUST_LOG` filters (default `info`).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("LLM_HOST_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
@@ -106,6 +112,10 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
         }
     };
     let addr = listen.unwrap_or(host.active.load().config.server.listen);
+    if let Some(problem) = host.active.load().config.auth.exposure_problem(addr) {
+        eprintln!("llm-host: cannot start:\n{problem}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,7 +126,7 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async {
         let listener = match server::bind(addr) {
             Ok(listener) => listener,
             Err(err) => {
@@ -125,6 +135,7 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             }
         };
         let bound = listener.local_addr().unwrap_or(addr);
+        let _ = host.listening.set(bound);
         {
             let active = host.active.load();
             tracing::info!(
@@ -144,10 +155,43 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
         }
         reload_on_hangup(host.clone());
         tracing::info!("listening on {bound}");
-        server::serve(listener, host, shutdown_signal()).await;
+
+        let trigger = host.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = trigger.send(true);
+        });
+        let mut stopping = host.shutdown.subscribe();
+        let stop_accepting = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        server::serve(listener, host.clone(), stop_accepting).await;
+        // No new connections now. Each open one lets its running turn finish
+        // (up to the grace period), saves it, and closes with 1001.
+        let grace = host.active.load().config.server.shutdown_grace_secs;
+        tracing::info!(
+            connections = host.connections.open(),
+            grace_secs = grace,
+            "shutting down: finishing running turns"
+        );
+        let drained = tokio::time::timeout(
+            std::time::Duration::from_secs(grace + 5),
+            host.connections.drained(),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = host.connections.open(),
+                "connections still open after the grace period; stopping anyway"
+            );
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    // Adapters still running on blocking threads were told to stop; do not
+    // wait long for one that does not listen.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 /// SIGHUP reloads config.toml and the plugin directory.

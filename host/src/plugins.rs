@@ -165,7 +165,10 @@ impl Loader {
                     }
                 }
                 Ok(None) => tracing::debug!(file = %file.display(), "not an llm-host plugin"),
-                Err(message) => catalog.errors.push(LoadError { file, message }),
+                Err(message) => {
+                    crate::metrics::metrics().plugin_failures.inc();
+                    catalog.errors.push(LoadError { file, message })
+                }
             }
         }
         catalog
@@ -184,6 +187,7 @@ impl Loader {
         let staged = self.stage(file, &hash, &bytes)?;
         drop(bytes);
         let plugin = Arc::new(open(file, &staged, hash.clone(), &self.base_dir)?);
+        crate::metrics::metrics().plugin_loads.inc();
         tracing::info!(
             plugin = %plugin.name,
             version = %plugin.version,

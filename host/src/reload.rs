@@ -21,6 +21,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::config::Config;
+use crate::metrics::metrics;
 use crate::plugins::{Catalog, LoadError, LoadedPlugin};
 use crate::protocol::now_ms;
 use crate::runtime::Active;
@@ -160,10 +161,12 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
     let reloader = &host.reloader;
     match prepared {
         Ok(None) => {
+            metrics().reloads.get_or_create(&[("result", "unchanged")]).inc();
             tracing::debug!(trigger = why, "reload: nothing changed");
             Ok(Outcome::Unchanged)
         }
         Ok(Some((active, notice))) => {
+            metrics().reloads.get_or_create(&[("result", "applied")]).inc();
             host.active.store(Arc::new(active));
             {
                 let mut status = reloader.status();
@@ -178,6 +181,7 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
             Ok(Outcome::Reloaded(changes))
         }
         Err(message) => {
+            metrics().reloads.get_or_create(&[("result", "failed")]).inc();
             tracing::error!(
                 trigger = why,
                 "reload refused, the running set keeps serving:\n{message}"
@@ -197,6 +201,11 @@ fn prepare(host: &HostState) -> Result<Prepared, String> {
         Ok(done) => done,
         Err(problems) => return Err(problems.join("\n")),
     };
+    if let Some(addr) = host.listening.get() {
+        if let Some(problem) = active.config.auth.exposure_problem(*addr) {
+            return Err(problem);
+        }
+    }
     host.reloader.status().record_scan(&catalog);
     let fingerprint = Fingerprint::of(&active.config, &catalog);
     let mut current = host

@@ -22,7 +22,10 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
+use crate::auth::{authenticate, Caller};
 use crate::connection::{self, Opening};
+use crate::metrics::metrics;
+use crate::session;
 use crate::protocol::COMMAND_SUBPROTOCOL;
 use crate::session::{new_session_id, valid_name};
 use crate::HostState;
@@ -96,19 +99,28 @@ fn websocket(
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
-        .map(
+        .then(
             move |params: HashMap<String, String>, headers: HeaderMap, upgrade| {
-                upgrade_session(&host, &params, &headers, upgrade)
+                let host = host.clone();
+                async move { upgrade_session(&host, &params, &headers, upgrade).await }
             },
         )
 }
 
-fn upgrade_session(
+async fn upgrade_session(
     host: &Arc<HostState>,
     params: &HashMap<String, String>,
     headers: &HeaderMap,
     upgrade: Option<OnUpgrade>,
 ) -> Response {
+    let active = host.active.load_full();
+    let caller = match authenticate(&active.config.auth, headers, params) {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            metrics().refuse("unauthorized");
+            return error_reply(refusal.status, refusal.code, refusal.message);
+        }
+    };
     let session_id = match params.get("session") {
         Some(id) if valid_name(id) => id.clone(),
         Some(_) => {
@@ -120,7 +132,6 @@ fn upgrade_session(
         }
         None => new_session_id(),
     };
-    let active = host.active.load_full();
     let model = match params.get("model") {
         Some(name) if active.models.contains_key(name) => Some(name.clone()),
         Some(name) => {
@@ -150,12 +161,42 @@ fn upgrade_session(
             "this connection cannot be upgraded",
         );
     };
+    if !matches!(caller, Caller::Open) && params.contains_key("session") {
+        // Another key's session is answered as if it did not exist.
+        if let Some(store) = active.store() {
+            match session::load(store, &session_id).await {
+                Ok(Some(found)) if !caller.may_access(&found.owner) => {
+                    return error_reply(
+                        StatusCode::NOT_FOUND,
+                        "session_not_found",
+                        &format!("no session `{session_id}`"),
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    return error_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        &err.to_string(),
+                    )
+                }
+            }
+        }
+    }
+    let Some(slot) = host.connections.try_acquire(active.config.server.max_connections) else {
+        metrics().refuse("too_many_connections");
+        return error_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the host serves as many connections as server.max_connections allows; try again later",
+        );
+    };
     let command_mode = requested_protocols(headers).any(|p| p == COMMAND_SUBPROTOCOL);
     let opening = Opening {
         session_id,
         model,
         command_mode,
-        owner: String::new(),
+        caller,
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()
@@ -165,6 +206,7 @@ fn upgrade_session(
         .max_frame_size(Some(max_frame));
     let host = host.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         match upgrade.await {
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);

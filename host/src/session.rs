@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use llm_host_plugin_api::{abi_stable::std_types::RStr, Message, PluginError, SaveOutcome};
+use llm_host_plugin_api::{
+    abi_stable::std_types::RStr, ListQuery, Message, PluginError, SaveOutcome, StoreAdapterBox,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::StoreBackend;
@@ -97,33 +99,24 @@ pub enum StoreError {
 
 /// Loads session `id` on the blocking pool.
 pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>, StoreError> {
-    let (store, id, name) = (store.clone(), id.to_owned(), store.name.clone());
-    tokio::task::spawn_blocking(move || {
-        let found = store
-            .adapter
-            .load(RStr::from(id.as_str()))
-            .into_result()
-            .map_err(|error| StoreError::Plugin {
-                store: store.name.clone(),
-                error,
-            })?;
-        let Some(stored) = found.into_option() else {
-            return Ok(None);
-        };
-        let doc =
-            serde_json::from_str(stored.data.as_str()).map_err(|error| StoreError::Corrupt {
-                store: store.name.clone(),
-                id: id.clone(),
-                error,
-            })?;
-        Ok(Some(Loaded {
-            doc,
-            version: stored.version,
-            owner: stored.owner.to_string(),
-        }))
+    let key = id.to_owned();
+    let found = call(store, "load", move |adapter| {
+        adapter.load(RStr::from(key.as_str())).into_result()
     })
-    .await
-    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
+    .await?;
+    let Some(stored) = found.into_option() else {
+        return Ok(None);
+    };
+    let doc = serde_json::from_str(stored.data.as_str()).map_err(|error| StoreError::Corrupt {
+        store: store.name.clone(),
+        id: id.to_owned(),
+        error,
+    })?;
+    Ok(Some(Loaded {
+        doc,
+        version: stored.version,
+        owner: stored.owner.into_string(),
+    }))
 }
 
 /// Saves `doc` if the stored version is still `expected_version`.
@@ -139,15 +132,9 @@ pub async fn save(
         id: id.to_owned(),
         error,
     })?;
-    let (store, id, owner, name) = (
-        store.clone(),
-        id.to_owned(),
-        owner.to_owned(),
-        store.name.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        store
-            .adapter
+    let (id, owner) = (id.to_owned(), owner.to_owned());
+    call(store, "save", move |adapter| {
+        adapter
             .save(
                 RStr::from(id.as_str()),
                 expected_version,
@@ -155,30 +142,85 @@ pub async fn save(
                 RStr::from(data.as_str()),
             )
             .into_result()
-            .map_err(|error| StoreError::Plugin {
-                store: store.name.clone(),
-                error,
-            })
     })
     .await
-    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
 }
 
 /// Deletes session `id`; answers whether it existed.
 pub async fn delete(store: &Arc<StoreBackend>, id: &str) -> Result<bool, StoreError> {
-    let (store, id, name) = (store.clone(), id.to_owned(), store.name.clone());
-    tokio::task::spawn_blocking(move || {
-        store
-            .adapter
-            .delete(RStr::from(id.as_str()))
+    let id = id.to_owned();
+    call(store, "delete", move |adapter| {
+        adapter.delete(RStr::from(id.as_str())).into_result()
+    })
+    .await
+}
+
+/// One page of the session ids of `owner` (empty: every owner).
+pub async fn list(
+    store: &Arc<StoreBackend>,
+    owner: &str,
+    after: &str,
+    limit: u32,
+) -> Result<Page, StoreError> {
+    let (owner, after) = (owner.to_owned(), after.to_owned());
+    call(store, "list", move |adapter| {
+        adapter
+            .list(ListQuery {
+                owner: RStr::from(owner.as_str()),
+                after: RStr::from(after.as_str()),
+                limit,
+            })
             .into_result()
-            .map_err(|error| StoreError::Plugin {
-                store: store.name.clone(),
-                error,
+            .map(|page| Page {
+                ids: page.ids.into_iter().map(|id| id.into_string()).collect(),
+                next: page.next.into_option().map(|n| n.into_string()),
             })
     })
     .await
-    .unwrap_or_else(|_| Err(StoreError::Lost(name)))
+}
+
+/// A page of session ids.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// The ids, ascending.
+    pub ids: Vec<String>,
+    /// Where the next page starts.
+    pub next: Option<String>,
+}
+
+/// Whether the store answers.
+pub async fn ping(store: &Arc<StoreBackend>) -> Result<(), StoreError> {
+    call(store, "ping", |adapter| adapter.ping().into_result()).await
+}
+
+/// Runs one store call on the blocking pool, timed and counted by `op`.
+async fn call<T: Send + 'static>(
+    store: &Arc<StoreBackend>,
+    op: &'static str,
+    body: impl FnOnce(&StoreAdapterBox) -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let backend = store.clone();
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || body(&backend.adapter)).await;
+    let metrics = crate::metrics::metrics();
+    metrics
+        .store_seconds
+        .get_or_create(&[("op", op)])
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => {
+            metrics.store_errors.get_or_create(&[("op", op)]).inc();
+            Err(StoreError::Plugin {
+                store: store.name.clone(),
+                error,
+            })
+        }
+        Err(_) => {
+            metrics.store_errors.get_or_create(&[("op", op)]).inc();
+            Err(StoreError::Lost(store.name.clone()))
+        }
+    }
 }
 
 /// Per-session locks, so that the turns of one session run one at a time on

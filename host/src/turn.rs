@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::connection::Connection;
+use crate::metrics::metrics;
 use crate::protocol::{
     now_ms, Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
 };
@@ -35,6 +36,37 @@ pub struct Prompt {
     pub model: Option<String>,
     /// Per-turn parameters.
     pub params: TurnParams,
+}
+
+/// Stops a running turn: the client's cancel, or its deadline.
+#[derive(Default, Debug)]
+pub struct TurnControl {
+    cancelled: AtomicBool,
+    /// The deadline in seconds, once it has passed.
+    timed_out: std::sync::atomic::AtomicU64,
+}
+
+impl TurnControl {
+    /// Cancels the turn (a cancel command, or the client went away).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the turn because it ran past `secs`.
+    pub fn time_out(&self, secs: u64) {
+        self.timed_out.store(secs.max(1), Ordering::Relaxed);
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the turn must stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// The deadline it ran past, if it did.
+    fn timed_out(&self) -> Option<u64> {
+        Some(self.timed_out.load(Ordering::Relaxed)).filter(|secs| *secs > 0)
+    }
 }
 
 /// How a turn ended.
@@ -66,7 +98,7 @@ impl Status {
 pub struct TurnSink {
     out: mpsc::Sender<WsMessage>,
     framer: Framer,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<TurnControl>,
     conn_sequence: Arc<std::sync::atomic::AtomicU64>,
     interaction_id: String,
     /// The last sequence number used.
@@ -79,11 +111,15 @@ pub struct TurnSink {
     reasoning: String,
     tool_calls: Vec<ToolCall>,
     diagnostics: Vec<Diagnostic>,
+    /// The last usage the model reported.
+    usage: Option<Usage>,
+    /// When the turn started, until its first event is timed.
+    first_event_due: Option<Instant>,
 }
 
 impl TurnSink {
     fn stopped(&self) -> bool {
-        self.client_gone || self.outcome.is_some() || self.cancel.load(Ordering::Relaxed)
+        self.client_gone || self.outcome.is_some() || self.cancel.is_cancelled()
     }
 
     fn flow(&self) -> Flow {
@@ -95,6 +131,13 @@ impl TurnSink {
     }
 
     fn emit(&mut self, event: &ModelEvent<'_>) {
+        let metrics = metrics();
+        metrics.events.inc();
+        if let Some(started) = self.first_event_due.take() {
+            metrics
+                .first_event_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         self.sequence += 1;
         let meta = Meta::now(self.sequence, SOURCE_MODEL, Some(&self.interaction_id));
         let frame = self.framer.model(event, &meta);
@@ -131,6 +174,18 @@ impl TurnSink {
             return status;
         }
         let diagnostics = std::mem::take(&mut self.diagnostics);
+        if let Some(secs) = self.cancel.timed_out() {
+            let message = format!("the turn ran longer than {secs} s (server.turn_timeout_secs)");
+            let event = ModelEvent::Error {
+                error: ErrorBody {
+                    code: "turn_timeout",
+                    message: &message,
+                },
+                diagnostics: &diagnostics,
+            };
+            self.finish(Status::Failed, &event);
+            return Status::Failed;
+        }
         match result {
             Err(err) => {
                 tracing::warn!(turn = %self.interaction_id, error = %err, "model adapter failed");
@@ -144,7 +199,7 @@ impl TurnSink {
                 self.finish(Status::Failed, &event);
             }
             Ok(()) => {
-                let cancelled = self.client_gone || self.cancel.load(Ordering::Relaxed);
+                let cancelled = self.client_gone || self.cancel.is_cancelled();
                 let (status, reason) = if cancelled {
                     (Status::Cancelled, FinishReason::CANCELLED)
                 } else {
@@ -245,6 +300,7 @@ impl EventSink for TurnSink {
             return Flow::STOP;
         }
         self.ensure_started();
+        self.usage = Some(usage);
         self.emit(&ModelEvent::Usage {
             usage: usage.into(),
         });
@@ -304,13 +360,14 @@ impl EventSink for TurnSink {
     }
 
     fn is_cancelled(&self) -> bool {
-        self.client_gone || self.cancel.load(Ordering::Relaxed)
+        self.client_gone || self.cancel.is_cancelled()
     }
 }
 
 /// Runs one turn of `conn`'s session to the end, including its save and its
 /// `interaction.turn` frame. `cancel` is this turn's cancel flag.
-pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
+pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
+    let started = Instant::now();
     let active = conn.host.active.load_full();
     let backend = prompt
         .model
@@ -389,12 +446,25 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
         reasoning: String::new(),
         tool_calls: Vec::new(),
         diagnostics: Vec::new(),
+        usage: None,
+        first_event_due: Some(started),
     };
     let lease = Renewal::start(conn, &store, doc.clone(), version, owner.clone());
     let generated = generate(backend, request, sink).await;
     let version = lease.stop().await;
     let (mut status, last_model_sequence, answer) = match generated {
-        Some((mut sink, status)) => (status, sink.sequence, sink.assistant_message()),
+        Some((mut sink, status)) => {
+            if let Some(usage) = sink.usage {
+                let tokens = &metrics().tokens;
+                tokens
+                    .get_or_create(&[("kind", "input")])
+                    .inc_by(usage.input_tokens);
+                tokens
+                    .get_or_create(&[("kind", "output")])
+                    .inc_by(usage.output_tokens);
+            }
+            (status, sink.sequence, sink.assistant_message())
+        }
         None => (Status::Failed, conn.sequence(), None),
     };
 
@@ -405,9 +475,16 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<AtomicBool>) {
         status = Status::Failed;
     }
     end_turn(conn, end_sequence, &interaction_id, status).await;
+    metrics()
+        .turn_seconds
+        .observe(started.elapsed().as_secs_f64());
 }
 
 async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status: Status) {
+    metrics()
+        .turns
+        .get_or_create(&[("status", status.as_str())])
+        .inc();
     conn.last_sequence.fetch_max(sequence, Ordering::Relaxed);
     let meta = Meta::now(sequence, SOURCE_HOST, Some(interaction_id));
     let frame = conn.framer.turn(
@@ -476,7 +553,7 @@ async fn claim(
     conn: &Connection,
     store: &Arc<StoreBackend>,
     user: &Message,
-    cancel: &AtomicBool,
+    cancel: &TurnControl,
 ) -> Result<Option<Claimed>, StoreError> {
     let mut wait = Duration::from_millis(10);
     loop {
@@ -497,7 +574,7 @@ async fn claim(
             .as_ref()
             .is_some_and(|l| l.holder != conn.host.instance && l.expires_ms > now);
         if held_elsewhere {
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.is_cancelled() {
                 return Ok(None);
             }
             tokio::time::sleep(wait).await;

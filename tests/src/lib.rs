@@ -274,6 +274,12 @@ pub struct Config {
     pub models: Vec<(String, String)>,
     /// `plugins.debounce_ms`: how long files must be quiet before a reload.
     pub debounce_ms: u64,
+    /// More `key = value` lines for `[server]`.
+    pub server_extra: String,
+    /// More TOML at the end (e.g. `[auth]`, `[stores.*]`).
+    pub extra: String,
+    /// `defaults.store`.
+    pub store: String,
 }
 
 impl Default for Config {
@@ -302,6 +308,9 @@ impl Default for Config {
                 .map(|(name, settings)| ((*name).to_owned(), (*settings).to_owned()))
                 .collect(),
             debounce_ms: 200,
+            server_extra: String::new(),
+            extra: String::new(),
+            store: "memory".to_owned(),
         }
     }
 }
@@ -320,13 +329,15 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut text = format!(
             "[server]\nlisten = \"{}\"\nenvelope = \"{}\"\nmax_frame_bytes = {}\n\
-             max_queued_prompts = {}\n\n[plugins]\ndir = \"plugins\"\ndebounce_ms = {}\n\n\
-             [defaults]\nmodel = \"echo\"\nstore = \"memory\"\n",
+             max_queued_prompts = {}\n{}\n\n[plugins]\ndir = \"plugins\"\ndebounce_ms = {}\n\n\
+             [defaults]\nmodel = \"echo\"\nstore = \"{}\"\n",
             self.listen,
             self.envelope,
             self.max_frame_bytes,
             self.max_queued_prompts,
-            self.debounce_ms
+            self.server_extra,
+            self.debounce_ms,
+            self.store
         );
         for (name, settings) in &self.models {
             text.push_str(&format!(
@@ -334,6 +345,7 @@ impl Config {
             ));
         }
         text.push_str("\n[stores.memory]\nplugin = \"memory\"\n");
+        text.push_str(&self.extra);
         text
     }
 }
@@ -622,6 +634,30 @@ impl Host {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` for the host to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends the host a signal (`TERM`, `HUP`, ...) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// `ws://ADDR{path_and_query}`.
@@ -1068,9 +1104,23 @@ pub async fn http_upgrade(addr: SocketAddr, path_and_query: &str) -> HttpReply {
 /// Sends a plain HTTP request (`method` `path_and_query`, no body) and reads
 /// the whole answer.
 pub async fn http(addr: SocketAddr, method: &str, path_and_query: &str) -> HttpReply {
+    http_with(addr, method, path_and_query, &[]).await
+}
+
+/// [`http`] with extra request headers.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> HttpReply {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
         "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\
-         Connection: close\r\n\r\n"
+         {extra}Connection: close\r\n\r\n"
     );
     exchange(addr, request, &format!("{method} {path_and_query}")).await
 }

@@ -12,6 +12,8 @@ mod common;
 mod failures;
 #[path = "host/plugins.rs"]
 mod plugins;
+#[path = "host/production.rs"]
+mod production;
 #[path = "host/protocol.rs"]
 mod protocol;
 #[path = "host/reload.rs"]

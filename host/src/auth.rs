@@ -1,0 +1,178 @@
+//! API keys: who is calling, and which sessions they may touch.
+//!
+//! With no keys configured the host runs open (every caller is anonymous and
+//! every session is reachable). With keys, each WebSocket upgrade and API call
+//! names one, as `Authorization: Bearer KEY` or `?token=KEY`; keys are compared
+//! in constant time. A session belongs to the key that created it: another key
+//! gets 404 for it, as if it did not exist. Admin keys reach every session and
+//! the admin endpoints.
+
+use std::collections::HashMap;
+
+use subtle::ConstantTimeEq;
+use warp::http::{header, HeaderMap, StatusCode};
+
+use crate::config::AuthConfig;
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// No keys are configured.
+    Open,
+    /// A configured key.
+    Key {
+        /// The key's id, which owns the sessions it creates.
+        id: String,
+        /// Whether it may use the admin endpoints.
+        admin: bool,
+    },
+}
+
+impl Caller {
+    /// The owner recorded on sessions this caller creates.
+    pub fn owner(&self) -> &str {
+        match self {
+            Caller::Open => "",
+            Caller::Key { id, .. } => id,
+        }
+    }
+
+    /// Whether this caller may resume, read or delete a session of `owner`.
+    pub fn may_access(&self, owner: &str) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key { id, admin } => *admin || id == owner,
+        }
+    }
+
+    /// Whether this caller may use the admin endpoints.
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key { admin, .. } => *admin,
+        }
+    }
+
+    /// The id for rate limits and logs.
+    pub fn id(&self) -> &str {
+        match self {
+            Caller::Open => "anonymous",
+            Caller::Key { id, .. } => id,
+        }
+    }
+}
+
+/// Why a caller was refused, as an HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 401 or 403.
+    pub status: StatusCode,
+    /// Stable code.
+    pub code: &'static str,
+    /// For people.
+    pub message: &'static str,
+}
+
+/// Identifies the caller from its `Authorization` header or `token` query
+/// parameter.
+pub fn authenticate(
+    auth: &AuthConfig,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<Caller, Refusal> {
+    if auth.keys.is_empty() {
+        return Ok(Caller::Open);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(presented) = bearer.or(query.get("token").map(String::as_str)) else {
+        return Err(Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "an API key is required: send `Authorization: Bearer KEY` or `?token=KEY`",
+        });
+    };
+    // Compare with every key, so the time taken does not tell which matched.
+    let mut found = None;
+    for key in &auth.keys {
+        if bool::from(key.secret.as_bytes().ct_eq(presented.as_bytes())) {
+            found = Some(key);
+        }
+    }
+    match found {
+        Some(key) => Ok(Caller::Key {
+            id: key.id.clone(),
+            admin: key.admin,
+        }),
+        None => Err(Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "the API key is not valid",
+        }),
+    }
+}
+
+/// Refusal for a non-admin key on an admin endpoint.
+pub const ADMIN_ONLY: Refusal = Refusal {
+    status: StatusCode::FORBIDDEN,
+    code: "forbidden",
+    message: "this endpoint needs an admin key",
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKey;
+
+    fn auth() -> AuthConfig {
+        AuthConfig {
+            open: false,
+            keys: vec![
+                ApiKey {
+                    id: "alice".into(),
+                    secret: "alice-secret-0123456789".into(),
+                    admin: false,
+                },
+                ApiKey {
+                    id: "ops".into(),
+                    secret: "ops-secret-0123456789ab".into(),
+                    admin: true,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn keys_come_from_the_header_or_the_query() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer alice-secret-0123456789".parse().expect("header"),
+        );
+        let none = HashMap::new();
+        let alice = authenticate(&auth(), &headers, &none).expect("alice");
+        assert_eq!(alice.owner(), "alice");
+        assert!(alice.may_access("alice") && !alice.may_access("bob") && !alice.is_admin());
+
+        let query = HashMap::from([("token".to_owned(), "ops-secret-0123456789ab".to_owned())]);
+        let ops = authenticate(&auth(), &HeaderMap::new(), &query).expect("ops");
+        assert!(ops.is_admin() && ops.may_access("alice"));
+
+        let wrong = HashMap::from([("token".to_owned(), "nope".to_owned())]);
+        assert_eq!(
+            authenticate(&auth(), &HeaderMap::new(), &wrong).map_err(|r| r.status),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        assert!(authenticate(&auth(), &HeaderMap::new(), &none).is_err());
+        assert_eq!(
+            authenticate(&AuthConfig::default(), &HeaderMap::new(), &none),
+            Ok(Caller::Open)
+        );
+    }
+}

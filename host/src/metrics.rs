@@ -1,0 +1,176 @@
+//! Prometheus metrics, served at `GET /metrics`.
+//!
+//! One registry per process (a host is one process), reached through
+//! [`metrics()`]; updates are atomic increments, cheap enough for every event.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A single `name="value"` label.
+pub type Label = [(&'static str, &'static str); 1];
+
+type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
+
+/// Every metric the host keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket connections open now.
+    pub connections: Gauge,
+    /// WebSocket connections accepted.
+    pub connections_total: Counter,
+    /// Turns ended, by `status`.
+    pub turns: Family<Label, Counter>,
+    /// Model events sent to clients.
+    pub events: Counter,
+    /// Tokens reported by backends, by `kind` (`input`, `output`).
+    pub tokens: Family<Label, Counter>,
+    /// Turn latency, from its start to its end frame.
+    pub turn_seconds: Histogram,
+    /// Time from a turn's start to its first model event.
+    pub first_event_seconds: Histogram,
+    /// Plugin libraries loaded.
+    pub plugin_loads: Counter,
+    /// Plugin libraries refused, by `reason` (the loader's first word).
+    pub plugin_failures: Counter,
+    /// Reloads, by `result` (`applied`, `unchanged`, `failed`).
+    pub reloads: Family<Label, Counter>,
+    /// Store call latency, by `op`.
+    pub store_seconds: HistogramFamily,
+    /// Store calls that failed, by `op`.
+    pub store_errors: Family<Label, Counter>,
+    /// Requests and prompts refused by a limit or by authentication, by `reason`.
+    pub refused: Family<Label, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~52 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("llm_host");
+        let metrics = Metrics {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            turns: Family::default(),
+            events: Counter::default(),
+            tokens: Family::default(),
+            turn_seconds: latency_histogram(),
+            first_event_seconds: latency_histogram(),
+            plugin_loads: Counter::default(),
+            plugin_failures: Counter::default(),
+            reloads: Family::default(),
+            store_seconds: Family::new_with_constructor(latency_histogram),
+            store_errors: Family::default(),
+            refused: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "WebSocket connections open now",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "WebSocket connections accepted",
+            metrics.connections_total.clone(),
+        );
+        registry.register("turns", "Turns ended, by status", metrics.turns.clone());
+        registry.register(
+            "events",
+            "Model events sent to clients",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens reported by backends, by kind",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "turn_duration_seconds",
+            "Turn latency, from its start to its end frame",
+            metrics.turn_seconds.clone(),
+        );
+        registry.register(
+            "time_to_first_event_seconds",
+            "Time from a turn's start to its first model event",
+            metrics.first_event_seconds.clone(),
+        );
+        registry.register(
+            "plugin_loads",
+            "Plugin libraries loaded",
+            metrics.plugin_loads.clone(),
+        );
+        registry.register(
+            "plugin_load_failures",
+            "Plugin libraries that failed to load",
+            metrics.plugin_failures.clone(),
+        );
+        registry.register("reloads", "Reloads, by result", metrics.reloads.clone());
+        registry.register(
+            "store_operation_seconds",
+            "Store call latency, by operation",
+            metrics.store_seconds.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed, by operation",
+            metrics.store_errors.clone(),
+        );
+        registry.register(
+            "refused",
+            "Requests and prompts refused by a limit or authentication, by reason",
+            metrics.refused.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    /// Counts a refusal.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = metrics();
+        m.turns.get_or_create(&[("status", "completed")]).inc();
+        m.store_seconds
+            .get_or_create(&[("op", "load")])
+            .observe(0.002);
+        let text = m.render();
+        assert!(text.contains("llm_host_turns_total{status=\"completed\"}"), "{text}");
+        assert!(text.contains("llm_host_store_operation_seconds_bucket{"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

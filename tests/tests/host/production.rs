@@ -1,0 +1,362 @@
+//! Production concerns: API keys and session ownership, limits, metrics,
+//! health, graceful shutdown.
+
+use std::time::{Duration, Instant};
+
+use llm_host_tests::{http, http_with, Config, Ending, Host, Turn, Workdir};
+
+const ALICE: &str = "alice-key-0123456789abcdef";
+const BOB: &str = "bob-key-0123456789abcdef00";
+const OPS: &str = "ops-key-0123456789abcdef000";
+
+fn with_keys() -> Config {
+    Config {
+        extra: format!(
+            "\n[auth]\nkeys = [\n  {{ id = \"alice\", key = \"{ALICE}\" }},\n  \
+             {{ id = \"bob\", key = \"{BOB}\" }},\n  {{ id = \"ops\", key = \"{OPS}\", admin = true }},\n]\n"
+        ),
+        ..Config::default()
+    }
+}
+
+fn with_server(lines: &str) -> Config {
+    Config {
+        server_extra: lines.to_owned(),
+        ..Config::default()
+    }
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+// Without a key, or with a wrong one, the upgrade is refused with 401; a key in the query or the header works.
+#[tokio::test]
+async fn wrong_or_missing_keys_are_refused() {
+    let host = Host::start(&with_keys());
+    let reply = host.http_upgrade("/v1/ws").await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "unauthorized");
+    let reply = host
+        .http_upgrade("/v1/ws?token=not-a-key-at-all-0000")
+        .await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+
+    let mut client = host.connect(&format!("/v1/ws?token={ALICE}")).await;
+    client.next_json().await;
+    client.send_text("hi").await;
+    assert_eq!(client.read_turn().await.text(), "echo: hi");
+
+    let reply = http_with(
+        host.addr(),
+        "GET",
+        "/v1/sessions",
+        &[("Authorization", &bearer(BOB))],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = http_with(
+        host.addr(),
+        "GET",
+        "/v1/sessions",
+        &[("Authorization", "Bearer nope-nope-nope-nope")],
+    )
+    .await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+}
+
+// A session belongs to the key that created it: another key can neither resume, read, list nor delete it (404).
+#[tokio::test]
+async fn another_keys_session_is_not_found() {
+    let host = Host::start(&with_keys());
+    let mut alice = host
+        .connect(&format!("/v1/ws?session=alice-1&token={ALICE}"))
+        .await;
+    alice.next_json().await;
+    alice.send_text("secret plans").await;
+    assert_eq!(alice.read_turn().await.status(), "completed");
+
+    let reply = host
+        .http_upgrade(&format!("/v1/ws?session=alice-1&token={BOB}"))
+        .await;
+    assert_eq!(reply.status, 404, "bob cannot resume it: {}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "session_not_found");
+
+    let as_bob = [("Authorization", bearer(BOB))];
+    let as_bob: Vec<(&str, &str)> = as_bob.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let reply = http_with(host.addr(), "GET", "/v1/sessions/alice-1", &as_bob).await;
+    assert_eq!(reply.status, 404, "bob cannot read it: {}", reply.body);
+    let reply = http_with(host.addr(), "DELETE", "/v1/sessions/alice-1", &as_bob).await;
+    assert_eq!(reply.status, 404, "bob cannot delete it: {}", reply.body);
+    let reply = http_with(host.addr(), "GET", "/v1/sessions", &as_bob).await;
+    assert_eq!(
+        reply.json()["sessions"],
+        serde_json::json!([]),
+        "bob lists none of it"
+    );
+
+    let reply = http(
+        host.addr(),
+        "GET",
+        &format!("/v1/sessions/alice-1?token={ALICE}"),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let session = reply.json();
+    assert_eq!(session["messages"][0]["content"], "secret plans");
+    assert_eq!(session["messages"][1]["content"], "echo: secret plans");
+    let reply = http(host.addr(), "GET", &format!("/v1/sessions?token={ALICE}")).await;
+    assert_eq!(reply.json()["sessions"], serde_json::json!(["alice-1"]));
+    let reply = http(
+        host.addr(),
+        "GET",
+        &format!("/v1/sessions/alice-1?token={OPS}"),
+    )
+    .await;
+    assert_eq!(
+        reply.status, 200,
+        "an admin key reads every session: {}",
+        reply.body
+    );
+    let reply = http(
+        host.addr(),
+        "DELETE",
+        &format!("/v1/sessions/alice-1?token={ALICE}"),
+    )
+    .await;
+    assert_eq!(reply.status, 204, "{}", reply.body);
+    let reply = http(
+        host.addr(),
+        "GET",
+        &format!("/v1/sessions/alice-1?token={ALICE}"),
+    )
+    .await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+}
+
+// Admin endpoints need an admin key; health needs none.
+#[tokio::test]
+async fn admin_endpoints_need_an_admin_key() {
+    let host = Host::start(&with_keys());
+    for path in ["/v1/plugins", "/v1/config", "/metrics"] {
+        let reply = http(host.addr(), "GET", path).await;
+        assert_eq!(reply.status, 401, "{path} without a key: {}", reply.body);
+        let reply = http(host.addr(), "GET", &format!("{path}?token={ALICE}")).await;
+        assert_eq!(reply.status, 403, "{path} with a user key: {}", reply.body);
+        let reply = http(host.addr(), "GET", &format!("{path}?token={OPS}")).await;
+        assert_eq!(
+            reply.status, 200,
+            "{path} with an admin key: {}",
+            reply.body
+        );
+    }
+    let config = http(host.addr(), "GET", &format!("/v1/config?token={OPS}")).await;
+    assert!(
+        !config.body.contains(ALICE),
+        "keys never appear: {}",
+        config.body
+    );
+    let reply = http(host.addr(), "POST", &format!("/v1/reload?token={ALICE}")).await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(http(host.addr(), "GET", "/healthz").await.status, 200);
+    let ready = http(host.addr(), "GET", "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.json()["store"], "memory");
+}
+
+// Open mode on an address other machines reach needs auth.open = true.
+#[test]
+fn open_mode_on_a_public_address_needs_an_explicit_setting() {
+    let workdir = Workdir::with_config(&Config {
+        listen: "0.0.0.0:0".to_owned(),
+        ..Config::default()
+    });
+    let exit = workdir.run_with_config(&[]);
+    assert!(!exit.status.success(), "{exit}");
+    assert!(exit.stderr.contains("auth.open = true"), "{exit}");
+
+    let mut host = Host::start(&Config {
+        listen: "0.0.0.0:0".to_owned(),
+        extra: "\n[auth]\nopen = true\n".to_owned(),
+        ..Config::default()
+    });
+    assert!(host.is_running());
+}
+
+// Past turns_per_minute a prompt gets a rate_limited diagnostic and is not run.
+#[tokio::test]
+async fn turns_per_minute_are_limited_per_key() {
+    let host = Host::start(&with_server("turns_per_minute = 2"));
+    let mut client = host.connect("/v1/ws").await;
+    client.next_json().await;
+    for word in ["one", "two"] {
+        client.send_text(word).await;
+        assert_eq!(client.read_turn().await.status(), "completed");
+    }
+    client.send_text("three").await;
+    let frame = client.next_json().await;
+    assert_eq!(frame.diagnostic_code(), "rate_limited", "{}", frame.text);
+    assert_eq!(frame.entry()["level"], "error");
+}
+
+// A prompt over max_prompt_bytes gets prompt_too_long and is not run; the connection goes on.
+#[tokio::test]
+async fn long_prompts_are_refused() {
+    let host = Host::start(&with_server("max_prompt_bytes = 10"));
+    let mut client = host.connect("/v1/ws").await;
+    client.next_json().await;
+    client.send_text("this prompt is far too long").await;
+    let frame = client.next_json().await;
+    assert_eq!(frame.diagnostic_code(), "prompt_too_long", "{}", frame.text);
+    client.send_text("short").await;
+    assert_eq!(client.read_turn().await.text(), "echo: short");
+}
+
+// Past max_connections an upgrade gets 503; a freed place can be taken again.
+#[tokio::test]
+async fn connections_are_capped() {
+    let host = Host::start(&with_server("max_connections = 1"));
+    let mut first = host.connect("/v1/ws").await;
+    first.next_json().await;
+    let reply = host.http_upgrade("/v1/ws").await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "too_many_connections");
+    first.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = host.http_upgrade("/v1/ws").await;
+        if reply.status == 101 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place never came back: {}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// A connection with no prompt for idle_timeout_secs gets a diagnostic and a normal close.
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let host = Host::start(&with_server(
+        "idle_timeout_secs = 1\nping_interval_secs = 1",
+    ));
+    let mut client = host.connect("/v1/ws").await;
+    client.next_json().await;
+    client.send_text("one").await;
+    client.read_turn().await;
+    let frame = client.next_json().await;
+    assert_eq!(frame.diagnostic_code(), "idle_timeout", "{}", frame.text);
+    match client.expect_end().await {
+        Ending::Close(Some(close)) => assert_eq!(u16::from(close.code), 1000, "{close:?}"),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+// A turn past turn_timeout_secs is stopped with a turn_timeout error and ends failed.
+#[tokio::test]
+async fn turns_past_their_deadline_fail() {
+    let host = Host::start(&with_server("turn_timeout_secs = 1"));
+    let mut client = host.connect("/v1/ws?model=slow").await;
+    client.next_json().await;
+    client.send_text("go").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "failed", "{}", turn.dump());
+    let error = turn
+        .model_event("error")
+        .unwrap_or_else(|| panic!("no error: {}", turn.dump()));
+    assert_eq!(error["error"]["code"], "turn_timeout");
+    assert!(turn.deltas().len() < 100, "stopped early: {}", turn.dump());
+}
+
+/// The sum of the samples of `name` (a metric name, or a name with labels).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with(' ') || (!name.contains('{') && rest.starts_with('{'))
+            })
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// /metrics counters move with traffic.
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let host = Host::start_default();
+    let before = http(host.addr(), "GET", "/metrics").await.body;
+    let mut client = host.connect("/v1/ws?model=short").await;
+    client.next_json().await;
+    client.send_text("count").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed");
+    let after = http(host.addr(), "GET", "/metrics").await.body;
+
+    let completed = "llm_host_turns_total{status=\"completed\"}";
+    assert_eq!(
+        metric(&after, completed) - metric(&before, completed),
+        1.0,
+        "{after}"
+    );
+    let events = turn.model_frames().len() as f64;
+    assert_eq!(
+        metric(&after, "llm_host_events_total") - metric(&before, "llm_host_events_total"),
+        events,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "llm_host_connections_accepted_total")
+            - metric(&before, "llm_host_connections_accepted_total"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "llm_host_turn_duration_seconds_count")
+            - metric(&before, "llm_host_turn_duration_seconds_count"),
+        1.0
+    );
+    assert!(
+        metric(&after, "llm_host_tokens_total{kind=\"output\"}") >= 3.0,
+        "{after}"
+    );
+    assert!(
+        metric(
+            &after,
+            "llm_host_store_operation_seconds_count{op=\"save\"}"
+        ) >= 2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "llm_host_plugin_loads_total"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(metric(&after, "llm_host_connections"), 1.0, "{after}");
+}
+
+// SIGTERM mid-turn: the running turn finishes and is saved, the socket closes with 1001, the host exits 0.
+#[tokio::test]
+async fn sigterm_lets_the_running_turn_finish_then_closes_with_1001() {
+    let mut host = Host::start_default();
+    let mut client = host.connect("/v1/ws?model=slow_echo").await;
+    client.next_json().await;
+    client.send_text("one two three four five").await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    host.signal("TERM");
+    let rest = client.read_turn().await;
+    frames.extend(rest.frames);
+    let turn = Turn { frames };
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    assert_eq!(turn.text(), "echo: one two three four five");
+    match client.expect_end().await {
+        Ending::Close(Some(close)) => assert_eq!(u16::from(close.code), 1001, "{close:?}"),
+        other => panic!("expected a close frame with 1001, got {other:?}"),
+    }
+    let status = host
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the host did not exit; log:\n{}", host.log()));
+    assert!(status.success(), "{status}; log:\n{}", host.log());
+    assert!(host.log().contains("stopped"), "{}", host.log());
+}
