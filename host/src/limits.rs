@@ -82,9 +82,7 @@ impl TurnRate {
         let capacity = f64::from(per_minute);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, updated) = buckets
-            .entry(key.to_owned())
-            .or_insert((capacity, now));
+        let (tokens, updated) = buckets.entry(key.to_owned()).or_insert((capacity, now));
         let refill = now.duration_since(*updated).as_secs_f64() * capacity / 60.0;
         *tokens = (*tokens + refill).min(capacity);
         *updated = now;
