@@ -176,6 +176,9 @@ fn build() -> Result<Artifacts, String> {
             "llm-plugin-memory",
             "llm-host-foreign-plugin-fixture",
             "llm-host-echo-v2-fixture",
+            "llm-plugin-sqlite",
+            "llm-plugin-redis",
+            "llm-plugin-postgres",
         ],
         &[],
     )?;

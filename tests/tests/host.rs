@@ -20,3 +20,5 @@ mod protocol;
 mod reload;
 #[path = "host/sessions.rs"]
 mod sessions;
+#[path = "host/stores.rs"]
+mod stores;

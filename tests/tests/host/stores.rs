@@ -1,0 +1,487 @@
+//! Durable sessions through the real host: restarts, concurrency across
+//! connections and across hosts sharing one store, and store outages.
+//!
+//! Redis and PostgreSQL are the machine's own servers
+//! (`LLM_HOST_TEST_REDIS_URL`, `LLM_HOST_TEST_POSTGRES_URL`); a test that cannot
+//! reach one says it skipped, and fails instead under `CI=true`.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llm_host_tests::{artifacts, http, Client, Config, Host, Turn, Workdir};
+use serde_json::Value;
+
+/// A store the tests can run the host on.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sqlite,
+    Redis,
+    Postgres,
+}
+
+impl Kind {
+    fn library(self) -> &'static str {
+        match self {
+            Kind::Sqlite => "libllm_plugin_sqlite.so",
+            Kind::Redis => "libllm_plugin_redis.so",
+            Kind::Postgres => "libllm_plugin_postgres.so",
+        }
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Says the test skipped (or fails it under CI=true).
+fn skip(reason: &str) {
+    assert!(!in_ci(), "CI=true and {reason}");
+    eprintln!("skipped: {reason}");
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn reachable(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .ok()
+        .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
+        .is_some()
+}
+
+/// A unique name per test run, for key prefixes and tables.
+fn token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("t{}x{nanos}", std::process::id())
+}
+
+/// `[stores.shared]` settings for `kind`, or None (skipped) if its server is
+/// not reachable. `shared_dir` holds a sqlite file several hosts can share.
+fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
+    let run = token();
+    match kind {
+        Kind::Sqlite => Some(format!(
+            "{{ path = \"{}\" }}",
+            shared_dir.join("sessions.db").display()
+        )),
+        Kind::Redis => {
+            let url = env_or("LLM_HOST_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+            let addr = url.trim_start_matches("redis://").trim_end_matches('/');
+            if !reachable(addr) {
+                skip(&format!("no Redis server at {url}"));
+                return None;
+            }
+            Some(format!(
+                "{{ url = \"{url}\", prefix = \"llm-host-e2e-{run}:\" }}"
+            ))
+        }
+        Kind::Postgres => {
+            let url = env_or(
+                "LLM_HOST_TEST_POSTGRES_URL",
+                "host=127.0.0.1 user=postgres dbname=test",
+            );
+            if !reachable("127.0.0.1:5432") && url.contains("127.0.0.1") {
+                skip(&format!("no PostgreSQL server at {url}"));
+                return None;
+            }
+            Some(format!(
+                "{{ url = \"{url}\", table = \"llm_host_e2e_{run}\" }}"
+            ))
+        }
+    }
+}
+
+fn config_with_store(settings: &str) -> Config {
+    Config {
+        store: "shared".to_owned(),
+        extra: format!("\n[stores.shared]\nplugin = \"shared\"\nsettings = {settings}\n"),
+        ..Config::default()
+    }
+}
+
+/// A host whose plugin directory also holds `kind`'s library, on `config`.
+fn start_host(kind: Kind, config: &Config) -> Host {
+    let workdir = Workdir::with_config(config);
+    let library = artifacts()
+        .host
+        .parent()
+        .expect("the profile directory")
+        .join(kind.library());
+    std::fs::copy(
+        &library,
+        workdir.path().join("plugins").join(kind.library()),
+    )
+    .unwrap_or_else(|err| panic!("copy {}: {err}", library.display()));
+    let text = config.to_toml().replace(
+        "plugin = \"shared\"",
+        &format!(
+            "plugin = \"{}\"",
+            match kind {
+                Kind::Sqlite => "sqlite",
+                Kind::Redis => "redis",
+                Kind::Postgres => "postgres",
+            }
+        ),
+    );
+    workdir.write_config(&text);
+    Host::start_in(workdir, &[])
+}
+
+async fn stored(host: &Host, id: &str) -> Value {
+    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
+    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
+    reply.json()
+}
+
+fn contents(session: &Value) -> Vec<String> {
+    session["messages"]
+        .as_array()
+        .map(|messages| {
+            messages
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}: {}",
+                        m["role"].as_str().unwrap_or("?"),
+                        m["content"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// A session survives a host restart on sqlite, redis and postgres.
+#[tokio::test]
+async fn sessions_survive_a_restart() {
+    let shared = tempfile::tempdir().expect("a directory for the sqlite file");
+    for kind in [Kind::Sqlite, Kind::Redis, Kind::Postgres] {
+        let Some(settings) = store_settings(kind, shared.path()) else {
+            continue;
+        };
+        let config = config_with_store(&settings);
+        let last = {
+            let host = start_host(kind, &config);
+            let mut client = host.connect("/v1/ws?session=restart-1").await;
+            client.next_json().await;
+            client.send_text("remember this").await;
+            let turn = client.read_turn().await;
+            assert_eq!(turn.status(), "completed", "{kind:?}: {}", turn.dump());
+            turn.end().sequence()
+        }; // the host is killed here
+        let host = start_host(kind, &config);
+        let mut client = host.connect("/v1/ws?session=restart-1").await;
+        let open = client.next_json().await;
+        assert_eq!(open.event()["resumed"], true, "{kind:?}: {}", open.text);
+        assert_eq!(
+            open.event()["lastSequence"],
+            last,
+            "{kind:?}: {}",
+            open.text
+        );
+        client.send_text("and this").await;
+        let turn = client.read_turn().await;
+        assert_eq!(turn.interaction_id(), "turn-2", "{kind:?}");
+        assert_eq!(
+            contents(&stored(&host, "restart-1").await),
+            [
+                "user: remember this",
+                "assistant: echo: remember this",
+                "user: and this",
+                "assistant: echo: and this"
+            ],
+            "{kind:?}"
+        );
+        let _ = http(host.addr(), "DELETE", "/v1/sessions/restart-1").await;
+    }
+}
+
+/// Sends `prompts` as fast as possible and reads every turn they start.
+async fn run_prompts(mut client: Client, prompts: Vec<String>) -> Vec<Turn> {
+    for prompt in &prompts {
+        client.send_text(prompt.clone()).await;
+    }
+    let mut turns = Vec::new();
+    while turns.len() < prompts.len() {
+        turns.push(client.read_turn().await);
+    }
+    turns
+}
+
+/// Checks the stored session after concurrent writers: every prompt stored
+/// exactly once followed by its answer, each writer's prompts in its order,
+/// and no sequence number used twice.
+fn assert_nothing_lost(session: &Value, writers: &[Vec<String>], turns: &[Turn], what: &str) {
+    let messages = contents(session);
+    let expected: usize = writers.iter().map(Vec::len).sum::<usize>() * 2;
+    assert_eq!(messages.len(), expected, "{what}: {messages:#?}");
+    for pair in messages.chunks(2) {
+        let prompt = pair[0]
+            .strip_prefix("user: ")
+            .unwrap_or_else(|| panic!("{what}: {pair:?}"));
+        assert_eq!(
+            pair[1],
+            format!("assistant: echo: {prompt}"),
+            "{what}: {messages:#?}"
+        );
+    }
+    for prompts in writers {
+        let positions: Vec<usize> = prompts
+            .iter()
+            .map(|p| {
+                let found: Vec<usize> = messages
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| **m == format!("user: {p}"))
+                    .map(|(i, _)| i)
+                    .collect();
+                assert_eq!(found.len(), 1, "{what}: `{p}` stored {} times", found.len());
+                found[0]
+            })
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{what}: out of order {positions:?}"
+        );
+    }
+    let mut seen = HashSet::new();
+    for turn in turns {
+        assert_eq!(turn.status(), "completed", "{what}: {}", turn.dump());
+        for sequence in turn.sequences() {
+            assert!(
+                seen.insert(sequence),
+                "{what}: sequence {sequence} used twice"
+            );
+        }
+    }
+    assert_eq!(
+        session["turns"],
+        writers.iter().map(Vec::len).sum::<usize>(),
+        "{what}"
+    );
+}
+
+fn prompts(who: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|i| format!("{who}{i}")).collect()
+}
+
+// Two connections on one host send turns to one session at once: nothing lost, nothing twice.
+#[tokio::test]
+async fn two_connections_on_one_session_lose_nothing() {
+    let host = Host::start_default();
+    let mut a = host
+        .connect("/v1/ws?session=shared-1&model=slow_echo")
+        .await;
+    let mut b = host
+        .connect("/v1/ws?session=shared-1&model=slow_echo")
+        .await;
+    a.next_json().await;
+    b.next_json().await;
+    let writers = [prompts("a", 4), prompts("b", 4)];
+    let (ta, tb) = tokio::join!(
+        run_prompts(a, writers[0].clone()),
+        run_prompts(b, writers[1].clone())
+    );
+    let turns: Vec<Turn> = ta.into_iter().chain(tb).collect();
+    assert_nothing_lost(&stored(&host, "shared-1").await, &writers, &turns, "memory");
+}
+
+// Two llm-host processes sharing one store take turns on one session: nothing lost, no sequence twice.
+#[tokio::test]
+async fn two_hosts_sharing_a_store_lose_nothing() {
+    let shared = tempfile::tempdir().expect("a directory for the sqlite file");
+    for kind in [Kind::Sqlite, Kind::Redis, Kind::Postgres] {
+        let Some(settings) = store_settings(kind, shared.path()) else {
+            continue;
+        };
+        let config = config_with_store(&settings);
+        let (one, two) = (start_host(kind, &config), start_host(kind, &config));
+        let id = format!("shared-{kind:?}");
+        let mut a = one
+            .connect(&format!("/v1/ws?session={id}&model=slow_echo"))
+            .await;
+        let mut b = two
+            .connect(&format!("/v1/ws?session={id}&model=slow_echo"))
+            .await;
+        a.next_json().await;
+        b.next_json().await;
+        let writers = [prompts("a", 4), prompts("b", 4)];
+        let (ta, tb) = tokio::join!(
+            run_prompts(a, writers[0].clone()),
+            run_prompts(b, writers[1].clone())
+        );
+        let turns: Vec<Turn> = ta.into_iter().chain(tb).collect();
+        let what = format!("{kind:?}");
+        assert_nothing_lost(&stored(&one, &id).await, &writers, &turns, &what);
+        let _ = http(one.addr(), "DELETE", &format!("/v1/sessions/{id}")).await;
+    }
+}
+
+/// A private redis-server that keeps its data on disk, so it can be stopped
+/// and started again with the sessions it had.
+struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    fn start(dir: &Path, port: u16) -> Option<PrivateRedis> {
+        let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(binary) = binary else {
+            skip("no redis-server binary for the outage test");
+            return None;
+        };
+        let child = Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !reachable(&format!("127.0.0.1:{port}")) {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(PrivateRedis {
+            child: Some(child),
+            port,
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let mut again = PrivateRedis::start(&self.dir, self.port).expect("redis-server restarts");
+        self.child = again.child.take();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+// The store goes away mid-turn: the turn fails with a store error, the host goes on,
+// and once the store is back the session continues with nothing partial or corrupt.
+#[tokio::test]
+async fn a_store_outage_fails_the_turn_and_the_session_recovers() {
+    let dir = tempfile::tempdir().expect("a directory for redis");
+    let port = free_port();
+    let Some(mut redis) = PrivateRedis::start(dir.path(), port) else {
+        return;
+    };
+    let config = config_with_store(&format!("{{ url = \"redis://127.0.0.1:{port}\" }}"));
+    let host = start_host(Kind::Redis, &config);
+    let mut client = host
+        .connect("/v1/ws?session=outage-1&model=slow_echo")
+        .await;
+    client.next_json().await;
+    client.send_text("before the outage").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
+
+    client.send_text("during the outage").await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    redis.stop();
+    frames.extend(client.read_turn().await.frames);
+    let failed = Turn { frames };
+    assert_eq!(failed.status(), "failed", "{}", failed.dump());
+    let store_error = failed
+        .diagnostics()
+        .into_iter()
+        .find(|d| d.diagnostic_code() == "store_unavailable")
+        .unwrap_or_else(|| panic!("no store diagnostic: {}", failed.dump()))
+        .entry()
+        .clone();
+    assert_eq!(store_error["kind"], "store");
+    assert_eq!(http(host.addr(), "GET", "/healthz").await.status, 200);
+    assert_eq!(http(host.addr(), "GET", "/readyz").await.status, 503);
+
+    redis.restart();
+    client.send_text("after the outage").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    assert_eq!(turn.text(), "echo: after the outage");
+    let session = stored(&host, "outage-1").await;
+    let messages = contents(&session);
+    assert_eq!(
+        messages.first().map(String::as_str),
+        Some("user: before the outage")
+    );
+    assert_eq!(
+        messages
+            .iter()
+            .filter(|m| m.ends_with("after the outage"))
+            .count(),
+        2,
+        "{messages:#?}"
+    );
+    assert_eq!(http(host.addr(), "GET", "/readyz").await.status, 200);
+}
+
+// SIGTERM mid-turn on a durable store: the turn finishes, is saved, and is there after a restart.
+#[tokio::test]
+async fn sigterm_mid_turn_saves_the_turn() {
+    let shared = tempfile::tempdir().expect("a directory for the sqlite file");
+    let Some(settings) = store_settings(Kind::Sqlite, shared.path()) else {
+        return;
+    };
+    let config = config_with_store(&settings);
+    let mut host = start_host(Kind::Sqlite, &config);
+    let mut client = host.connect("/v1/ws?session=term-1&model=slow_echo").await;
+    client.next_json().await;
+    client.send_text("finish me please").await;
+    client.read_until("interaction.model", "delta").await;
+    host.signal("TERM");
+    let rest = client.read_turn().await;
+    assert_eq!(rest.status(), "completed", "{}", rest.dump());
+    let status = host
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the host did not exit; log:\n{}", host.log()));
+    assert!(status.success(), "{status}");
+
+    let host = start_host(Kind::Sqlite, &config);
+    assert_eq!(
+        contents(&stored(&host, "term-1").await),
+        [
+            "user: finish me please",
+            "assistant: echo: finish me please"
+        ]
+    );
+}
