@@ -28,5 +28,6 @@
 
 #![warn(missing_docs)]
 
+pub mod model;
 pub mod store;
 pub mod support;

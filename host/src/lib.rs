@@ -7,6 +7,7 @@
 //!   libraries; ABI and version checks with readable errors.
 //! - [`runtime`]: the active set of adapters built from config and plugins,
 //!   swapped whole.
+//! - [`check`]: `llm-host check`: a plugin library against the conformance suites.
 //! - [`reload`]: watching files, two-phase reloads, what sessions are told.
 //! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions.
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod limits;

@@ -13,6 +13,9 @@ const USAGE: &str = "\
 usage:
   llm-host [--config PATH] [--listen ADDR]   serve (the flag overrides [server] listen)
   llm-host plugins [--config PATH]           list what the plugin directory provides
+  llm-host check PATH.so [--settings JSON] [--kind model|store]
+                                             load a plugin as the host would and run
+                                             the conformance suite against it
   llm-host --help | --version
 
 PATH defaults to ./config.toml. Logging: RUST_LOG (default `info`).";
@@ -61,7 +64,24 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
 }
 
 fn main() -> ExitCode {
-    let args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|arg| arg == "check") {
+        args.next();
+        match llm_host::check::Options::parse(args) {
+            Ok(Some(options)) => {
+                init_logging();
+                return llm_host::check::main(&options);
+            }
+            Ok(None) => {
+                println!("{}", llm_host::check::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            Err(message) => {
+                eprintln!("llm-host check: {message}\n\n{}", llm_host::check::USAGE);
+                return ExitCode::from(2);
+            }
+        }
+    }
     let command = match parse_args(args) {
         Ok(command) => command,
         Err(message) => {

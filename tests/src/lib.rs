@@ -61,6 +61,10 @@ pub struct Artifacts {
     pub foreign_same_version: PathBuf,
     /// A newer build of echo (plugin `echo` 2.0.0, answers `echo v2: ...`).
     pub echo_v2: PathBuf,
+    /// `libllm_plugin_template.so`, the plugin author kit's example.
+    pub template: PathBuf,
+    /// The fixture that breaks the plugin contract (plugin `broken`).
+    pub broken: PathBuf,
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
@@ -179,6 +183,8 @@ fn build() -> Result<Artifacts, String> {
             "llm-plugin-sqlite",
             "llm-plugin-redis",
             "llm-plugin-postgres",
+            "llm-plugin-template",
+            "llm-host-broken-plugin-fixture",
         ],
         &[],
     )?;
@@ -201,12 +207,16 @@ fn build() -> Result<Artifacts, String> {
         foreign,
         foreign_same_version,
         echo_v2: profile_dir.join("libllm_host_echo_v2_fixture.so"),
+        template: profile_dir.join("libllm_plugin_template.so"),
+        broken: profile_dir.join("libllm_host_broken_plugin_fixture.so"),
     };
     for path in [
         &artifacts.host,
         &artifacts.echo,
         &artifacts.memory,
         &artifacts.echo_v2,
+        &artifacts.template,
+        &artifacts.broken,
     ] {
         if !path.is_file() {
             return Err(format!("the build did not produce {}", path.display()));
@@ -232,6 +242,10 @@ pub enum Plugin {
     ForeignSameVersion,
     /// A newer build of echo: plugin `echo` 2.0.0, answering `echo v2: ...`.
     EchoV2,
+    /// The plugin author kit's example model plugin (`template`).
+    Template,
+    /// The fixture that breaks the plugin contract (plugin `broken`, model and store).
+    Broken,
 }
 
 impl Plugin {
@@ -244,6 +258,8 @@ impl Plugin {
             Plugin::Foreign => &artifacts.foreign,
             Plugin::ForeignSameVersion => &artifacts.foreign_same_version,
             Plugin::EchoV2 => &artifacts.echo_v2,
+            Plugin::Template => &artifacts.template,
+            Plugin::Broken => &artifacts.broken,
         }
     }
 
@@ -254,6 +270,8 @@ impl Plugin {
             Plugin::Memory => "libllm_plugin_memory.so",
             Plugin::Foreign | Plugin::ForeignSameVersion => "libllm_host_foreign_plugin_fixture.so",
             Plugin::EchoV2 => "libllm_host_echo_v2_fixture.so",
+            Plugin::Template => "libllm_plugin_template.so",
+            Plugin::Broken => "libllm_host_broken_plugin_fixture.so",
         }
     }
 }

@@ -4,6 +4,8 @@
 //! Every test starts its own host (see `llm_host_tests::Host`), so tests are
 //! independent and run in parallel.
 
+#[path = "host/check.rs"]
+mod check;
 #[path = "host/cli.rs"]
 mod cli;
 #[path = "host/common.rs"]

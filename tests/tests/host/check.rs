@@ -1,0 +1,286 @@
+//! `llm-host check PATH.so`: the shipped plugins and the template conform; a
+//! plugin that breaks the contract, a foreign or truncated library, and bad
+//! arguments are each reported for what they are.
+
+use std::time::{Duration, Instant};
+
+use llm_host_tests::{Exit, Plugin, Workdir};
+
+/// `llm-host check ARGS` (run from a temporary directory).
+fn check(args: &[&str]) -> Exit {
+    let workdir = Workdir::new(&[]);
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    workdir.run(&all)
+}
+
+fn path(plugin: Plugin) -> &'static str {
+    plugin.path().to_str().expect("build paths are UTF-8")
+}
+
+/// The verdict line of check `name` (`PASS name: ...`, `FAIL name: ...`).
+fn line<'a>(exit: &'a Exit, name: &str) -> &'a str {
+    exit.stdout
+        .lines()
+        .find(|line| {
+            line.split_whitespace().nth(1) == Some(&format!("{name}:"))
+                && ["PASS ", "WARN ", "FAIL ", "SKIP "]
+                    .iter()
+                    .any(|verdict| line.starts_with(verdict))
+        })
+        .unwrap_or_else(|| panic!("no verdict line for {name}:\n{exit}"))
+}
+
+fn assert_verdict(exit: &Exit, verdict: &str, name: &str, detail: &str) {
+    let line = line(exit, name);
+    assert!(
+        line.starts_with(&format!("{verdict} {name}:")),
+        "{name} should be {verdict}: {line}\n{exit}"
+    );
+    assert!(
+        line.contains(detail),
+        "{name} should say {detail:?}: {line}\n{exit}"
+    );
+}
+
+const MODEL_CHECKS: &[&str] = &[
+    "model.construct",
+    "model.event_order",
+    "model.cancel",
+    "model.errors",
+    "model.no_panic",
+    "model.unknown_settings",
+];
+
+const STORE_CHECKS: &[&str] = &[
+    "store.construct",
+    "store.load_absent",
+    "store.create",
+    "store.create_conflict",
+    "store.update_round_trip",
+    "store.large_document",
+    "store.stale_save",
+    "store.absent_save",
+    "store.delete",
+    "store.recreate_after_delete",
+    "store.list_by_owner",
+    "store.list_after",
+    "store.list_all_owners",
+    "store.concurrent_create",
+    "store.concurrent_cas",
+    "store.concurrent_increments",
+    "store.updated_at",
+    "store.ping",
+    "store.unknown_settings",
+];
+
+fn assert_conforms(exit: &Exit, checks: &[&str]) {
+    assert_eq!(exit.status.code(), Some(0), "{exit}");
+    assert_verdict(exit, "PASS", "load", "built against plugin-api");
+    for name in checks {
+        assert_verdict(exit, "PASS", name, "");
+    }
+    assert!(
+        !exit
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") || l.starts_with("WARN")),
+        "{exit}"
+    );
+    let summary = exit
+        .stdout
+        .lines()
+        .last()
+        .expect("a summary line comes last");
+    assert!(
+        summary.starts_with(&format!("summary: {} passed, 0 failed", checks.len() + 1)),
+        "{summary}"
+    );
+    assert!(summary.ends_with(" conforms"), "{summary}");
+}
+
+// The echo plugin passes every model check.
+#[test]
+fn echo_conforms() {
+    let exit = check(&[path(Plugin::Echo)]);
+    assert_conforms(&exit, MODEL_CHECKS);
+    assert_verdict(&exit, "PASS", "load", "plugin `echo`");
+    assert_verdict(&exit, "PASS", "model.cancel", "sending nothing more");
+    assert_verdict(
+        &exit,
+        "PASS",
+        "model.unknown_settings",
+        "surely_not_a_setting",
+    );
+    assert!(!exit.stdout.contains("store."), "{exit}");
+}
+
+// The memory plugin passes every store check.
+#[test]
+fn memory_conforms() {
+    let exit = check(&[path(Plugin::Memory)]);
+    assert_conforms(&exit, STORE_CHECKS);
+    assert!(!exit.stdout.contains("model."), "{exit}");
+}
+
+// The template plugin passes every model check, with settings of its own too.
+#[test]
+fn the_template_conforms() {
+    let exit = check(&[path(Plugin::Template)]);
+    assert_conforms(&exit, MODEL_CHECKS);
+    let exit = check(&[
+        path(Plugin::Template),
+        "--settings",
+        r#"{"transform": "reverse", "delay_ms": 5}"#,
+    ]);
+    assert_conforms(&exit, MODEL_CHECKS);
+    assert_verdict(&exit, "PASS", "model.construct", "reverse");
+}
+
+// The broken plugin fails: text after `end`, streaming on after a cancel,
+// unconditional saves; accepting unknown settings is a warning only.
+#[test]
+fn a_plugin_that_breaks_the_contract_fails() {
+    let exit = check(&[path(Plugin::Broken)]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "PASS", "load", "model+store");
+    assert_verdict(&exit, "PASS", "model.construct", "");
+    assert_verdict(&exit, "FAIL", "model.event_order", "`text` after `end`");
+    assert_verdict(
+        &exit,
+        "FAIL",
+        "model.cancel",
+        "after the sink answered stop to the first text",
+    );
+    assert_verdict(&exit, "PASS", "model.errors", "invalid_input");
+    assert_verdict(&exit, "PASS", "model.no_panic", "");
+    assert_verdict(&exit, "WARN", "model.unknown_settings", "accepted");
+    for name in [
+        "store.create_conflict",
+        "store.stale_save",
+        "store.absent_save",
+        "store.concurrent_create",
+        "store.concurrent_cas",
+    ] {
+        assert_verdict(&exit, "FAIL", name, "Saved");
+    }
+    for name in ["store.load_absent", "store.list_by_owner", "store.ping"] {
+        assert_verdict(&exit, "PASS", name, "");
+    }
+    assert_verdict(&exit, "WARN", "store.unknown_settings", "accepted");
+    let summary = exit.stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains("does NOT conform"), "{summary}");
+    assert!(summary.contains(" 2 warnings"), "{summary}");
+}
+
+// An adapter stuck after a cancel fails within the cancel bound, without the
+// check waiting for it; --kind limits the run to the model.
+#[test]
+fn an_adapter_that_hangs_after_a_cancel_fails_in_bounded_time() {
+    let began = Instant::now();
+    let exit = check(&[
+        path(Plugin::Broken),
+        "--kind",
+        "model",
+        "--settings",
+        r#"{"stall_ms": 60000}"#,
+    ]);
+    let took = began.elapsed();
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(
+        &exit,
+        "FAIL",
+        "model.cancel",
+        "did not return within 5s after the sink answered stop",
+    );
+    assert!(took < Duration::from_secs(25), "took {took:?}\n{exit}");
+    assert!(!exit.stdout.contains("store."), "--kind model:\n{exit}");
+}
+
+// An error event without a code fails the errors check.
+#[test]
+fn an_error_event_without_a_code_fails() {
+    let exit = check(&[
+        path(Plugin::Broken),
+        "--kind",
+        "model",
+        "--settings",
+        r#"{"empty_error": true}"#,
+    ]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "FAIL", "model.errors", "an empty code");
+    assert_verdict(&exit, "FAIL", "model.event_order", "`text` after `error`");
+}
+
+// A panic caught by the plugin-api's guard comes back as `plugin_panic`: the
+// check (like the host) survives it and fails no_panic.
+#[test]
+fn a_caught_panic_fails_no_panic() {
+    let exit = check(&[path(Plugin::Echo), "--settings", r#"{"panic_after": 0}"#]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "FAIL", "model.no_panic", "panic_after");
+    assert!(exit
+        .stdout
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .starts_with("summary:"));
+}
+
+// Settings the plugin refuses fail construct with the plugin's own words;
+// the checks that need an adapter are skipped.
+#[test]
+fn refused_settings_are_reported_verbatim() {
+    let exit = check(&[path(Plugin::Echo), "--settings", r#"{"tokens": "many"}"#]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(
+        &exit,
+        "FAIL",
+        "model.construct",
+        "invalid_settings: invalid type: string \"many\"",
+    );
+    assert_verdict(&exit, "SKIP", "model.cancel", "see construct");
+}
+
+// Libraries the host would refuse are refused the same way.
+#[test]
+fn libraries_the_host_refuses_fail_to_load() {
+    let exit = check(&[path(Plugin::Foreign)]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "FAIL", "load", "plugin-api");
+
+    let workdir = Workdir::new(&[]);
+    let bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
+    let truncated = workdir.path().join("libtruncated.so");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("write a truncated copy");
+    let truncated = truncated.to_str().expect("temporary paths are UTF-8");
+    let exit = workdir.run(&["check", truncated]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "FAIL", "load", "truncated");
+
+    let exit = check(&[path(Plugin::Echo), "--kind", "store"]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(&exit, "FAIL", "store", "provides model, not store");
+}
+
+// Usage errors exit with 2 and say what is wrong.
+#[test]
+fn usage_errors_exit_2() {
+    let echo = path(Plugin::Echo);
+    for (args, says) in [
+        (vec![], "needs the path"),
+        (vec!["/surely/not/here.so"], "no such file"),
+        (vec![echo, "--kind", "both"], "--kind"),
+        (vec![echo, "--settings", "[1]"], "not a JSON object"),
+        (vec![echo, "--settings", "{oops"], "not JSON"),
+        (vec![echo, "--frobnicate"], "--frobnicate"),
+    ] {
+        let exit = check(&args);
+        assert_eq!(exit.status.code(), Some(2), "{args:?}\n{exit}");
+        assert!(exit.stderr.contains(says), "{args:?}\n{exit}");
+        assert!(exit.stderr.contains("usage: llm-host check"), "{exit}");
+    }
+    let exit = check(&["--help"]);
+    assert_eq!(exit.status.code(), Some(0), "{exit}");
+    assert!(exit.stdout.contains("--settings JSON"), "{exit}");
+}
