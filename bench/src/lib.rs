@@ -99,7 +99,7 @@ impl Host {
 
     /// Peak resident memory of the host, in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64, String> {
-        status_field(self.pid(), "VmHWM:")
+        peak_rss_kib(self.pid())
     }
 }
 
@@ -114,6 +114,11 @@ impl Drop for Host {
 /// Resident memory of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
     status_field(pid, "VmRSS:")
+}
+
+/// Peak resident memory of process `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64, String> {
+    status_field(pid, "VmHWM:")
 }
 
 fn status_field(pid: u32, field: &str) -> Result<u64, String> {

@@ -64,11 +64,11 @@ fn with_caller(
 }
 
 /// The admin caller, or the answer that refuses the request.
-fn admin(caller: Result<Caller, Refusal>) -> Result<Caller, Response> {
+fn admin(caller: Result<Caller, Refusal>) -> Result<Caller, Refusal> {
     match caller {
         Ok(caller) if caller.is_admin() => Ok(caller),
-        Ok(_) => Err(refusal(&ADMIN_ONLY)),
-        Err(refused) => Err(refusal(&refused)),
+        Ok(_) => Err(ADMIN_ONLY),
+        Err(refused) => Err(refused),
     }
 }
 
@@ -85,7 +85,7 @@ fn plugins(
         .and(with_caller(host))
         .map(|host: Arc<HostState>, caller| {
             if let Err(refused) = admin(caller) {
-                return refused;
+                return refusal(&refused);
             }
             let active = host.active.load();
             let status = host.reloader.status();
@@ -150,7 +150,7 @@ fn config(
         .and(with_caller(host))
         .map(|host: Arc<HostState>, caller| {
             if let Err(refused) = admin(caller) {
-                return refused;
+                return refusal(&refused);
             }
             let active = host.active.load();
             let mut value = serde_json::to_value(&*active.config).unwrap_or(Value::Null);
@@ -168,7 +168,7 @@ fn reload_now(
         .and(with_caller(host))
         .then(|host: Arc<HostState>, caller| async move {
             if let Err(refused) = admin(caller) {
-                return refused;
+                return refusal(&refused);
             }
             match reload::reload(&host, "POST /v1/reload").await {
                 Ok(Outcome::Unchanged) => {
@@ -320,7 +320,7 @@ fn prometheus(
         .and(with_caller(host))
         .map(|_host: Arc<HostState>, caller| {
             if let Err(refused) = admin(caller) {
-                return refused;
+                return refusal(&refused);
             }
             warp::reply::with_header(
                 metrics().render(),

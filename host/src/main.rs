@@ -136,8 +136,13 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
         eprintln!("llm-host: cannot start:\n{problem}");
         return ExitCode::FAILURE;
     }
+    // Each running turn holds one blocking thread while its adapter streams
+    // (adapters block: on HTTP, on llama.cpp, on their pacing), so the pool
+    // must allow as many as turns may run at once: one per connection.
+    let max_connections = host.active.load().config.server.max_connections;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(max_connections.clamp(512, 16_384) + 64)
         .build()
     {
         Ok(runtime) => runtime,

@@ -169,8 +169,14 @@ mod tests {
             .get_or_create(&[("op", "load")])
             .observe(0.002);
         let text = m.render();
-        assert!(text.contains("llm_host_turns_total{status=\"completed\"}"), "{text}");
-        assert!(text.contains("llm_host_store_operation_seconds_bucket{"), "{text}");
+        assert!(
+            text.contains("llm_host_turns_total{status=\"completed\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_host_store_operation_seconds_bucket{"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

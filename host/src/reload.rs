@@ -161,12 +161,18 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
     let reloader = &host.reloader;
     match prepared {
         Ok(None) => {
-            metrics().reloads.get_or_create(&[("result", "unchanged")]).inc();
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "unchanged")])
+                .inc();
             tracing::debug!(trigger = why, "reload: nothing changed");
             Ok(Outcome::Unchanged)
         }
         Ok(Some((active, notice))) => {
-            metrics().reloads.get_or_create(&[("result", "applied")]).inc();
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "applied")])
+                .inc();
             host.active.store(Arc::new(active));
             {
                 let mut status = reloader.status();
@@ -181,7 +187,10 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
             Ok(Outcome::Reloaded(changes))
         }
         Err(message) => {
-            metrics().reloads.get_or_create(&[("result", "failed")]).inc();
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "failed")])
+                .inc();
             tracing::error!(
                 trigger = why,
                 "reload refused, the running set keeps serving:\n{message}"

@@ -25,8 +25,8 @@ use warp::Filter;
 use crate::auth::{authenticate, Caller};
 use crate::connection::{self, Opening};
 use crate::metrics::metrics;
-use crate::session;
 use crate::protocol::COMMAND_SUBPROTOCOL;
+use crate::session;
 use crate::session::{new_session_id, valid_name};
 use crate::HostState;
 
@@ -183,7 +183,10 @@ async fn upgrade_session(
             }
         }
     }
-    let Some(slot) = host.connections.try_acquire(active.config.server.max_connections) else {
+    let Some(slot) = host
+        .connections
+        .try_acquire(active.config.server.max_connections)
+    else {
         metrics().refuse("too_many_connections");
         return error_reply(
             StatusCode::SERVICE_UNAVAILABLE,
