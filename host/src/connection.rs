@@ -61,6 +61,10 @@ pub struct Connection {
     pub owner: String,
     /// When the client last sent a frame or a turn ended, Unix ms.
     pub active_at: AtomicU64,
+    /// The session as this connection last loaded or saved it, and the store
+    /// it is in: the next turn tries its claim on that version without
+    /// loading first (a conflict falls back to a load).
+    pub cached: Mutex<Option<(String, Loaded)>>,
     /// The backend the client chose, if any; a reload that removes it makes
     /// the connection follow the default.
     pub model: Mutex<Option<String>>,
@@ -170,6 +174,7 @@ where
         owner: opening.caller.owner().to_owned(),
         caller: opening.caller.clone(),
         active_at: AtomicU64::new(now_ms()),
+        cached: Mutex::new(None),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
         framer,
@@ -212,6 +217,10 @@ where
         }
     };
     let resumed = loaded.is_some();
+    if let Some(found) = &loaded {
+        *conn.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((store.name.clone(), found.clone()));
+    }
     let Loaded { doc, .. } = loaded.unwrap_or_default();
     conn.last_sequence
         .store(doc.last_sequence, Ordering::Relaxed);

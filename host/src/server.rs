@@ -204,7 +204,7 @@ async fn upgrade_session(
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(64 * 1024)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));
     let host = host.clone();

@@ -199,9 +199,15 @@ async fn call<T: Send + 'static>(
     op: &'static str,
     body: impl FnOnce(&StoreAdapterBox) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    let backend = store.clone();
     let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || body(&backend.adapter)).await;
+    let result = if store.adapter.blocks() {
+        let backend = store.clone();
+        tokio::task::spawn_blocking(move || body(&backend.adapter)).await
+    } else {
+        // The store answers from memory: a blocking thread would cost more
+        // than the call.
+        Ok(body(&store.adapter))
+    };
     let metrics = crate::metrics::metrics();
     metrics
         .store_seconds

@@ -470,9 +470,15 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
 
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
-    if let Err(err) = commit(conn, &store, version, &owner, doc, answer, end_sequence).await {
-        store_failed(conn, &err, "the turn could not be saved").await;
-        status = Status::Failed;
+    match commit(conn, &store, version, &owner, doc, answer, end_sequence).await {
+        Ok(saved) => {
+            *conn.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((store.name.clone(), saved));
+        }
+        Err(err) => {
+            store_failed(conn, &err, "the turn could not be saved").await;
+            status = Status::Failed;
+        }
     }
     end_turn(conn, end_sequence, &interaction_id, status).await;
     metrics()
@@ -556,13 +562,23 @@ async fn claim(
     cancel: &TurnControl,
 ) -> Result<Option<Claimed>, StoreError> {
     let mut wait = Duration::from_millis(10);
+    let mut cached = conn
+        .cached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .filter(|(name, _)| *name == store.name)
+        .map(|(_, loaded)| loaded);
     loop {
-        let loaded = session::load(store, &conn.session_id)
-            .await?
-            .unwrap_or_else(|| Loaded {
-                owner: conn.owner.clone(),
-                ..Loaded::default()
-            });
+        let loaded = match cached.take() {
+            Some(loaded) => loaded,
+            None => session::load(store, &conn.session_id)
+                .await?
+                .unwrap_or_else(|| Loaded {
+                    owner: conn.owner.clone(),
+                    ..Loaded::default()
+                }),
+        };
         let Loaded {
             mut doc,
             version,
@@ -662,7 +678,7 @@ async fn commit(
     mut doc: SessionDoc,
     answer: Option<Message>,
     end_sequence: u64,
-) -> Result<(), StoreError> {
+) -> Result<Loaded, StoreError> {
     let turns = doc.turns;
     for _ in 0..8 {
         doc.messages.extend(answer.iter().cloned());
@@ -676,7 +692,13 @@ async fn commit(
             doc.lease = None;
         }
         match session::save(store, &conn.session_id, version, owner, &doc).await? {
-            SaveOutcome::Saved { .. } => return Ok(()),
+            SaveOutcome::Saved { version } => {
+                return Ok(Loaded {
+                    doc,
+                    version,
+                    owner: owner.to_owned(),
+                })
+            }
             SaveOutcome::Conflict { current } => {
                 tracing::warn!(session = %conn.session_id, version, current, "turn save conflict; merging");
                 let newer = session::load(store, &conn.session_id)

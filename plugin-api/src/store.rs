@@ -108,6 +108,14 @@ pub trait StoreAdapter: Send + Sync {
     /// Whether the store can serve now (its server answers); used for readiness.
     #[sabi(last_prefix_field)]
     fn ping(&self) -> RResult<(), PluginError>;
+
+    /// Whether calls may wait on I/O (a server, a disk). A store that answers
+    /// from memory says `false`, and the host then calls it directly instead
+    /// of on a blocking thread. Added after `ping`, so it has a default: a
+    /// store built before it is treated as blocking.
+    fn blocks(&self) -> bool {
+        true
+    }
 }
 
 /// A store adapter trait object as the host holds it.
@@ -133,6 +141,10 @@ pub trait Store: Send + Sync + 'static {
     /// See [`StoreAdapter::ping`]. The default answers ready.
     fn ping(&self) -> Result<(), PluginError> {
         Ok(())
+    }
+    /// See [`StoreAdapter::blocks`]. The default says calls may block.
+    fn blocks(&self) -> bool {
+        true
     }
 }
 
@@ -169,6 +181,11 @@ impl<S: Store> StoreAdapter for StoreShim<S> {
 
     fn ping(&self) -> RResult<(), PluginError> {
         guard(|| self.0.ping())
+    }
+
+    fn blocks(&self) -> bool {
+        // A panic here would cross the boundary: answer the safe default.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.blocks())).unwrap_or(true)
     }
 }
 

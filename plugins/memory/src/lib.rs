@@ -118,6 +118,10 @@ impl Store for MemoryStore {
         Ok(removed.is_some_and(|entry| !self.expired(&entry, now)))
     }
 
+    fn blocks(&self) -> bool {
+        false
+    }
+
     fn list(&self, owner: &str, after: &str, limit: u32) -> Result<SessionPage, PluginError> {
         let now = Instant::now();
         let sessions = self.sessions();
