@@ -36,6 +36,8 @@ pub struct StoreBackend {
     pub settings: serde_json::Value,
     /// The adapter.
     pub adapter: StoreAdapterBox,
+    /// Whether it lives in this process (see `StoreAdapter::in_process`).
+    pub in_process: bool,
 }
 
 /// One consistent set of adapters and the config they came from.
@@ -103,6 +105,7 @@ impl Active {
                         name: name.clone(),
                         plugin,
                         settings: entry.settings.clone(),
+                        in_process: adapter.in_process(),
                         adapter,
                     };
                     stores.insert(name.clone(), Arc::new(store));

@@ -200,13 +200,13 @@ async fn call<T: Send + 'static>(
     body: impl FnOnce(&StoreAdapterBox) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let started = std::time::Instant::now();
-    let result = if store.adapter.blocks() {
-        let backend = store.clone();
-        tokio::task::spawn_blocking(move || body(&backend.adapter)).await
-    } else {
+    let result = if store.in_process {
         // The store answers from memory: a blocking thread would cost more
         // than the call.
         Ok(body(&store.adapter))
+    } else {
+        let backend = store.clone();
+        tokio::task::spawn_blocking(move || body(&backend.adapter)).await
     };
     let metrics = crate::metrics::metrics();
     metrics

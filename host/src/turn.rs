@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
-    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, ModelRequest, PluginError,
-    Role, SaveOutcome, ToolCall, TurnParams, Usage,
+    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, PluginError, Role, SaveOutcome,
+    ToolCall, TurnParams, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -425,13 +425,13 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     let interaction_id = format!("turn-{}", doc.turns);
     conn.turns.fetch_max(doc.turns, Ordering::Relaxed);
 
-    let request = ModelRequest {
-        session_id: conn.session_id.clone(),
-        interaction_id: interaction_id.clone(),
-        backend: backend.name.clone(),
-        messages: doc.messages.clone(),
-        params: prompt.params,
-    };
+    let request = serde_json::to_string(&RequestRef {
+        session_id: &conn.session_id,
+        interaction_id: &interaction_id,
+        backend: &backend.name,
+        messages: &doc.messages,
+        params: &prompt.params,
+    });
     let sink = TurnSink {
         out: conn.out.clone(),
         framer: conn.framer,
@@ -449,9 +449,14 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
         usage: None,
         first_event_due: Some(started),
     };
-    let lease = Renewal::start(conn, &store, doc.clone(), version, owner.clone());
+    // A store in this process is reached by no other host: no lease to renew.
+    let lease = (!store.in_process)
+        .then(|| Renewal::start(conn, &store, doc.clone(), version, owner.clone()));
     let generated = generate(backend, request, sink).await;
-    let version = lease.stop().await;
+    let version = match lease {
+        Some(lease) => lease.stop().await,
+        None => version,
+    };
     let (mut status, last_model_sequence, answer) = match generated {
         Some((mut sink, status)) => {
             if let Some(usage) = sink.usage {
@@ -508,10 +513,10 @@ async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status
 /// panics are caught inside the plugin).
 async fn generate(
     backend: Arc<ModelBackend>,
-    request: ModelRequest,
+    request: serde_json::Result<String>,
     mut sink: TurnSink,
 ) -> Option<(TurnSink, Status)> {
-    let request = match serde_json::to_string(&request) {
+    let request = match request {
         Ok(json) => json,
         Err(err) => {
             let status = sink.close(Err(PluginError::internal(err.to_string())));
@@ -549,7 +554,9 @@ struct Claimed {
     owner: String,
 }
 
-/// Claims the session for a turn. Several hosts (or connections on several
+/// Claims the session for a turn. On a store in this process, the session
+/// as loaded is the claim (one host, one turn of a session at a time; the
+/// answer's save is conditional on it). Otherwise several hosts (or connections on several
 /// hosts) may share a session: a turn first saves, conditionally on the
 /// version it loaded, the user message and a lease naming this host, so that
 /// no other host streams on the session (and uses its sequence numbers) until
@@ -584,6 +591,18 @@ async fn claim(
             version,
             owner,
         } = loaded;
+        if store.in_process {
+            // No other host reaches this store, and this host runs one turn
+            // of a session at a time: the answer's save is the only one.
+            doc.last_sequence = doc.last_sequence.max(conn.sequence());
+            doc.turns = doc.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
+            doc.messages.push(user.clone());
+            return Ok(Some(Claimed {
+                doc,
+                version,
+                owner,
+            }));
+        }
         let now = now_ms();
         let held_elsewhere = doc
             .lease
@@ -617,6 +636,18 @@ async fn claim(
             SaveOutcome::Conflict { .. } => continue,
         }
     }
+}
+
+/// The JSON of a [`ModelRequest`], written from borrowed parts (the history
+/// is not copied to be sent).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestRef<'a> {
+    session_id: &'a str,
+    interaction_id: &'a str,
+    backend: &'a str,
+    messages: &'a [Message],
+    params: &'a TurnParams,
 }
 
 /// Renews a turn's lease while the model streams; [`Renewal::stop`] gives
@@ -717,4 +748,41 @@ async fn store_failed(conn: &Connection, err: &StoreError, what: &str) {
     let message = format!("{what}: {err}");
     conn.diagnostic("error", "store", "store_unavailable", &message)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_host_plugin_api::ModelRequest;
+
+    #[test]
+    fn the_borrowed_request_is_a_model_request() {
+        let messages = vec![
+            Message::new(Role::User, "hi"),
+            Message::new(Role::Assistant, "echo: hi"),
+        ];
+        let params = TurnParams {
+            max_tokens: Some(7),
+            ..TurnParams::default()
+        };
+        let json = serde_json::to_string(&RequestRef {
+            session_id: "s",
+            interaction_id: "turn-2",
+            backend: "echo",
+            messages: &messages,
+            params: &params,
+        })
+        .expect("serializes");
+        let parsed: ModelRequest = serde_json::from_str(&json).expect("parses");
+        assert_eq!(
+            parsed,
+            ModelRequest {
+                session_id: "s".into(),
+                interaction_id: "turn-2".into(),
+                backend: "echo".into(),
+                messages,
+                params,
+            }
+        );
+    }
 }

@@ -109,12 +109,13 @@ pub trait StoreAdapter: Send + Sync {
     #[sabi(last_prefix_field)]
     fn ping(&self) -> RResult<(), PluginError>;
 
-    /// Whether calls may wait on I/O (a server, a disk). A store that answers
-    /// from memory says `false`, and the host then calls it directly instead
-    /// of on a blocking thread. Added after `ping`, so it has a default: a
-    /// store built before it is treated as blocking.
-    fn blocks(&self) -> bool {
-        true
+    /// Whether the store lives in this process's memory: its calls never wait
+    /// on I/O, and no other host can reach its sessions. The host then calls
+    /// it directly instead of on a blocking thread, and skips the cross-host
+    /// claim a turn otherwise saves first. Added after `ping`, so it has a
+    /// default: a store built before it is treated as shared and blocking.
+    fn in_process(&self) -> bool {
+        false
     }
 }
 
@@ -142,9 +143,9 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> Result<(), PluginError> {
         Ok(())
     }
-    /// See [`StoreAdapter::blocks`]. The default says calls may block.
-    fn blocks(&self) -> bool {
-        true
+    /// See [`StoreAdapter::in_process`]. The default says no.
+    fn in_process(&self) -> bool {
+        false
     }
 }
 
@@ -183,9 +184,10 @@ impl<S: Store> StoreAdapter for StoreShim<S> {
         guard(|| self.0.ping())
     }
 
-    fn blocks(&self) -> bool {
+    fn in_process(&self) -> bool {
         // A panic here would cross the boundary: answer the safe default.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.blocks())).unwrap_or(true)
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.in_process()))
+            .unwrap_or(false)
     }
 }
 

@@ -118,8 +118,8 @@ impl Store for MemoryStore {
         Ok(removed.is_some_and(|entry| !self.expired(&entry, now)))
     }
 
-    fn blocks(&self) -> bool {
-        false
+    fn in_process(&self) -> bool {
+        true
     }
 
     fn list(&self, owner: &str, after: &str, limit: u32) -> Result<SessionPage, PluginError> {
