@@ -574,7 +574,9 @@ async fn claim(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        .filter(|(name, _)| *name == store.name)
+        // An in-process claim is not a conditional save that would catch a
+        // stale copy: load (it costs no I/O there).
+        .filter(|(name, _)| *name == store.name && !store.in_process)
         .map(|(_, loaded)| loaded);
     loop {
         let loaded = match cached.take() {
