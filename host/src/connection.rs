@@ -241,20 +241,20 @@ where
     ))
     .await;
 
-    let (prompts, prompt_rx) = mpsc::channel(max_queued);
     let current: CurrentTurn = Arc::default();
     let closed = Arc::new(AtomicBool::new(false));
-    let worker = tokio::spawn(run_turns(
-        conn.clone(),
-        prompt_rx,
-        current.clone(),
-        closed.clone(),
-    ));
+    let mut queue = Queue {
+        started: None,
+        max: max_queued,
+        conn: conn.clone(),
+        current: current.clone(),
+        closed: closed.clone(),
+    };
 
     let reading = Reading {
         notices: host.reloader.notices.subscribe(),
         shutdown: host.shutdown.subscribe(),
-        prompts: &prompts,
+        queue: &mut queue,
         current: &current,
         command_mode: opening.command_mode,
     };
@@ -264,18 +264,23 @@ where
     // is cancelled (and saved with what it had); on shutdown it may finish
     // within the grace period first.
     closed.store(true, Ordering::Relaxed);
-    drop(prompts);
-    let mut worker = worker;
-    if matches!(ended, Ended::Shutdown) {
-        let grace = Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
-        if tokio::time::timeout(grace, &mut worker).await.is_err() {
+    if let Some((prompts, mut worker)) = queue.started.take() {
+        drop(prompts);
+        if matches!(ended, Ended::Shutdown) {
+            let grace =
+                Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
+            if tokio::time::timeout(grace, &mut worker).await.is_err() {
+                cancel_current(&current);
+                let _ = worker.await;
+            }
+        } else {
             cancel_current(&current);
             let _ = worker.await;
         }
+    }
+    drop(queue);
+    if matches!(ended, Ended::Shutdown) {
         close(&conn, CloseCode::Away, "the server is shutting down").await;
-    } else {
-        cancel_current(&current);
-        let _ = worker.await;
     }
     drop(conn);
     let _ = writer.await;
@@ -286,9 +291,45 @@ where
 struct Reading<'a> {
     notices: broadcast::Receiver<Arc<Notice>>,
     shutdown: watch::Receiver<bool>,
-    prompts: &'a mpsc::Sender<Prompt>,
+    queue: &'a mut Queue,
     current: &'a CurrentTurn,
     command_mode: bool,
+}
+
+/// The connection's prompt queue and the task that runs its turns, both
+/// made on the first prompt: an idle connection pays for neither.
+struct Queue {
+    started: Option<(mpsc::Sender<Prompt>, tokio::task::JoinHandle<()>)>,
+    max: usize,
+    conn: Arc<Connection>,
+    current: CurrentTurn,
+    closed: Arc<AtomicBool>,
+}
+
+impl Queue {
+    fn sender(&mut self) -> &mpsc::Sender<Prompt> {
+        let (conn, current, closed, max) = (&self.conn, &self.current, &self.closed, self.max);
+        &self
+            .started
+            .get_or_insert_with(|| {
+                let (prompts, receiver) = mpsc::channel(max);
+                let worker = tokio::spawn(run_turns(
+                    conn.clone(),
+                    receiver,
+                    current.clone(),
+                    closed.clone(),
+                ));
+                (prompts, worker)
+            })
+            .0
+    }
+
+    /// Whether prompts wait in the queue.
+    fn waiting(&self) -> bool {
+        self.started
+            .as_ref()
+            .is_some_and(|(prompts, _)| prompts.capacity() < prompts.max_capacity())
+    }
 }
 
 /// How often the read loop wakes to ping and to check idleness.
@@ -307,7 +348,7 @@ where
     let Reading {
         mut notices,
         mut shutdown,
-        prompts,
+        queue,
         current,
         command_mode,
     } = reading;
@@ -336,7 +377,7 @@ where
             _ = ticks.tick(), if period.is_some() => {
                 let server = conn.host.active.load().config.server.clone();
                 let idle_for = now_ms().saturating_sub(conn.active_at.load(Ordering::Relaxed));
-                let busy = turn_running(current) || prompts.capacity() < prompts.max_capacity();
+                let busy = turn_running(current) || queue.waiting();
                 if server.idle_timeout_secs > 0 && !busy && idle_for >= server.idle_timeout_secs * 1000 {
                     let message = format!(
                         "no prompt for {} s (server.idle_timeout_secs); closing",
@@ -384,11 +425,11 @@ where
                     }
                     enqueue(
                         conn,
-                        prompts,
+                        queue,
                         Prompt {
                             text,
                             model,
-                            params,
+                            params: Box::new(params),
                         },
                     )
                     .await;
@@ -412,9 +453,9 @@ where
                 let prompt = Prompt {
                     text: text.as_str().to_owned(),
                     model: None,
-                    params: Default::default(),
+                    params: Box::default(),
                 };
-                enqueue(conn, prompts, prompt).await;
+                enqueue(conn, queue, prompt).await;
             }
             Ok(WsMessage::Binary(bytes)) => {
                 let message = format!(
@@ -477,7 +518,7 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
     conn.send_entry(&entry).await;
 }
 
-async fn enqueue(conn: &Connection, prompts: &mpsc::Sender<Prompt>, prompt: Prompt) {
+async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
     let server = conn.host.active.load().config.server.clone();
     if prompt.text.len() > server.max_prompt_bytes {
         metrics().refuse("prompt_too_long");
@@ -505,6 +546,7 @@ async fn enqueue(conn: &Connection, prompts: &mpsc::Sender<Prompt>, prompt: Prom
             .await;
         return;
     }
+    let prompts = queue.sender();
     if prompts.try_send(prompt).is_err() {
         metrics().refuse("queue_full");
         let message = format!(

@@ -1,7 +1,7 @@
 //! The listener and the HTTP routes: WebSocket upgrades on `/v1/ws` and `/`.
 //!
 //! The upgrade is answered here rather than with `warp::ws()`, so that each
-//! socket gets a 4 KiB read buffer instead of tungstenite's 128 KiB (FACTS.md:
+//! socket gets a 2 KiB read buffer instead of tungstenite's 128 KiB (FACTS.md:
 //! ~6 KiB per idle connection instead of ~130 KiB) and the subprotocol is
 //! negotiated explicitly.
 
@@ -203,7 +203,7 @@ async fn upgrade_session(
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));

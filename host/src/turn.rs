@@ -34,8 +34,9 @@ pub struct Prompt {
     pub text: String,
     /// The backend for this turn, when the client named one.
     pub model: Option<String>,
-    /// Per-turn parameters.
-    pub params: TurnParams,
+    /// Per-turn parameters (boxed: the prompt queue allocates its slots
+    /// up front for every connection).
+    pub params: Box<TurnParams>,
 }
 
 /// Stops a running turn: the client's cancel, or its deadline.
