@@ -267,8 +267,7 @@ where
     if let Some((prompts, mut worker)) = queue.started.take() {
         drop(prompts);
         if matches!(ended, Ended::Shutdown) {
-            let grace =
-                Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
+            let grace = Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
             if tokio::time::timeout(grace, &mut worker).await.is_err() {
                 cancel_current(&current);
                 let _ = worker.await;
