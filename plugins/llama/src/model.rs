@@ -123,41 +123,58 @@ impl Llama {
     }
 
     /// The prompt's tokens. When the whole conversation does not fit the
-    /// context (with room for at least one answer token), the oldest messages
-    /// after any leading system messages are left out; answers the tokens and
-    /// how many messages were left out.
+    /// context (with room for at least one answer token), the fewest oldest
+    /// messages after any leading system messages are left out (the last
+    /// message always stays); answers the tokens and how many were left out.
     fn prompt_tokens(&self, messages: &[Message]) -> Result<(Vec<LlamaToken>, usize), PluginError> {
         let n_ctx = self.settings.n_ctx as usize;
         let system = messages
             .iter()
             .take_while(|message| message.role == Role::System)
             .count();
-        let mut dropped = 0;
-        loop {
+        // The prompt without the `dropped` oldest messages after the system ones.
+        let tokens_without = |dropped: usize| -> Result<Vec<LlamaToken>, PluginError> {
             let kept: Vec<Message> = messages[..system]
                 .iter()
                 .chain(&messages[system + dropped..])
                 .cloned()
                 .collect();
-            let prompt = self.format_prompt(&kept)?;
-            let tokens = tokenize(&self.model, &prompt)?;
+            let tokens = tokenize(&self.model, &self.format_prompt(&kept)?)?;
             if tokens.is_empty() {
                 return Err(PluginError::internal(
                     "the chat template made an empty prompt",
                 ));
             }
-            if tokens.len() < n_ctx {
-                return Ok((tokens, dropped));
-            }
-            if system + dropped + 1 >= messages.len() {
-                return Err(PluginError::invalid_input(format!(
-                    "the prompt is {} tokens, more than this backend's context of {n_ctx} \
-                     (setting n_ctx) can hold",
-                    tokens.len()
-                )));
-            }
-            dropped += 1;
+            Ok(tokens)
+        };
+        let all = tokens_without(0)?;
+        if all.len() < n_ctx {
+            return Ok((all, 0));
         }
+        // Leaving messages out only shortens the prompt: binary search for
+        // the fewest to leave out (a long session would otherwise be
+        // templated and tokenised once per message).
+        let most = messages.len().saturating_sub(system + 1);
+        let shortest = tokens_without(most)?;
+        if most == 0 || shortest.len() >= n_ctx {
+            return Err(PluginError::invalid_input(format!(
+                "the prompt is {} tokens, more than this backend's context of {n_ctx} \
+                 (setting n_ctx) can hold",
+                shortest.len()
+            )));
+        }
+        // Invariant: leaving out `fits` messages fits, leaving out `low` does not.
+        let (mut low, mut fits, mut best) = (0, most, shortest);
+        while fits - low > 1 {
+            let mid = low + (fits - low) / 2;
+            let tokens = tokens_without(mid)?;
+            if tokens.len() < n_ctx {
+                (fits, best) = (mid, tokens);
+            } else {
+                low = mid;
+            }
+        }
+        Ok((best, fits))
     }
 
     fn new_context(&self) -> Result<LlamaContext<'_>, PluginError> {

@@ -587,18 +587,36 @@ fn a_long_conversation_loses_its_oldest_messages() {
         ));
     }
     messages.push(user("Say hi."));
-    let mut rec = Recorder::default();
-    turn(&adapter, messages, greedy(8), &mut rec).expect("generates");
-    let truncated = rec.kinds().into_iter().any(
-        |event| matches!(event, Event::Diagnostic(text) if text.contains("history_truncated")),
-    );
-    assert!(truncated, "{:?}", rec.kinds());
-    let usage = rec.usage();
-    assert!(usage.input_tokens < 96, "{usage:?}");
-    assert!(
-        usage.input_tokens + usage.output_tokens <= 96 + 1,
-        "{usage:?}"
-    );
+    // How many messages a turn left out, from its diagnostic (0 if none).
+    let left_out = |messages: &[Message]| {
+        let mut rec = Recorder::default();
+        turn(&adapter, messages.to_vec(), greedy(8), &mut rec).expect("generates");
+        let usage = rec.usage();
+        assert!(usage.input_tokens < 96, "{usage:?}");
+        assert!(rec.end() == FinishReason::STOP || rec.end() == FinishReason::LENGTH);
+        rec.kinds()
+            .iter()
+            .find_map(|event| match event {
+                Event::Diagnostic(text) if text.contains("history_truncated") => {
+                    let data = text.split_once('{').map(|(_, data)| format!("{{{data}"));
+                    let data: serde_json::Value =
+                        serde_json::from_str(&data.expect("data")).expect("JSON data");
+                    Some(data["dropped"].as_u64().expect("a count") as usize)
+                }
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    let dropped = left_out(&messages);
+    assert!(dropped > 0 && dropped < messages.len() - 2, "{dropped}");
+    // The fewest: without those messages it fits as is; keeping one more of
+    // them, exactly that one is left out again.
+    let mut fewer = messages.clone();
+    fewer.drain(1..1 + dropped);
+    assert_eq!(left_out(&fewer), 0);
+    let mut one_more = messages.clone();
+    one_more.drain(1..dropped);
+    assert_eq!(left_out(&one_more), 1);
 
     let mut rec = Recorder::default();
     let huge = "word ".repeat(200);
