@@ -40,9 +40,7 @@ use llm_host_plugin_api::{
 use postgres::{config::Host, error::SqlState, Client, Config, NoTls, Row, Statement};
 use serde::Deserialize;
 
-mod pool;
-
-use pool::{Attempt, Connect, Failure, Pool};
+use llm_plugin_pool::{Attempt, Connect, Failure, Pool};
 
 /// The most ids one listing answers, whatever `limit` asks.
 pub const MAX_PAGE: u32 = 1000;

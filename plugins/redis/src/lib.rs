@@ -27,9 +27,7 @@ use llm_host_plugin_api::{
 use redis::{Connection, RedisError, Script, ServerErrorKind};
 use serde::Deserialize;
 
-mod pool;
-
-use pool::{Attempt, Connect, Failure, Pool};
+use llm_plugin_pool::{Attempt, Connect, Failure, Pool};
 
 /// The most ids one listing answers, whatever `limit` asks.
 pub const MAX_PAGE: u32 = 1000;

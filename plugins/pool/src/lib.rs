@@ -8,8 +8,8 @@
 //! connection it had reused is retried once on a fresh connection, so a
 //! server that restarted between two calls costs no failed call at all.
 //!
-//! (The same file is in the redis and the postgres plugin: each plugin is a
-//! separate library with nothing but plugin-api in common.)
+//! Shared by the redis and postgres store plugins; linked statically into
+//! each, so a plugin library still depends on nothing but plugin-api at run time.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use llm_host_plugin_api::{ErrorKind, PluginError};
 
 /// Opens connections for a [`Pool`].
-pub(crate) trait Connect: Send + Sync + 'static {
+pub trait Connect: Send + Sync + 'static {
     /// A connection.
     type Conn: Send;
 
@@ -30,7 +30,7 @@ pub(crate) trait Connect: Send + Sync + 'static {
 
 /// How an operation on a connection failed.
 #[derive(Debug)]
-pub(crate) enum Failure {
+pub enum Failure {
     /// The connection is unusable (closed, reset, timed out mid-answer): it is
     /// closed, and the operation may be retried on a fresh one.
     Broken(PluginError),
@@ -48,7 +48,7 @@ impl Failure {
 
 /// Which try of an operation this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Attempt {
+pub enum Attempt {
     /// The first.
     First,
     /// The second, after the first broke its connection: whatever the first
@@ -66,7 +66,7 @@ struct State<C> {
 }
 
 /// The pool.
-pub(crate) struct Pool<M: Connect> {
+pub struct Pool<M: Connect> {
     manager: M,
     size: usize,
     wait: Duration,
@@ -108,7 +108,7 @@ impl<M: Connect> Drop for Taken<'_, M> {
 impl<M: Connect> Pool<M> {
     /// A pool of at most `size` connections; a caller waits at most `wait`
     /// for one to be free.
-    pub(crate) fn new(manager: M, size: usize, wait: Duration) -> Self {
+    pub fn new(manager: M, size: usize, wait: Duration) -> Self {
         Self {
             manager,
             size: size.max(1),
@@ -123,7 +123,7 @@ impl<M: Connect> Pool<M> {
     }
 
     /// What opens the connections.
-    pub(crate) fn manager(&self) -> &M {
+    pub fn manager(&self) -> &M {
         &self.manager
     }
 
@@ -198,7 +198,7 @@ impl<M: Connect> Pool<M> {
     /// Runs `op` on a connection. If the connection breaks, it and every idle
     /// connection are closed; if it was a reused one, `op` runs once more on a
     /// fresh connection with [`Attempt::Retry`].
-    pub(crate) fn run<T>(
+    pub fn run<T>(
         &self,
         mut op: impl FnMut(&mut M::Conn, Attempt) -> Result<T, Failure>,
     ) -> Result<T, PluginError> {
@@ -240,7 +240,7 @@ impl<M: Connect> Pool<M> {
 
     /// How many connections exist, idle or handed out.
     #[cfg(test)]
-    pub(crate) fn open_connections(&self) -> usize {
+    pub fn open_connections(&self) -> usize {
         self.lock().open
     }
 }
