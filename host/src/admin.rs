@@ -12,8 +12,9 @@ use crate::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
 use crate::metrics::metrics;
 use crate::protocol::now_ms;
 use crate::reload::{self, Outcome};
+use crate::runtime::StoreBackend;
 use crate::server::error_reply;
-use crate::session;
+use crate::session::{self, Loaded};
 use crate::HostState;
 
 /// Every admin route.
@@ -195,34 +196,19 @@ fn get_session(
         .and(warp::get())
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
-            let caller: Caller = match caller {
-                Ok(caller) => caller,
-                Err(refused) => return refusal(&refused),
+            let (store, loaded) = match owned_session(&host, caller, &id).await {
+                Ok(found) => found,
+                Err(answer) => return answer,
             };
-            if !session::valid_name(&id) {
-                return bad_id();
-            }
-            let Some(store) = host.active.load().store().cloned() else {
-                return no_store();
-            };
-            match session::load(&store, &id).await {
-                Ok(Some(loaded)) if !caller.may_access(&loaded.owner) => not_found(&id),
-                Ok(Some(loaded)) => warp::reply::json(&json!({
-                    "id": id,
-                    "store": store.name,
-                    "version": loaded.version,
-                    "lastSequence": loaded.doc.last_sequence,
-                    "turns": loaded.doc.turns,
-                    "messages": loaded.doc.messages,
-                }))
-                .into_response(),
-                Ok(None) => not_found(&id),
-                Err(err) => error_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    &err.to_string(),
-                ),
-            }
+            warp::reply::json(&json!({
+                "id": id,
+                "store": store.name,
+                "version": loaded.version,
+                "lastSequence": loaded.doc.last_sequence,
+                "turns": loaded.doc.turns,
+                "messages": loaded.doc.messages,
+            }))
+            .into_response()
         })
 }
 
@@ -234,37 +220,43 @@ fn delete_session(
         .and(warp::delete())
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
-            let caller: Caller = match caller {
-                Ok(caller) => caller,
-                Err(refused) => return refusal(&refused),
+            let store = match owned_session(&host, caller, &id).await {
+                Ok((store, _)) => store,
+                Err(answer) => return answer,
             };
-            if !session::valid_name(&id) {
-                return bad_id();
-            }
-            let Some(store) = host.active.load().store().cloned() else {
-                return no_store();
-            };
-            match session::load(&store, &id).await {
-                Ok(Some(found)) if caller.may_access(&found.owner) => {}
-                Ok(_) => return not_found(&id),
-                Err(err) => {
-                    return error_reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "store_unavailable",
-                        &err.to_string(),
-                    )
-                }
-            }
             match session::delete(&store, &id).await {
                 Ok(true) => StatusCode::NO_CONTENT.into_response(),
                 Ok(false) => not_found(&id),
-                Err(err) => error_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    &err.to_string(),
-                ),
+                Err(err) => unavailable(&err),
             }
         })
+}
+
+/// Session `id` from the default store, if the caller may see it; otherwise
+/// the answer to give (another key's session is 404, as if absent).
+async fn owned_session(
+    host: &HostState,
+    caller: Result<Caller, Refusal>,
+    id: &str,
+) -> Result<(Arc<StoreBackend>, Loaded), Response> {
+    let caller = caller.map_err(|refused| refusal(&refused))?;
+    if !session::valid_name(id) {
+        return Err(bad_id());
+    }
+    let store = host.active.load().store().cloned().ok_or_else(no_store)?;
+    match session::load(&store, id).await {
+        Ok(Some(loaded)) if caller.may_access(&loaded.owner) => Ok((store, loaded)),
+        Ok(_) => Err(not_found(id)),
+        Err(err) => Err(unavailable(&err)),
+    }
+}
+
+fn unavailable(err: &session::StoreError) -> Response {
+    error_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        &err.to_string(),
+    )
 }
 
 /// `GET /v1/sessions?after=ID&limit=N`: the caller's session ids, a page at a time.
