@@ -21,6 +21,8 @@
 //! Settings: see [`LlamaSettings`]. `docs/llama.md` in the repository has a
 //! config example, how to get a model, and measured speeds.
 
+#![warn(missing_docs)]
+
 mod backend;
 mod model;
 mod settings;
