@@ -1,13 +1,6 @@
 //! The `llm-host` command.
 
 use std::io::IsTerminal;
-
-// Frees memory back to the system after bursts (glibc's malloc keeps it
-// resident) and allocates faster on the per-event path. Plugins keep their
-// own allocators: memory crosses the boundary only inside abi_stable types,
-// which free through the side that allocated.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,10 +131,6 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Loading read every plugin library whole (to hash and check it): give
-    // that memory back rather than keep it resident for the host's life.
-    // SAFETY: mi_collect only returns free pages; it takes no pointers.
-    unsafe { libmimalloc_sys::mi_collect(true) };
     let addr = listen.unwrap_or(host.active.load().config.server.listen);
     if let Some(problem) = host.active.load().config.auth.exposure_problem(addr) {
         eprintln!("llm-host: cannot start:\n{problem}");

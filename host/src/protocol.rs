@@ -315,18 +315,30 @@ impl Framer {
             entry: is_entry.then_some(body),
             meta,
         };
+        // Most frames fit: one allocation instead of a chain of regrowths.
+        let mut bytes = Vec::with_capacity(256);
         let result = match self.envelope {
-            Envelope::Flat => serde_json::to_string(&Flat { name, data }),
-            Envelope::Nested => serde_json::to_string(&Nested {
-                name,
-                data: NestedData { event: data },
-            }),
+            Envelope::Flat => serde_json::to_writer(&mut bytes, &Flat { name, data }),
+            Envelope::Nested => serde_json::to_writer(
+                &mut bytes,
+                &Nested {
+                    name,
+                    data: NestedData { event: data },
+                },
+            ),
         };
         // Serializing these borrowed structs cannot fail (no maps with
-        // non-string keys, no failing Serialize impls); keep a valid frame anyway.
-        result.unwrap_or_else(|err| {
-            format!(r#"{{"name":"{name}","data":{{"kind":"{kind}","error":"{err}"}}}}"#)
-        })
+        // non-string keys, no failing Serialize impls), and serde_json writes
+        // UTF-8; keep a valid frame anyway.
+        match result.map(|()| String::from_utf8(bytes)) {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(err)) => {
+                format!(r#"{{"name":"{name}","data":{{"kind":"{kind}","error":"{err}"}}}}"#)
+            }
+            Err(err) => {
+                format!(r#"{{"name":"{name}","data":{{"kind":"{kind}","error":"{err}"}}}}"#)
+            }
+        }
     }
 }
 
