@@ -594,23 +594,12 @@ async fn claim(
             version,
             owner,
         } = loaded;
-        if store.in_process {
-            // No other host reaches this store, and this host runs one turn
-            // of a session at a time: the answer's save is the only one.
-            doc.last_sequence = doc.last_sequence.max(conn.sequence());
-            doc.turns = doc.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
-            doc.messages.push(user.clone());
-            return Ok(Some(Claimed {
-                doc,
-                version,
-                owner,
-            }));
-        }
         let now = now_ms();
-        let held_elsewhere = doc
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.holder != conn.host.instance && l.expires_ms > now);
+        let held_elsewhere = !store.in_process
+            && doc
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.holder != conn.host.instance && l.expires_ms > now);
         if held_elsewhere {
             if cancel.is_cancelled() {
                 return Ok(None);
@@ -623,6 +612,15 @@ async fn claim(
         doc.last_sequence = doc.last_sequence.max(conn.sequence());
         doc.turns = doc.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
         doc.messages.push(user.clone());
+        if store.in_process {
+            // No other host reaches this store, and this host runs one turn
+            // of a session at a time: the answer's save is the only one.
+            return Ok(Some(Claimed {
+                doc,
+                version,
+                owner,
+            }));
+        }
         doc.lease = Some(Lease {
             holder: conn.host.instance.clone(),
             turn: format!("turn-{}", doc.turns),

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use llm_host_conformance::support::{env_or, skip_or_fail, unique_token};
 use llm_host_tests::{artifacts, http, Client, Config, Host, Turn, Workdir};
 use serde_json::Value;
 
@@ -32,23 +33,6 @@ impl Kind {
     }
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Says the test skipped (or fails it under CI=true).
-fn skip(reason: &str) {
-    assert!(!in_ci(), "CI=true and {reason}");
-    eprintln!("skipped: {reason}");
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_owned())
-}
-
 fn reachable(addr: &str) -> bool {
     addr.parse::<SocketAddr>()
         .ok()
@@ -56,19 +40,10 @@ fn reachable(addr: &str) -> bool {
         .is_some()
 }
 
-/// A unique name per test run, for key prefixes and tables.
-fn token() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    format!("t{}x{nanos}", std::process::id())
-}
-
 /// `[stores.shared]` settings for `kind`, or None (skipped) if its server is
 /// not reachable. `shared_dir` holds a sqlite file several hosts can share.
 fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
-    let run = token();
+    let run = unique_token();
     match kind {
         Kind::Sqlite => Some(format!(
             "{{ path = \"{}\" }}",
@@ -78,7 +53,7 @@ fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
             let url = env_or("LLM_HOST_TEST_REDIS_URL", "redis://127.0.0.1:6379");
             let addr = url.trim_start_matches("redis://").trim_end_matches('/');
             if !reachable(addr) {
-                skip(&format!("no Redis server at {url}"));
+                skip_or_fail(&format!("no Redis server at {url}"));
                 return None;
             }
             Some(format!(
@@ -91,7 +66,7 @@ fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
                 "host=127.0.0.1 user=postgres dbname=test",
             );
             if !reachable("127.0.0.1:5432") && url.contains("127.0.0.1") {
-                skip(&format!("no PostgreSQL server at {url}"));
+                skip_or_fail(&format!("no PostgreSQL server at {url}"));
                 return None;
             }
             Some(format!(
@@ -341,7 +316,7 @@ impl PrivateRedis {
             .into_iter()
             .find(|p| Path::new(p).exists());
         let Some(binary) = binary else {
-            skip("no redis-server binary for the outage test");
+            skip_or_fail("no redis-server binary for the outage test");
             return None;
         };
         let child = Command::new(binary)
