@@ -26,9 +26,19 @@ use crate::session::{self, Loaded};
 use crate::turn::{self, Prompt, TurnControl};
 use crate::HostState;
 
-/// Frames buffered between the producers (turns, the reader) and the socket.
-/// When it is full, producers wait: that bounds memory per slow client.
+/// Frames (or batches of a stepped turn's frames) buffered between the
+/// producers (turns, the reader) and the socket. When it is full, producers
+/// wait: that bounds memory per slow client.
 const OUTGOING_FRAMES: usize = 64;
+
+/// What goes into a connection's writer task.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// One frame.
+    One(WsMessage),
+    /// The frames one step of a stepped turn emitted, in order.
+    Many(Vec<WsMessage>),
+}
 
 /// How long a new connection waits for a turn of its session that is still
 /// finishing before it announces the session as stored.
@@ -74,7 +84,7 @@ pub struct Connection {
     /// Frame writer.
     pub framer: Framer,
     /// Into the writer task.
-    pub out: mpsc::Sender<WsMessage>,
+    pub out: mpsc::Sender<Outgoing>,
     /// The last sequence number sent (turns update it as they stream).
     pub last_sequence: Arc<AtomicU64>,
     /// Turns of the session known to this connection.
@@ -100,7 +110,7 @@ impl Connection {
     /// Queues a frame for the socket, waiting while the channel is full.
     /// A closed socket drops it.
     pub async fn send(&self, frame: String) {
-        let _ = self.out.send(WsMessage::text(frame)).await;
+        let _ = self.out.send(Outgoing::One(WsMessage::text(frame))).await;
     }
 
     /// An `interaction.diagnostic` outside any turn (it carries the current
@@ -394,7 +404,7 @@ where
                     }
                     if last_ping.elapsed() >= ping {
                         last_ping = std::time::Instant::now();
-                        let _ = conn.out.send(WsMessage::Ping(Default::default())).await;
+                        let _ = conn.out.send(Outgoing::One(WsMessage::Ping(Default::default()))).await;
                     }
                 }
                 continue;
@@ -593,26 +603,40 @@ async fn close(conn: &Connection, code: CloseCode, reason: &str) {
         code,
         reason: reason.into(),
     };
-    let _ = conn.out.send(WsMessage::Close(Some(frame))).await;
+    let _ = conn
+        .out
+        .send(Outgoing::One(WsMessage::Close(Some(frame))))
+        .await;
 }
 
 /// Writes frames as they come, feeding every frame that is ready before one
 /// flush. Ends after a close frame, when the socket fails, or when every
 /// sender is gone.
-async fn write_frames<S>(mut socket: S, mut frames: mpsc::Receiver<WsMessage>)
+async fn write_frames<S>(mut socket: S, mut frames: mpsc::Receiver<Outgoing>)
 where
     S: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
 {
-    while let Some(frame) = frames.recv().await {
-        let mut closing = frame.is_close();
-        if socket.feed(frame).await.is_err() {
-            return;
-        }
-        while !closing {
-            let Ok(frame) = frames.try_recv() else { break };
-            closing = frame.is_close();
-            if socket.feed(frame).await.is_err() {
-                return;
+    while let Some(next) = frames.recv().await {
+        let mut next = Some(next);
+        let mut closing = false;
+        while let Some(outgoing) = next.take() {
+            match outgoing {
+                Outgoing::One(frame) => {
+                    closing = frame.is_close();
+                    if socket.feed(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Outgoing::Many(batch) => {
+                    for frame in batch {
+                        if socket.feed(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !closing {
+                next = frames.try_recv().ok();
             }
         }
         if socket.flush().await.is_err() || closing {

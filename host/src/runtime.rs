@@ -24,6 +24,8 @@ pub struct ModelBackend {
     pub settings: serde_json::Value,
     /// The adapter.
     pub adapter: ModelAdapterBox,
+    /// Whether its turns run in steps on the runtime's workers.
+    pub stepped: bool,
 }
 
 /// A configured store (`[stores.NAME]`).
@@ -79,6 +81,7 @@ impl Active {
                         name: name.clone(),
                         plugin,
                         settings: entry.settings.clone(),
+                        stepped: adapter.stepped(),
                         adapter,
                     };
                     models.insert(name.clone(), Arc::new(backend));

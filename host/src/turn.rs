@@ -1,11 +1,15 @@
 //! One turn: load the session, stream the model into the socket, save.
 //!
-//! The model adapter runs on the blocking pool with a [`TurnSink`] that turns
-//! each event into a frame on the spot and pushes it into the connection's
-//! bounded outgoing channel. When the client reads slowly the channel fills
-//! and the adapter's thread waits, so a slow client cannot grow the host's
-//! memory. Cancel (a command, or the socket closing) makes the sink answer
-//! [`Flow::STOP`], and the adapter returns at its next event.
+//! A model adapter runs with a [`TurnSink`] that turns each event into a
+//! frame on the spot. A stepped adapter (`ModelAdapter::stepped`) runs on the
+//! turn's own task: each step's frames go into the connection's bounded
+//! outgoing channel as one batch when the step returns, and its pauses are
+//! the runtime's timers. Any other adapter runs on the blocking pool, its
+//! sink pushing each frame into the channel. Either way, when the client
+//! reads slowly the channel fills and the turn waits, so a slow client cannot
+//! grow the host's memory. Cancel (a command, or the socket closing) makes
+//! the sink answer [`Flow::STOP`], and the adapter returns at its next event
+//! (a stepped turn is dropped at once).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
-    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, PluginError, Role, SaveOutcome,
-    ToolCall, TurnParams, Usage,
+    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, Next, PluginError, Role,
+    SaveOutcome, ToolCall, TurnParams, TurnWaker, TurnWaker_TO, Usage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Outgoing};
 use crate::metrics::metrics;
 use crate::protocol::{
     now_ms, Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
@@ -45,18 +49,22 @@ pub struct TurnControl {
     cancelled: AtomicBool,
     /// The deadline in seconds, once it has passed.
     timed_out: std::sync::atomic::AtomicU64,
+    /// Wakes a stepped turn that waits (a pause, a pending step) to stop.
+    stopped: Notify,
 }
 
 impl TurnControl {
     /// Cancels the turn (a cancel command, or the client went away).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
+        self.stopped.notify_one();
     }
 
     /// Stops the turn because it ran past `secs`.
     pub fn time_out(&self, secs: u64) {
         self.timed_out.store(secs.max(1), Ordering::Relaxed);
         self.cancelled.store(true, Ordering::Relaxed);
+        self.stopped.notify_one();
     }
 
     /// Whether the turn must stop.
@@ -97,7 +105,11 @@ impl Status {
 /// Runs on the adapter's blocking thread; none of its methods may panic (a
 /// panic here would cross the FFI boundary and abort the host).
 pub struct TurnSink {
-    out: mpsc::Sender<WsMessage>,
+    out: mpsc::Sender<Outgoing>,
+    /// A stepped turn's frames, until its step returns and they are sent as
+    /// one batch; none for an adapter on the blocking pool, whose frames are
+    /// pushed one by one.
+    batch: Option<Vec<WsMessage>>,
     framer: Framer,
     cancel: Arc<TurnControl>,
     conn_sequence: Arc<std::sync::atomic::AtomicU64>,
@@ -143,7 +155,24 @@ impl TurnSink {
         let meta = Meta::now(self.sequence, SOURCE_MODEL, Some(&self.interaction_id));
         let frame = self.framer.model(event, &meta);
         self.conn_sequence.store(self.sequence, Ordering::Relaxed);
-        if !self.client_gone && self.out.blocking_send(WsMessage::text(frame)).is_err() {
+        let frame = WsMessage::text(frame);
+        match &mut self.batch {
+            Some(batch) => batch.push(frame),
+            None => {
+                if !self.client_gone && self.out.blocking_send(Outgoing::One(frame)).is_err() {
+                    self.client_gone = true;
+                }
+            }
+        }
+    }
+
+    /// Sends the frames a step emitted, as one batch (stepped turns).
+    async fn send_batch(&mut self) {
+        let Some(batch) = self.batch.as_mut().filter(|b| !b.is_empty()) else {
+            return;
+        };
+        let frames = std::mem::replace(batch, Vec::with_capacity(batch.len()));
+        if !self.client_gone && self.out.send(Outgoing::Many(frames)).await.is_err() {
             self.client_gone = true;
         }
     }
@@ -435,6 +464,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     });
     let sink = TurnSink {
         out: conn.out.clone(),
+        batch: None,
         framer: conn.framer,
         cancel,
         conn_sequence: conn.last_sequence.clone(),
@@ -509,9 +539,9 @@ async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status
     conn.send(frame).await;
 }
 
-/// Runs the adapter on the blocking pool; gives the sink back with the
-/// status, or nothing if the host's own sink code panicked (the adapter's
-/// panics are caught inside the plugin).
+/// Runs the adapter, in steps on this task or on the blocking pool; gives the
+/// sink back with the status, or nothing if the host's own sink code panicked
+/// (the adapter's panics are caught inside the plugin).
 async fn generate(
     backend: Arc<ModelBackend>,
     request: serde_json::Result<String>,
@@ -524,6 +554,9 @@ async fn generate(
             return Some((sink, status));
         }
     };
+    if backend.stepped {
+        return Some(step(&backend, &request, sink).await);
+    }
     let joined = tokio::task::spawn_blocking(move || {
         let result = backend
             .adapter
@@ -539,6 +572,71 @@ async fn generate(
     joined
         .map_err(|err| tracing::error!(error = %err, "turn task failed"))
         .ok()
+}
+
+/// Wakes a stepped turn whose step answered pending.
+struct StepWaker(Arc<Notify>);
+
+impl TurnWaker for StepWaker {
+    fn wake(&self) {
+        // Keeps one wake for a turn not waiting yet; never panics.
+        self.0.notify_one();
+    }
+}
+
+/// Runs a stepped adapter's turn on this task: each step's frames go out as
+/// one batch, its pauses and pending waits end early when the turn is
+/// cancelled, and the stepper is dropped as soon as the turn stops.
+async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (TurnSink, Status) {
+    sink.batch = Some(Vec::with_capacity(96));
+    let control = sink.cancel.clone();
+    let woken = Arc::new(Notify::new());
+    let waker = TurnWaker_TO::from_value(StepWaker(woken.clone()), TD_Opaque);
+    let result = match backend
+        .adapter
+        .start(RStr::from(request), waker)
+        .into_result()
+    {
+        Err(err) => Err(err),
+        Ok(mut stepper) => loop {
+            let step = stepper
+                .step(EventSink_TO::from_ptr(&mut sink, TD_Opaque))
+                .into_result();
+            sink.send_batch().await;
+            let next = match step {
+                Ok(step) => step.next(),
+                Err(err) => break Err(err),
+            };
+            if sink.stopped() {
+                break Ok(());
+            }
+            match next {
+                Next::Done => break Ok(()),
+                Next::Ready => tokio::task::yield_now().await,
+                Next::Sleep(pause) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = control.stopped.notified() => {}
+                    }
+                }
+                Next::Pending => {
+                    tokio::select! {
+                        _ = woken.notified() => {}
+                        _ = control.stopped.notified() => {}
+                    }
+                }
+                Next::Unknown(kind) => {
+                    break Err(PluginError::internal(format!(
+                        "the adapter's step answered kind {kind}, which this host does not know \
+                         (the plugin was built against a newer plugin-api)"
+                    )))
+                }
+            }
+        },
+    };
+    let status = sink.close(result);
+    sink.send_batch().await;
+    (sink, status)
 }
 
 /// How long a turn's claim on its session lasts without renewal. A host

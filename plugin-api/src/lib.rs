@@ -27,6 +27,8 @@
 //! - [`PluginMod`]: the root module the host loads (info, init, constructors).
 //! - [`model`]: [`ModelAdapter`], the [`EventSink`] it streams into, and the
 //!   request types; [`Model`] is the Rust-side trait to implement.
+//! - [`steps`]: turns run step by step on the host's workers instead of a
+//!   thread each ([`SteppedModel`]), for models that never block.
 //! - [`store`]: [`StoreAdapter`] with versioned conditional saves; [`Store`]
 //!   is the Rust-side trait.
 //! - [`host`]: the [`HostApi`] given at init (logging) and the log macros.
@@ -50,6 +52,7 @@ pub mod error;
 pub mod guard;
 pub mod host;
 pub mod model;
+pub mod steps;
 pub mod store;
 
 use std::fmt;
@@ -72,6 +75,10 @@ pub use model::{
     model_adapter, EventSink, EventSinkRef, EventSink_TO, FinishReason, Flow, Message, Model,
     ModelAdapter, ModelAdapterBox, ModelAdapter_TO, ModelRequest, Role, Sink, ToolCall, ToolSpec,
     TurnParams, Usage,
+};
+pub use steps::{
+    stepped_model_adapter, Next, Step, SteppedModel, Steps, TurnStepper, TurnStepperBox,
+    TurnStepper_TO, TurnWaker, TurnWakerBox, TurnWaker_TO, Waker,
 };
 pub use store::{
     store_adapter, ListQuery, SaveOutcome, SessionPage, Store, StoreAdapter, StoreAdapterBox,

@@ -25,6 +25,7 @@ use abi_stable::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::steps::{TurnStepperBox, TurnWakerBox};
 use crate::{guard, LogLevel, PluginError};
 
 /// The host's answer to each event: go on, or stop generating.
@@ -155,6 +156,31 @@ pub trait ModelAdapter: Send + Sync {
     /// error's kind as code.
     #[sabi(last_prefix_field)]
     fn generate(&self, request: RStr<'_>, sink: EventSinkRef<'_>) -> RResult<(), PluginError>;
+
+    /// Whether this adapter runs its turns in steps ([`ModelAdapter::start`])
+    /// on the host's own workers rather than each on a thread of its own in
+    /// `generate`. The host asks once, when it builds the adapter. Added
+    /// after `generate`, so it has a default: not stepped.
+    fn stepped(&self) -> bool {
+        false
+    }
+
+    /// Starts a turn to be run in steps (see [`steps`](crate::steps)), for
+    /// adapters whose `stepped` answers true. `request` is the JSON of a
+    /// [`ModelRequest`]; `waker` is how a step that answered
+    /// [`Step::PENDING`](crate::Step::PENDING) asks to be called again. An
+    /// error here is the turn's error. Added after `generate`, with a default
+    /// that refuses.
+    fn start(
+        &self,
+        request: RStr<'_>,
+        waker: TurnWakerBox,
+    ) -> RResult<TurnStepperBox, PluginError> {
+        let _ = (request, waker);
+        RResult::RErr(PluginError::internal(
+            "this adapter does not run turns in steps",
+        ))
+    }
 }
 
 /// A model adapter trait object as the host holds it.

@@ -25,7 +25,7 @@ impl Plugin for EchoPlugin {
 
     fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {
         let settings: EchoSettings = api::parse_settings(settings)?;
-        Ok(api::model_adapter(Echo::new(settings)))
+        Ok(api::stepped_model_adapter(Echo::new(settings)))
     }
 }
 

@@ -1,11 +1,11 @@
 //! The echo model itself, shared with the test fixture that plays a newer
 //! build of this plugin.
 
-use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
-    codes, FinishReason, Model, ModelRequest, PluginError, Role, Sink, Usage,
+    codes, FinishReason, ModelRequest, PluginError, Role, Sink, Step, SteppedModel, Steps, Usage,
+    Waker,
 };
 use serde::Deserialize;
 
@@ -24,7 +24,9 @@ pub struct EchoSettings {
     pub panic_after: Option<u64>,
 }
 
-/// The echo model.
+/// The echo model. Its turns run in steps on the host's workers (see
+/// `llm_host_plugin_api::steps`): a paced turn sleeps on the host's timer,
+/// not on a thread.
 pub struct Echo {
     settings: EchoSettings,
     prefix: &'static str,
@@ -66,8 +68,13 @@ impl Echo {
     }
 }
 
-impl Model for Echo {
-    fn generate(&self, request: ModelRequest, sink: &mut Sink<'_>) -> Result<(), PluginError> {
+/// Zero-delay tokens emitted per step before the host sends them.
+const TOKENS_PER_STEP: usize = 64;
+
+impl SteppedModel for Echo {
+    type Turn = EchoTurn;
+
+    fn start(&self, request: ModelRequest, _waker: Waker) -> Result<EchoTurn, PluginError> {
         let input_tokens: u64 = request
             .messages
             .iter()
@@ -81,36 +88,76 @@ impl Model for Echo {
                 reason = FinishReason::LENGTH;
             }
         }
-        if sink.start("", "echo").is_stop() {
-            return Ok(());
-        }
+        Ok(EchoTurn {
+            settings: self.settings.clone(),
+            tokens,
+            sent: 0,
+            started: false,
+            due: None,
+            reason,
+            input_tokens,
+        })
+    }
+}
+
+/// One echo turn in progress: a token per step, `delay_ms` apart by the
+/// clock (so pauses do not add up), or all at once without a delay.
+pub struct EchoTurn {
+    settings: EchoSettings,
+    tokens: Vec<String>,
+    sent: usize,
+    started: bool,
+    /// When the next token is due (paced turns).
+    due: Option<Instant>,
+    reason: FinishReason,
+    input_tokens: u64,
+}
+
+impl Steps for EchoTurn {
+    fn step(&mut self, sink: &mut Sink<'_>) -> Result<Step, PluginError> {
         let delay = Duration::from_millis(self.settings.delay_ms);
-        for (sent, token) in tokens.iter().enumerate() {
-            let sent = sent as u64;
+        if !self.started {
+            self.started = true;
+            if sink.start("", "echo").is_stop() {
+                return Ok(Step::DONE);
+            }
+        }
+        let mut this_step = 0;
+        while let Some(token) = self.tokens.get(self.sent) {
+            let sent = self.sent as u64;
             if self.settings.fail_after == Some(sent) {
                 sink.error(
                     codes::INJECTED,
                     &format!("echo failed after {sent} tokens, as its fail_after setting asks"),
                 );
-                return Ok(());
+                return Ok(Step::DONE);
             }
             if self.settings.panic_after == Some(sent) {
                 panic!("echo panicked after {sent} tokens, as its panic_after setting asks");
             }
             if !delay.is_zero() {
-                thread::sleep(delay);
+                let now = Instant::now();
+                let due = *self.due.get_or_insert(now + delay);
+                if due > now {
+                    return Ok(Step::sleep(due - now));
+                }
+                self.due = Some(due + delay);
+            } else if this_step == TOKENS_PER_STEP {
+                return Ok(Step::READY);
             }
             if sink.text(token).is_stop() {
-                return Ok(());
+                return Ok(Step::DONE);
             }
+            self.sent += 1;
+            this_step += 1;
         }
-        let output_tokens = tokens.len() as u64;
+        let output_tokens = self.tokens.len() as u64;
         sink.usage(Usage {
-            input_tokens,
+            input_tokens: self.input_tokens,
             output_tokens,
-            total_tokens: input_tokens + output_tokens,
+            total_tokens: self.input_tokens + output_tokens,
         });
-        sink.end(reason);
-        Ok(())
+        sink.end(self.reason);
+        Ok(Step::DONE)
     }
 }

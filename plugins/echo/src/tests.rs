@@ -8,6 +8,7 @@ use llm_host_plugin_api::{
 
 use super::*;
 use llm_host_plugin_api::FinishReason;
+use llm_host_plugin_api::Next;
 
 #[derive(Default)]
 struct Recorder {
@@ -161,4 +162,82 @@ fn unknown_settings_are_refused_by_name() {
         .err()
         .expect("typo refused");
     assert!(err.message.contains("dela_ms"), "{}", err.message);
+}
+
+/// A waker for stepping by hand; echo never answers pending.
+struct NoWake;
+
+impl llm_host_plugin_api::TurnWaker for NoWake {
+    fn wake(&self) {}
+}
+
+/// Starts a turn of `settings` and steps it until done; answers what each
+/// step asked for and the events in order.
+fn steps(settings: &str) -> (Vec<Next>, Vec<String>) {
+    let adapter = EchoPlugin::new_model(settings).expect("settings are valid");
+    assert!(adapter.stepped(), "echo runs in steps");
+    let request = ModelRequest {
+        messages: vec![Message::new(Role::User, "x")],
+        ..ModelRequest::default()
+    };
+    let json = llm_host_plugin_api::serde_json::to_string(&request).expect("request serializes");
+    let waker = llm_host_plugin_api::TurnWaker_TO::from_value(NoWake, TD_Opaque);
+    let mut turn = adapter
+        .start(json.as_str().into(), waker)
+        .into_result()
+        .expect("starts");
+    let mut rec = Recorder::default();
+    let mut nexts = Vec::new();
+    loop {
+        let next = turn
+            .step(EventSink_TO::from_ptr(&mut rec, TD_Opaque))
+            .into_result()
+            .expect("steps")
+            .next();
+        nexts.push(next);
+        match next {
+            Next::Done => return (nexts, rec.events),
+            Next::Sleep(pause) => std::thread::sleep(pause),
+            Next::Ready => {}
+            other => panic!("echo answered {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn without_a_delay_a_step_sends_up_to_64_tokens() {
+    let (nexts, events) = steps(r#"{"tokens": 100}"#);
+    assert_eq!(nexts, [Next::Ready, Next::Done]);
+    assert_eq!(events.len(), 1 + 100 + 2, "{events:?}");
+    assert_eq!(events[100], "text \" token99\"");
+    assert_eq!(events[102], "end stop");
+}
+
+#[test]
+fn a_paced_turn_sleeps_between_tokens_by_the_clock() {
+    let started = std::time::Instant::now();
+    let (nexts, events) = steps(r#"{"tokens": 3, "delay_ms": 20}"#);
+    // A pause before each token, then the token and the next pause.
+    assert_eq!(nexts.len(), 4, "{nexts:?}");
+    for next in &nexts[..3] {
+        match next {
+            Next::Sleep(pause) => {
+                assert!(*pause <= std::time::Duration::from_millis(20), "{nexts:?}")
+            }
+            other => panic!("expected a pause, got {other:?}"),
+        }
+    }
+    assert_eq!(nexts[3], Next::Done);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(60));
+    assert_eq!(
+        events,
+        [
+            "start echo",
+            "text \"token0\"",
+            "text \" token1\"",
+            "text \" token2\"",
+            "usage 1 3",
+            "end stop"
+        ]
+    );
 }

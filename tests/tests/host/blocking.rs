@@ -1,0 +1,108 @@
+//! Adapters that are not stepped (`ModelAdapter::stepped` is false: the
+//! provider plugins, llama, the template) run each turn on the blocking pool.
+//! echo, which most tests use, runs in steps on the runtime's workers; these
+//! tests drive the other path through the real host with the template plugin.
+
+use llm_host_tests::{Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
+use serde_json::json;
+
+use crate::common::assert_contiguous;
+
+/// The default config plus `shout` (template, upper-case, `delay_ms` a word),
+/// with `server` lines added.
+fn start(delay_ms: u64, server: &str) -> Host {
+    let config = Config {
+        server_extra: server.to_owned(),
+        extra: format!(
+            "[models.shout]\nplugin = \"template\"\nsettings = {{ delay_ms = {delay_ms} }}\n"
+        ),
+        ..Config::default()
+    };
+    let mut plugins = STANDARD_PLUGINS.to_vec();
+    plugins.push(Plugin::Template);
+    let workdir = Workdir::new(&plugins);
+    workdir.write_config(&config.to_toml());
+    Host::start_in(workdir, &[])
+}
+
+// A blocking adapter and a stepped one take turns on one connection: both
+// stream, the history reaches both, and sequence numbers stay contiguous.
+#[tokio::test]
+async fn blocking_and_stepped_turns_share_a_session() {
+    let host = start(0, "");
+    let mut client = host.connect_command("/v1/ws?model=shout").await;
+    client.next_json().await;
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "hello there"}))
+        .await;
+    let first = client.read_turn().await;
+    assert_eq!(first.status(), "completed", "{}", first.dump());
+    assert_eq!(first.text(), "HELLO THERE", "{}", first.dump());
+    let last = assert_contiguous(&first, 1);
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "again", "model": "echo"}))
+        .await;
+    let second = client.read_turn().await;
+    assert_eq!(second.text(), "echo: again", "{}", second.dump());
+    // echo counts the words of the whole history as input tokens.
+    assert_eq!(second.input_tokens(), Some(5), "{}", second.dump());
+    let last = assert_contiguous(&second, last + 1);
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "and back"}))
+        .await;
+    let third = client.read_turn().await;
+    assert_eq!(third.text(), "AND BACK", "{}", third.dump());
+    assert_eq!(third.interaction_id(), "turn-3", "{}", third.dump());
+    assert_contiguous(&third, last + 1);
+}
+
+// A cancel stops a blocking adapter mid-turn; the partial answer is kept.
+#[tokio::test]
+async fn a_cancel_stops_a_blocking_adapter() {
+    let host = start(100, "");
+    let mut client = host.connect_command("/v1/ws?model=shout").await;
+    client.next_json().await;
+    let prompt = "one two three four five six seven eight nine ten eleven twelve";
+    client
+        .send_json(&json!({"type": "prompt", "text": prompt}))
+        .await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    client.send_json(&json!({"type": "cancel"})).await;
+    frames.extend(client.read_turn().await.frames);
+    let turn = Turn { frames };
+    assert_eq!(turn.status(), "cancelled", "{}", turn.dump());
+    assert_eq!(turn.finish_reason(), Some("cancelled"), "{}", turn.dump());
+    let words = turn.deltas().len();
+    assert!((1..12).contains(&words), "{}", turn.dump());
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "next", "model": "echo"}))
+        .await;
+    let next = client.read_turn().await;
+    assert_eq!(next.status(), "completed", "{}", next.dump());
+    assert_eq!(
+        next.input_tokens(),
+        Some(12 + words as u64 + 1),
+        "the partial answer is in the history: {}",
+        next.dump()
+    );
+}
+
+// The turn deadline stops a blocking adapter too.
+#[tokio::test]
+async fn the_turn_deadline_stops_a_blocking_adapter() {
+    let host = start(400, "turn_timeout_secs = 1");
+    let mut client = host.connect("/v1/ws?model=shout").await;
+    client.next_json().await;
+    client.send_text("a b c d e f g h").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "failed", "{}", turn.dump());
+    let error = turn
+        .model_event("error")
+        .unwrap_or_else(|| panic!("no error: {}", turn.dump()));
+    assert_eq!(error["error"]["code"], "turn_timeout", "{}", turn.dump());
+    assert!(turn.deltas().len() < 8, "stopped early: {}", turn.dump());
+}
