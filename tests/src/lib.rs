@@ -57,7 +57,7 @@ pub struct Artifacts {
     pub memory: PathBuf,
     /// The fixture built against "another plugin API", claiming version 0.0.7.
     pub foreign: PathBuf,
-    /// The same fixture claiming plugin-api's own version (0.1.0).
+    /// The same fixture claiming plugin-api's own version (0.1.1).
     pub foreign_same_version: PathBuf,
     /// A newer build of echo (plugin `echo` 2.0.0, answers `echo v2: ...`).
     pub echo_v2: PathBuf,
