@@ -556,6 +556,9 @@ async fn floor_connection(stream: TcpStream, tokens: usize, delay: Duration) {
         if !message.is_text() {
             continue;
         }
+        // Paced tokens are due `delay` apart by the clock, as the host's echo
+        // paces them, so that timer rounding does not add up.
+        let mut due = tokio::time::Instant::now();
         turn += 1;
         sequence += 1;
         let _ = socket
@@ -580,7 +583,8 @@ async fn floor_connection(stream: TcpStream, tokens: usize, delay: Duration) {
             if delay.is_zero() {
                 let _ = socket.feed(Message::text(frame)).await;
             } else {
-                tokio::time::sleep(delay).await;
+                due += delay;
+                tokio::time::sleep_until(due).await;
                 let _ = socket.send(Message::text(frame)).await;
             }
         }

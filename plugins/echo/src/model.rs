@@ -68,6 +68,22 @@ impl Echo {
     }
 }
 
+/// The words of `text` (what `split_whitespace` counts; ASCII text, the
+/// usual case, is counted byte by byte, which is several times faster).
+fn words(text: &str) -> u64 {
+    if !text.is_ascii() {
+        return text.split_whitespace().count() as u64;
+    }
+    let mut count = 0;
+    let mut in_word = false;
+    for byte in text.bytes() {
+        let space = byte.is_ascii_whitespace() || byte == 0x0b;
+        count += u64::from(!space && !in_word);
+        in_word = !space;
+    }
+    count
+}
+
 /// Zero-delay tokens emitted per step before the host sends them.
 const TOKENS_PER_STEP: usize = 64;
 
@@ -75,11 +91,7 @@ impl SteppedModel for Echo {
     type Turn = EchoTurn;
 
     fn start(&self, request: ModelRequest, _waker: Waker) -> Result<EchoTurn, PluginError> {
-        let input_tokens: u64 = request
-            .messages
-            .iter()
-            .map(|m| m.content.split_whitespace().count() as u64)
-            .sum();
+        let input_tokens: u64 = request.messages.iter().map(|m| words(&m.content)).sum();
         let mut tokens = self.tokens(&request);
         let mut reason = FinishReason::STOP;
         if let Some(max) = request.params.max_tokens {
@@ -159,5 +171,29 @@ impl Steps for EchoTurn {
         });
         sink.end(self.reason);
         Ok(Step::DONE)
+    }
+}
+
+#[cfg(test)]
+mod word_tests {
+    use super::words;
+
+    #[test]
+    fn words_are_counted_as_split_whitespace_counts_them() {
+        for text in [
+            "",
+            " ",
+            "one",
+            "  two words ",
+            "tab\tand\nnewline\r\nand\x0bvertical\x0cfeed",
+            "non-breaking\u{a0}space and é",
+            "ideographic\u{3000}space",
+        ] {
+            assert_eq!(
+                words(text),
+                text.split_whitespace().count() as u64,
+                "{text:?}"
+            );
+        }
     }
 }
