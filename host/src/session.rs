@@ -27,6 +27,7 @@ pub fn new_session_id() -> String {
 /// The document the host keeps in the store for each session.
 ///
 /// Fields are only ever added, with defaults, so older documents still load.
+/// `messages` stays the first field (see [`MessagesJson::document`]).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionDoc {
@@ -57,6 +58,19 @@ pub struct Lease {
     pub expires_ms: u64,
 }
 
+impl SessionDoc {
+    /// This document without its messages, which serde_json writes as
+    /// `"messages":[]`: the rest of the document's JSON.
+    fn shell(&self) -> SessionDoc {
+        SessionDoc {
+            messages: Vec::new(),
+            last_sequence: self.last_sequence,
+            turns: self.turns,
+            lease: self.lease.clone(),
+        }
+    }
+}
+
 /// A session loaded from the store.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
@@ -66,6 +80,117 @@ pub struct Loaded {
     pub version: u64,
     /// Its owner.
     pub owner: String,
+    /// The JSON text of `doc.messages`, when a turn of this host wrote it
+    /// (unknown for a document just loaded).
+    pub messages_json: MessagesJson,
+}
+
+/// The JSON text of a session's `messages` array, kept next to the messages
+/// so that a turn does not write the whole history for each use: a message
+/// appended is written once ([`MessagesJson::push`]), and the model request
+/// and the session document take the text as it is
+/// ([`MessagesJson::splice`], [`MessagesJson::document`]). What they give is
+/// byte for byte what serde_json writes for the same value.
+///
+/// It describes the messages it was built from plus those pushed since; code
+/// that replaces the messages (a merge, a load) starts a new, unknown one
+/// (`MessagesJson::default()`). An unknown text, or one that does not hold
+/// as many messages as it is used with, is rebuilt from the messages.
+#[derive(Debug, Clone, Default)]
+pub struct MessagesJson {
+    /// `[...]`; empty while unknown.
+    text: String,
+    /// How many messages `text` holds.
+    count: usize,
+}
+
+/// How serde_json writes an empty `messages` field.
+const EMPTY_MESSAGES: &str = "\"messages\":[]";
+
+impl MessagesJson {
+    /// The text of `messages`.
+    pub fn new(messages: &[Message]) -> serde_json::Result<Self> {
+        Ok(Self {
+            text: serde_json::to_string(messages)?,
+            count: messages.len(),
+        })
+    }
+
+    /// Appends `message`, just appended to the messages this text describes.
+    /// An unknown text stays unknown.
+    pub fn push(&mut self, message: &Message) {
+        if self.text.is_empty() {
+            return;
+        }
+        match serde_json::to_string(message) {
+            Ok(json) => {
+                self.text.pop(); // the closing `]`
+                if self.count > 0 {
+                    self.text.push(',');
+                }
+                self.text.push_str(&json);
+                self.text.push(']');
+                self.count += 1;
+            }
+            // Left to the rebuild, which reports the error.
+            Err(_) => *self = Self::default(),
+        }
+    }
+
+    /// The text for `messages`, rebuilt first if it is unknown or holds
+    /// another number of messages.
+    fn current(&mut self, messages: &[Message]) -> serde_json::Result<&str> {
+        if self.text.is_empty() || self.count != messages.len() {
+            *self = Self::new(messages)?;
+        }
+        Ok(&self.text)
+    }
+
+    /// `shell`, serde_json's text of a value whose `messages` field was
+    /// written empty, with the text of `messages` in place of its `[]`.
+    ///
+    /// The first `"messages":[]` in `shell` must be that field: no field
+    /// before it may hold an object with one (strings cannot: their quotes
+    /// are escaped).
+    pub fn splice(&mut self, messages: &[Message], shell: &str) -> serde_json::Result<String> {
+        let Some(at) = shell.find(EMPTY_MESSAGES) else {
+            return Err(serde::ser::Error::custom(
+                "no empty `messages` field to write the messages into",
+            ));
+        };
+        let (head, tail) = shell.split_at(at + EMPTY_MESSAGES.len() - "[]".len());
+        let text = self.current(messages)?;
+        let mut json = String::with_capacity(shell.len() + text.len());
+        json.push_str(head);
+        json.push_str(text);
+        json.push_str(&tail["[]".len()..]);
+        Ok(json)
+    }
+
+    /// The JSON of `doc`, as `serde_json::to_string(doc)` writes it.
+    pub fn document(&mut self, doc: &SessionDoc) -> serde_json::Result<String> {
+        let shell = serde_json::to_string(&doc.shell())?;
+        self.splice(&doc.messages, &shell)
+    }
+
+    /// Whether `data` is the JSON of `doc` written with this text, compared
+    /// without parsing it. `false` when the text is unknown or does not hold
+    /// as many messages as `doc`.
+    pub fn is_document(&self, doc: &SessionDoc, data: &str) -> bool {
+        if self.text.is_empty() || self.count != doc.messages.len() {
+            return false;
+        }
+        let Ok(shell) = serde_json::to_string(&doc.shell()) else {
+            return false;
+        };
+        // The document's first field is `messages` (`{"messages":[]...`).
+        let Some(rest) = shell.strip_prefix("{\"messages\":[]") else {
+            return false;
+        };
+        data.strip_prefix("{\"messages\":")
+            .and_then(|data| data.strip_prefix(self.text.as_str()))
+            .is_some_and(|data| data == rest)
+    }
 }
 
 /// A store call that failed, for the client and the log.
@@ -99,6 +224,20 @@ pub enum StoreError {
 
 /// Loads session `id` on the blocking pool.
 pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>, StoreError> {
+    refresh(store, id, None).await
+}
+
+/// Loads session `id` like [`load`], but answers `cached` as it is, without
+/// parsing the document, if the store holds exactly it: the same version
+/// and owner, and a document that is `cached`'s JSON byte for byte (see
+/// [`MessagesJson::is_document`]). Whatever changed the session (another
+/// connection's turn, a delete, expiry, a new store after a reload), the
+/// answer is what the store holds.
+pub async fn refresh(
+    store: &Arc<StoreBackend>,
+    id: &str,
+    cached: Option<Loaded>,
+) -> Result<Option<Loaded>, StoreError> {
     let key = id.to_owned();
     let found = call(store, "load", move |adapter| {
         adapter.load(RStr::from(key.as_str())).into_result()
@@ -107,6 +246,16 @@ pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>,
     let Some(stored) = found.into_option() else {
         return Ok(None);
     };
+    let current = cached.filter(|cached| {
+        cached.version == stored.version
+            && cached.owner == stored.owner.as_str()
+            && cached
+                .messages_json
+                .is_document(&cached.doc, stored.data.as_str())
+    });
+    if current.is_some() {
+        return Ok(current);
+    }
     let doc = serde_json::from_str(stored.data.as_str()).map_err(|error| StoreError::Corrupt {
         store: store.name.clone(),
         id: id.to_owned(),
@@ -116,22 +265,27 @@ pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>,
         doc,
         version: stored.version,
         owner: stored.owner.into_string(),
+        messages_json: MessagesJson::default(),
     }))
 }
 
-/// Saves `doc` if the stored version is still `expected_version`.
+/// Saves `doc` if the stored version is still `expected_version`. Its
+/// messages are written from `messages`, their JSON text.
 pub async fn save(
     store: &Arc<StoreBackend>,
     id: &str,
     expected_version: u64,
     owner: &str,
     doc: &SessionDoc,
+    messages: &mut MessagesJson,
 ) -> Result<SaveOutcome, StoreError> {
-    let data = serde_json::to_string(doc).map_err(|error| StoreError::Corrupt {
-        store: store.name.clone(),
-        id: id.to_owned(),
-        error,
-    })?;
+    let data = messages
+        .document(doc)
+        .map_err(|error| StoreError::Corrupt {
+            store: store.name.clone(),
+            id: id.to_owned(),
+            error,
+        })?;
     let (id, owner) = (id.to_owned(), owner.to_owned());
     call(store, "save", move |adapter| {
         adapter
@@ -273,5 +427,194 @@ mod tests {
     fn old_documents_still_load() {
         let doc: SessionDoc = serde_json::from_str(r#"{"messages":[]}"#).expect("loads");
         assert_eq!(doc, SessionDoc::default());
+    }
+
+    /// Messages of every shape a session holds, with text that needs escaping.
+    fn messages() -> Vec<Message> {
+        use llm_host_plugin_api::{Role, ToolCall};
+        vec![
+            Message::new(Role::System, "Be brief.\nNo \"quotes\", no \\ backslashes."),
+            Message::new(
+                Role::User,
+                "caf\u{e9} \u{1f600} \u{1} \t \"messages\":[] </script>",
+            ),
+            Message {
+                reasoning: Some("They want the weather; call the tool.".to_owned()),
+                tool_calls: vec![ToolCall {
+                    id: "call-1".to_owned(),
+                    name: "weather".to_owned(),
+                    arguments: r#"{"city":"Z\u00fcrich","days":[1,2]}"#.to_owned(),
+                }],
+                ..Message::new(Role::Assistant, "")
+            },
+            Message {
+                tool_call_id: Some("call-1".to_owned()),
+                ..Message::new(Role::Tool, r#"{"temp":-3.5}"#)
+            },
+            Message {
+                reasoning: Some(String::new()),
+                ..Message::new(Role::Assistant, "Cold: -3.5 \u{b0}C.")
+            },
+            Message::new(Role::Other, ""),
+        ]
+    }
+
+    /// Documents: empty, with a history, with a lease.
+    fn documents() -> Vec<SessionDoc> {
+        let lease = Lease {
+            holder: "host-\"1\"".to_owned(),
+            turn: "turn-4".to_owned(),
+            expires_ms: 1_795_640_780_006,
+        };
+        vec![
+            SessionDoc::default(),
+            SessionDoc {
+                messages: messages(),
+                last_sequence: 41,
+                turns: 3,
+                lease: None,
+            },
+            SessionDoc {
+                messages: vec![Message::new(llm_host_plugin_api::Role::User, "hi")],
+                last_sequence: 0,
+                turns: 1,
+                lease: Some(lease.clone()),
+            },
+            SessionDoc {
+                messages: messages(),
+                last_sequence: u64::MAX,
+                turns: 4,
+                lease: Some(lease),
+            },
+        ]
+    }
+
+    fn serde(doc: &SessionDoc) -> String {
+        serde_json::to_string(doc).expect("serializes")
+    }
+
+    #[test]
+    fn documents_are_what_serde_json_writes() {
+        for doc in documents() {
+            let mut json = MessagesJson::new(&doc.messages).expect("serializes");
+            assert_eq!(json.document(&doc).expect("writes"), serde(&doc));
+            // Unknown: written from the messages.
+            let mut unknown = MessagesJson::default();
+            assert_eq!(unknown.document(&doc).expect("writes"), serde(&doc));
+        }
+    }
+
+    #[test]
+    fn pushed_messages_are_what_serde_json_writes() {
+        for full in documents() {
+            // As turns build it: one message at a time onto an empty history.
+            let mut doc = SessionDoc {
+                messages: Vec::new(),
+                ..full.clone()
+            };
+            let mut json = MessagesJson::new(&[]).expect("serializes");
+            assert_eq!(json.document(&doc).expect("writes"), serde(&doc));
+            for message in &full.messages {
+                doc.messages.push(message.clone());
+                json.push(message);
+                assert_eq!(json.count, doc.messages.len());
+                assert_eq!(
+                    json.text,
+                    serde_json::to_string(&doc.messages).expect("serializes"),
+                    "the text after a push is the messages' JSON"
+                );
+                assert_eq!(json.document(&doc).expect("writes"), serde(&doc));
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_merge_the_newer_messages_are_written() {
+        // A commit that conflicts puts its answer on the newer stored state,
+        // loaded with an unknown text.
+        let mut ours = documents().swap_remove(1);
+        let mut json = MessagesJson::new(&ours.messages).expect("serializes");
+        let answer = Message::new(llm_host_plugin_api::Role::Assistant, "ours");
+        ours.messages.push(answer.clone());
+        json.push(&answer);
+        let stored = serde(&SessionDoc {
+            messages: ours.messages[1..].to_vec(),
+            last_sequence: 50,
+            turns: 5,
+            lease: None,
+        });
+        let newer: SessionDoc = serde_json::from_str(&stored).expect("loads");
+        let (mut doc, mut json) = (newer, MessagesJson::default());
+        doc.messages.push(answer.clone());
+        json.push(&answer);
+        assert_eq!(json.document(&doc).expect("writes"), serde(&doc));
+        assert!(json.is_document(&doc, &serde(&doc)), "known once written");
+
+        // A text kept for another number of messages is not trusted either.
+        let mut stale = MessagesJson::new(&doc.messages[..2]).expect("serializes");
+        assert!(!stale.is_document(&doc, &serde(&doc)));
+        assert_eq!(stale.document(&doc).expect("writes"), serde(&doc));
+    }
+
+    #[test]
+    fn a_stored_document_is_recognised_only_when_identical() {
+        for doc in documents() {
+            let json = MessagesJson::new(&doc.messages).expect("serializes");
+            let data = serde(&doc);
+            assert!(json.is_document(&doc, &data), "{data}");
+            assert!(!MessagesJson::default().is_document(&doc, &data));
+            assert!(!json.is_document(&doc, &format!("{data} ")));
+            assert!(!json.is_document(&doc, &data[..data.len() - 1]));
+            let changed = [
+                SessionDoc {
+                    last_sequence: doc.last_sequence ^ 1,
+                    ..doc.clone()
+                },
+                SessionDoc {
+                    turns: doc.turns + 1,
+                    ..doc.clone()
+                },
+                SessionDoc {
+                    lease: match &doc.lease {
+                        Some(_) => None,
+                        None => Some(Lease {
+                            holder: "h".to_owned(),
+                            turn: "turn-1".to_owned(),
+                            expires_ms: 1,
+                        }),
+                    },
+                    ..doc.clone()
+                },
+                SessionDoc {
+                    messages: doc
+                        .messages
+                        .iter()
+                        .map(|m| Message {
+                            content: format!("{}.", m.content),
+                            ..m.clone()
+                        })
+                        .chain(doc.messages.is_empty().then(Message::default))
+                        .collect(),
+                    ..doc.clone()
+                },
+            ];
+            for other in changed {
+                let stored = serde(&other);
+                assert_ne!(stored, data);
+                assert!(!json.is_document(&doc, &stored), "{stored} is not {data}");
+            }
+        }
+    }
+
+    #[test]
+    fn splicing_needs_the_empty_field() {
+        let mut json = MessagesJson::new(&messages()).expect("serializes");
+        assert!(json.splice(&messages(), r#"{"history":[]}"#).is_err());
+        assert_eq!(
+            json.splice(&[], r#"{"id":"a","messages":[],"n":1}"#)
+                .expect("splices"),
+            r#"{"id":"a","messages":[],"n":1}"#,
+            "a text for other messages is rebuilt"
+        );
     }
 }

@@ -29,7 +29,7 @@ use crate::protocol::{
     now_ms, Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
 };
 use crate::runtime::{ModelBackend, StoreBackend};
-use crate::session::{self, Lease, Loaded, SessionDoc, StoreError};
+use crate::session::{self, Lease, Loaded, MessagesJson, SessionDoc, StoreError};
 
 /// A prompt waiting for its turn.
 #[derive(Debug)]
@@ -427,7 +427,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     let _turns_of_this_session = lock.lock().await;
 
     let user = Message::new(Role::User, prompt.text);
-    let claimed = match claim(conn, &store, &user, &cancel).await {
+    let mut claimed = match claim(conn, &store, &user, &cancel).await {
         Ok(Some(claimed)) => claimed,
         Ok(None) => {
             // Cancelled while another host's turn held the session.
@@ -447,21 +447,17 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
             return;
         }
     };
-    let Claimed {
-        doc,
-        version,
-        owner,
-    } = claimed;
-    let interaction_id = format!("turn-{}", doc.turns);
-    conn.turns.fetch_max(doc.turns, Ordering::Relaxed);
+    let interaction_id = format!("turn-{}", claimed.doc.turns);
+    conn.turns.fetch_max(claimed.doc.turns, Ordering::Relaxed);
 
-    let request = serde_json::to_string(&RequestRef {
+    let request = RequestRef {
         session_id: &conn.session_id,
         interaction_id: &interaction_id,
         backend: &backend.name,
-        messages: &doc.messages,
+        messages: &claimed.doc.messages,
         params: &prompt.params,
-    });
+    }
+    .to_json(&mut claimed.messages_json);
     let sink = TurnSink {
         out: conn.out.clone(),
         batch: None,
@@ -469,7 +465,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
         cancel,
         conn_sequence: conn.last_sequence.clone(),
         interaction_id: interaction_id.clone(),
-        sequence: doc.last_sequence,
+        sequence: claimed.doc.last_sequence,
         started: false,
         outcome: None,
         client_gone: false,
@@ -481,13 +477,19 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
         first_event_due: Some(started),
     };
     // A store in this process is reached by no other host: no lease to renew.
-    let lease = (!store.in_process)
-        .then(|| Renewal::start(conn, &store, doc.clone(), version, owner.clone()));
+    let lease = (!store.in_process).then(|| {
+        Renewal::start(
+            conn,
+            &store,
+            claimed.doc.clone(),
+            claimed.version,
+            claimed.owner.clone(),
+        )
+    });
     let generated = generate(backend, request, sink).await;
-    let version = match lease {
-        Some(lease) => lease.stop().await,
-        None => version,
-    };
+    if let Some(lease) = lease {
+        claimed.version = lease.stop().await;
+    }
     let (mut status, last_model_sequence, answer) = match generated {
         Some((mut sink, status)) => {
             if let Some(usage) = sink.usage {
@@ -506,7 +508,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
 
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
-    match commit(conn, &store, version, &owner, doc, answer, end_sequence).await {
+    match commit(conn, &store, claimed, answer, end_sequence).await {
         Ok(saved) => {
             *conn.cached.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((store.name.clone(), saved));
@@ -651,16 +653,20 @@ struct Claimed {
     doc: SessionDoc,
     version: u64,
     owner: String,
+    /// The JSON text of `doc.messages`.
+    messages_json: MessagesJson,
 }
 
 /// Claims the session for a turn. On a store in this process, the session
 /// as loaded is the claim (one host, one turn of a session at a time; the
-/// answer's save is conditional on it). Otherwise several hosts (or connections on several
-/// hosts) may share a session: a turn first saves, conditionally on the
-/// version it loaded, the user message and a lease naming this host, so that
-/// no other host streams on the session (and uses its sequence numbers) until
-/// the turn is saved or the lease runs out. A live lease of another host is
-/// waited for. `Ok(None)`: the turn was cancelled while waiting.
+/// answer's save is conditional on it), and the connection's cached copy is
+/// taken as loaded, unparsed, when the store still holds exactly it
+/// ([`session::refresh`]). Otherwise several hosts (or connections on
+/// several hosts) may share a session: a turn first saves, conditionally on
+/// the version it loaded, the user message and a lease naming this host, so
+/// that no other host streams on the session (and uses its sequence numbers)
+/// until the turn is saved or the lease runs out. A live lease of another
+/// host is waited for. `Ok(None)`: the turn was cancelled while waiting.
 async fn claim(
     conn: &Connection,
     store: &Arc<StoreBackend>,
@@ -673,25 +679,27 @@ async fn claim(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        // An in-process claim is not a conditional save that would catch a
-        // stale copy: load (it costs no I/O there).
-        .filter(|(name, _)| *name == store.name && !store.in_process)
+        .filter(|(name, _)| *name == store.name)
         .map(|(_, loaded)| loaded);
     loop {
         let loaded = match cached.take() {
-            Some(loaded) => loaded,
-            None => session::load(store, &conn.session_id)
-                .await?
-                .unwrap_or_else(|| Loaded {
-                    owner: conn.owner.clone(),
-                    ..Loaded::default()
-                }),
+            // The claim's save below is conditional on its version: a stale
+            // copy conflicts, and the next round loads.
+            Some(loaded) if !store.in_process => Some(loaded),
+            // An in-process claim saves nothing that would catch a stale
+            // copy: the store must still hold exactly this one.
+            Some(loaded) => session::refresh(store, &conn.session_id, Some(loaded)).await?,
+            None => session::load(store, &conn.session_id).await?,
         };
         let Loaded {
             mut doc,
             version,
             owner,
-        } = loaded;
+            mut messages_json,
+        } = loaded.unwrap_or_else(|| Loaded {
+            owner: conn.owner.clone(),
+            ..Loaded::default()
+        });
         let now = now_ms();
         let held_elsewhere = !store.in_process
             && doc
@@ -710,6 +718,7 @@ async fn claim(
         doc.last_sequence = doc.last_sequence.max(conn.sequence());
         doc.turns = doc.turns.max(conn.turns.load(Ordering::Relaxed)) + 1;
         doc.messages.push(user.clone());
+        messages_json.push(user);
         if store.in_process {
             // No other host reaches this store, and this host runs one turn
             // of a session at a time: the answer's save is the only one.
@@ -717,6 +726,7 @@ async fn claim(
                 doc,
                 version,
                 owner,
+                messages_json,
             }));
         }
         doc.lease = Some(Lease {
@@ -724,12 +734,22 @@ async fn claim(
             turn: format!("turn-{}", doc.turns),
             expires_ms: now + LEASE.as_millis() as u64,
         });
-        match session::save(store, &conn.session_id, version, &owner, &doc).await? {
+        match session::save(
+            store,
+            &conn.session_id,
+            version,
+            &owner,
+            &doc,
+            &mut messages_json,
+        )
+        .await?
+        {
             SaveOutcome::Saved { version } => {
                 return Ok(Some(Claimed {
                     doc,
                     version,
                     owner,
+                    messages_json,
                 }))
             }
             SaveOutcome::Conflict { .. } => continue,
@@ -739,7 +759,7 @@ async fn claim(
 
 /// The JSON of a [`ModelRequest`], written from borrowed parts (the history
 /// is not copied to be sent).
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, Clone, Copy)]
 #[serde(rename_all = "camelCase")]
 struct RequestRef<'a> {
     session_id: &'a str,
@@ -747,6 +767,18 @@ struct RequestRef<'a> {
     backend: &'a str,
     messages: &'a [Message],
     params: &'a TurnParams,
+}
+
+impl RequestRef<'_> {
+    /// The request's JSON, as `serde_json::to_string(self)` writes it, with
+    /// the history taken from `json`, the text of `self.messages`.
+    fn to_json(self, json: &mut MessagesJson) -> serde_json::Result<String> {
+        let shell = serde_json::to_string(&RequestRef {
+            messages: &[],
+            ..self
+        })?;
+        json.splice(self.messages, &shell)
+    }
 }
 
 /// Renews a turn's lease while the model streams; [`Renewal::stop`] gives
@@ -767,6 +799,7 @@ impl Renewal {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let (store, id) = (store.clone(), conn.session_id.clone());
         let task = tokio::spawn(async move {
+            let mut messages_json = MessagesJson::default();
             loop {
                 tokio::select! {
                     _ = &mut stopped => return version,
@@ -775,7 +808,7 @@ impl Renewal {
                 if let Some(lease) = doc.lease.as_mut() {
                     lease.expires_ms = now_ms() + LEASE.as_millis() as u64;
                 }
-                match session::save(&store, &id, version, &owner, &doc).await {
+                match session::save(&store, &id, version, &owner, &doc, &mut messages_json).await {
                     Ok(SaveOutcome::Saved { version: now }) => version = now,
                     Ok(SaveOutcome::Conflict { current }) => {
                         tracing::warn!(session = %id, version, current, "turn lease lost");
@@ -797,21 +830,28 @@ impl Renewal {
 }
 
 /// Saves the finished turn: the answer appended, the end sequence recorded,
-/// the lease released, conditionally on `version` (the claim's, or its last
-/// renewal's). If the session changed meanwhile (the lease ran out and
-/// another host took it), the answer goes on top of the newer state.
+/// the lease released, conditionally on `claimed.version` (the claim's, or
+/// its last renewal's). If the session changed meanwhile (the lease ran out
+/// and another host took it), the answer goes on top of the newer state.
 async fn commit(
     conn: &Connection,
     store: &Arc<StoreBackend>,
-    mut version: u64,
-    owner: &str,
-    mut doc: SessionDoc,
+    claimed: Claimed,
     answer: Option<Message>,
     end_sequence: u64,
 ) -> Result<Loaded, StoreError> {
+    let Claimed {
+        mut doc,
+        mut version,
+        owner,
+        mut messages_json,
+    } = claimed;
     let turns = doc.turns;
     for _ in 0..8 {
-        doc.messages.extend(answer.iter().cloned());
+        if let Some(answer) = &answer {
+            doc.messages.push(answer.clone());
+            messages_json.push(answer);
+        }
         doc.last_sequence = doc.last_sequence.max(end_sequence);
         doc.turns = doc.turns.max(turns);
         if doc
@@ -821,12 +861,22 @@ async fn commit(
         {
             doc.lease = None;
         }
-        match session::save(store, &conn.session_id, version, owner, &doc).await? {
+        match session::save(
+            store,
+            &conn.session_id,
+            version,
+            &owner,
+            &doc,
+            &mut messages_json,
+        )
+        .await?
+        {
             SaveOutcome::Saved { version } => {
                 return Ok(Loaded {
                     doc,
                     version,
-                    owner: owner.to_owned(),
+                    owner,
+                    messages_json,
                 })
             }
             SaveOutcome::Conflict { current } => {
@@ -836,6 +886,7 @@ async fn commit(
                     .unwrap_or_default();
                 version = newer.version;
                 doc = newer.doc;
+                messages_json = newer.messages_json;
             }
         }
     }
@@ -883,5 +934,72 @@ mod tests {
                 params,
             }
         );
+    }
+
+    #[test]
+    fn the_spliced_request_is_what_serde_json_writes() {
+        let history = [
+            Message::new(Role::System, "Say \"hi\".\n\u{1}\\"),
+            Message::new(Role::User, "\"messages\":[] caf\u{e9} \u{1f600}"),
+            Message {
+                reasoning: Some("Look it up.".to_owned()),
+                tool_calls: vec![ToolCall {
+                    id: "call-1".to_owned(),
+                    name: "search".to_owned(),
+                    arguments: r#"{"q":"a \"b\""}"#.to_owned(),
+                }],
+                ..Message::new(Role::Assistant, "")
+            },
+            Message {
+                tool_call_id: Some("call-1".to_owned()),
+                ..Message::new(Role::Tool, "found")
+            },
+            Message::new(Role::Assistant, "hi"),
+        ];
+        let mut extra = serde_json::Map::new();
+        extra.insert("messages".to_owned(), serde_json::json!([]));
+        extra.insert("mirostat".to_owned(), serde_json::json!({"tau": 5.0}));
+        let params = [
+            TurnParams::default(),
+            TurnParams {
+                temperature: Some(0.7),
+                max_tokens: Some(7),
+                stop: vec!["\n\n".to_owned()],
+                tools: vec![llm_host_plugin_api::ToolSpec {
+                    name: "search".to_owned(),
+                    description: "Searches.".to_owned(),
+                    parameters: serde_json::json!({"type": "object"}),
+                }],
+                extra,
+                ..TurnParams::default()
+            },
+        ];
+        for params in &params {
+            // The history as turns build it, from empty to the whole of it.
+            let mut json = MessagesJson::new(&[]).expect("serializes");
+            for len in 0..=history.len() {
+                if len > 0 {
+                    json.push(&history[len - 1]);
+                }
+                let request = RequestRef {
+                    session_id: "session-\"x\"",
+                    interaction_id: "turn-3",
+                    backend: "echo",
+                    messages: &history[..len],
+                    params,
+                };
+                assert_eq!(
+                    request.to_json(&mut json).expect("writes"),
+                    serde_json::to_string(&request).expect("serializes")
+                );
+                // A text not known yet is written from the messages.
+                assert_eq!(
+                    request
+                        .to_json(&mut MessagesJson::default())
+                        .expect("writes"),
+                    serde_json::to_string(&request).expect("serializes")
+                );
+            }
+        }
     }
 }

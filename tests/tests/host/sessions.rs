@@ -1,6 +1,6 @@
 //! Sessions and turns: history, resuming, queueing, cancelling.
 
-use llm_host_tests::{json, words, Config, Host, Turn};
+use llm_host_tests::{http, json, words, Config, Host, Turn};
 
 use crate::common::{assert_contiguous, assert_echo_turn, assert_session_open, Envelope};
 
@@ -44,6 +44,135 @@ async fn history_persists_across_turns_and_reconnects() {
     assert_session_open(&other.next_json().await, Envelope::Flat, false, "echo", 0);
     other.send_text("seven").await;
     assert_echo_turn(&other.read_turn().await, "seven", 1, "turn-1");
+}
+
+// A connection's next turn sees what another connection's turn added to the session in between.
+#[tokio::test]
+async fn turns_of_two_connections_take_turns_on_one_history() {
+    let host = Host::start_default();
+    let mut a = host.connect("/v1/ws?session=alternate-1").await;
+    let mut b = host.connect("/v1/ws?session=alternate-1").await;
+    a.next_json().await;
+    b.next_json().await;
+
+    a.send_text("one two").await;
+    let turn = a.read_turn().await;
+    let mut history = words("one two");
+    assert_echo_turn(&turn, "one two", history, "turn-1");
+    history += words("echo: one two");
+
+    b.send_text("three").await;
+    let turn = b.read_turn().await;
+    history += words("three");
+    assert_echo_turn(&turn, "three", history, "turn-2");
+    history += words("echo: three");
+    let last = turn.end().sequence();
+
+    // `a` saved the session one version ago: its copy is stale.
+    a.send_text("four").await;
+    let turn = a.read_turn().await;
+    history += words("four");
+    assert_echo_turn(&turn, "four", history, "turn-3");
+    assert_contiguous(&turn, last + 1);
+    let last = turn.end().sequence();
+
+    b.send_text("five").await;
+    let turn = b.read_turn().await;
+    history += words("echo: four five");
+    assert_echo_turn(&turn, "five", history, "turn-4");
+    assert_contiguous(&turn, last + 1);
+}
+
+/// The stored messages of session `id`, as `role: content`.
+async fn stored_messages(host: &Host, id: &str) -> Vec<String> {
+    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
+    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
+    let session = reply.json();
+    session["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("messages is an array: {session}"))
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["role"].as_str().unwrap_or("?"),
+                m["content"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+// A session deleted while a connection is open is not brought back by its next turn: that turn starts an empty history.
+#[tokio::test]
+async fn a_session_deleted_while_connected_starts_over() {
+    let host = Host::start_default();
+    let mut client = host.connect("/v1/ws?session=deleted-1").await;
+    client.next_json().await;
+    client.send_text("one two three").await;
+    let turn = client.read_turn().await;
+    assert_echo_turn(&turn, "one two three", 3, "turn-1");
+    let last = turn.end().sequence();
+
+    let reply = http(host.addr(), "DELETE", "/v1/sessions/deleted-1").await;
+    assert_eq!(reply.status, 204, "{}", reply.body);
+
+    client.send_text("four").await;
+    let turn = client.read_turn().await;
+    // Turn ids and sequence numbers go on: the connection already used them.
+    assert_echo_turn(&turn, "four", 1, "turn-2");
+    assert_contiguous(&turn, last + 1);
+    assert_eq!(
+        stored_messages(&host, "deleted-1").await,
+        ["user: four", "assistant: echo: four"]
+    );
+}
+
+// A session the store forgot (ttl_secs) while a connection stayed open is not brought back by its next turn.
+#[tokio::test]
+async fn a_session_expired_while_connected_starts_over() {
+    let config = Config {
+        store: "brief".to_owned(),
+        extra: "\n[stores.brief]\nplugin = \"memory\"\nsettings = { ttl_secs = 1 }\n".to_owned(),
+        ..Config::default()
+    };
+    let host = Host::start(&config);
+    let mut client = host.connect("/v1/ws?session=expired-1").await;
+    client.next_json().await;
+    client.send_text("one two three").await;
+    assert_echo_turn(&client.read_turn().await, "one two three", 3, "turn-1");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    client.send_text("four").await;
+    assert_echo_turn(&client.read_turn().await, "four", 1, "turn-2");
+    assert_eq!(
+        stored_messages(&host, "expired-1").await,
+        ["user: four", "assistant: echo: four"]
+    );
+}
+
+// A reload that replaces the store (new settings: a new, empty memory store) leaves the old copy behind.
+#[tokio::test]
+async fn a_session_in_a_replaced_store_starts_over() {
+    let host = Host::start_default();
+    let mut client = host.connect("/v1/ws?session=replaced-1").await;
+    client.next_json().await;
+    client.send_text("one two three").await;
+    assert_echo_turn(&client.read_turn().await, "one two three", 3, "turn-1");
+
+    let text = Config::default().to_toml().replace(
+        "[stores.memory]\nplugin = \"memory\"\n",
+        "[stores.memory]\nplugin = \"memory\"\nsettings = { ttl_secs = 3600 }\n",
+    );
+    host.workdir().write_config(&text);
+    let notice = client.next_json().await;
+    assert_eq!(notice.diagnostic_code(), "reloaded", "{}", notice.text);
+
+    client.send_text("four").await;
+    assert_echo_turn(&client.read_turn().await, "four", 1, "turn-2");
+    assert_eq!(
+        stored_messages(&host, "replaced-1").await,
+        ["user: four", "assistant: echo: four"]
+    );
 }
 
 // A prompt sent while a turn runs is queued and runs after it, in order.
