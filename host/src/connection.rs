@@ -582,16 +582,17 @@ async fn run_turns(
             break;
         }
         let limit = conn.host.active.load().config.server.turn_timeout_secs;
-        let deadline = (limit > 0).then(|| {
-            let control = control.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(limit)).await;
+        let turn = turn::run(&conn, prompt, control.clone());
+        tokio::pin!(turn);
+        // Past its deadline a turn is stopped, and still runs to its end
+        // (the error event, the save, the turn frame).
+        let deadline = tokio::time::sleep(Duration::from_secs(limit));
+        tokio::select! {
+            () = &mut turn => {}
+            () = deadline, if limit > 0 => {
                 control.time_out(limit);
-            })
-        });
-        turn::run(&conn, prompt, control).await;
-        if let Some(deadline) = deadline {
-            deadline.abort();
+                turn.await;
+            }
         }
         set_current(&current, None);
         conn.active_at.store(now_ms(), Ordering::Relaxed);
