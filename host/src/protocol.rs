@@ -2,6 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::{BufMut, BytesMut};
+
 use llm_host_plugin_api::{ToolCall, TurnParams, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -93,6 +95,13 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+/// Appends the JSON of `value` to `out`. Serializing the protocol's borrowed
+/// types into memory cannot fail (no maps with non-string keys, no failing
+/// `Serialize` impls).
+fn write_json<T: Serialize + ?Sized>(out: &mut BytesMut, value: &T) {
+    let _ = serde_json::to_writer(out.writer(), value);
 }
 
 /// `{code, message}` of error events.
@@ -287,6 +296,46 @@ impl Framer {
         self.frame("model", false, event, meta)
     }
 
+    /// Writes an `interaction.model` frame at the end of `out`, byte for byte
+    /// what [`Framer::model`] makes. This is the turn's hot path: the envelope
+    /// and `meta` are written as they are, only strings are escaped, and text
+    /// deltas (nearly every frame) skip serde altogether.
+    pub fn write_model(&self, out: &mut BytesMut, event: &ModelEvent<'_>, meta: &Meta<'_>) {
+        out.extend_from_slice(match self.envelope {
+            Envelope::Flat => br#"{"name":"interaction.model","data":{"kind":"model","event":"#,
+            Envelope::Nested => {
+                br#"{"name":"interaction.model","data":{"event":{"kind":"model","event":"#
+            }
+        });
+        match event {
+            ModelEvent::Delta {
+                text: Some(text),
+                reasoning: None,
+                tool_call: None,
+            } => {
+                out.extend_from_slice(br#"{"type":"delta","text":"#);
+                write_json(out, text);
+                out.extend_from_slice(b"}");
+            }
+            other => write_json(out, other),
+        }
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(br#","meta":{"sequence":"#);
+        out.extend_from_slice(number.format(meta.sequence).as_bytes());
+        out.extend_from_slice(br#","timestamp":"#);
+        out.extend_from_slice(number.format(meta.timestamp).as_bytes());
+        out.extend_from_slice(br#","sourceId":"#);
+        write_json(out, meta.source_id);
+        if let Some(id) = meta.interaction_id {
+            out.extend_from_slice(br#","interactionId":"#);
+            write_json(out, id);
+        }
+        out.extend_from_slice(match self.envelope {
+            Envelope::Flat => b"}}}",
+            Envelope::Nested => b"}}}}",
+        });
+    }
+
     /// An `interaction.session` frame.
     pub fn session(&self, event: &SessionEvent<'_>, meta: &Meta<'_>) -> String {
         self.frame("session", false, event, meta)
@@ -375,6 +424,94 @@ mod tests {
             nested.model(&start, &meta()),
             r#"{"name":"interaction.model","data":{"event":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary"}}}}"#
         );
+    }
+
+    #[test]
+    fn the_hot_path_writes_what_serde_writes() {
+        let call = ToolCall {
+            id: "c1".into(),
+            name: "lookup".into(),
+            arguments: r#"{"q":"x"}"#.into(),
+        };
+        let diagnostics = [Diagnostic {
+            level: "warn".into(),
+            message: "retried".into(),
+            data: Some(serde_json::json!({"code": "retry"})),
+        }];
+        let text = "quote \" backslash \\ newline \n tab \t control \u{1} é 🦀 </script>";
+        let events = [
+            ModelEvent::Start {
+                id: Some("id-1"),
+                model_id: Some("m"),
+            },
+            ModelEvent::Delta {
+                text: Some(" token1"),
+                reasoning: None,
+                tool_call: None,
+            },
+            ModelEvent::Delta {
+                text: Some(text),
+                reasoning: None,
+                tool_call: None,
+            },
+            ModelEvent::Delta {
+                text: Some(""),
+                reasoning: None,
+                tool_call: None,
+            },
+            ModelEvent::Delta {
+                text: None,
+                reasoning: Some(text),
+                tool_call: None,
+            },
+            ModelEvent::Delta {
+                text: None,
+                reasoning: None,
+                tool_call: Some(&call),
+            },
+            ModelEvent::Usage {
+                usage: UsageBody {
+                    input_tokens: 1,
+                    output_tokens: 2,
+                    total_tokens: 3,
+                },
+            },
+            ModelEvent::End {
+                finish_reason: Some("stop"),
+                diagnostics: &diagnostics,
+            },
+            ModelEvent::Error {
+                error: ErrorBody {
+                    code: "x",
+                    message: text,
+                },
+                diagnostics: &[],
+            },
+        ];
+        let metas = [
+            meta(),
+            Meta {
+                sequence: u64::MAX,
+                timestamp: 0,
+                source_id: "model.primary",
+                interaction_id: Some("turn-\"7\""),
+            },
+        ];
+        for envelope in [Envelope::Flat, Envelope::Nested] {
+            let framer = Framer { envelope };
+            let mut out = BytesMut::new();
+            for event in &events {
+                for meta in &metas {
+                    framer.write_model(&mut out, event, meta);
+                    let written = out.split().freeze();
+                    assert_eq!(
+                        std::str::from_utf8(&written).expect("UTF-8"),
+                        framer.model(event, meta),
+                        "{envelope:?} {event:?} {meta:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
     EventSink, EventSink_TO, FinishReason, Flow, LogLevel, Message, Next, PluginError, Role,
     SaveOutcome, ToolCall, TurnParams, TurnWaker, TurnWaker_TO, Usage,
 };
 use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 use crate::connection::{Connection, Outgoing};
 use crate::metrics::metrics;
@@ -78,6 +79,12 @@ impl TurnControl {
     }
 }
 
+/// Room a frame usually needs in [`TurnSink`]'s buffer; with less left, the
+/// next chunk is allocated.
+const FRAME_ROOM: usize = 512;
+/// How much buffer a turn's frames take at a time.
+const FRAME_CHUNK: usize = 8 * 1024;
+
 /// How a turn ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -110,6 +117,9 @@ pub struct TurnSink {
     /// one batch; none for an adapter on the blocking pool, whose frames are
     /// pushed one by one.
     batch: Option<Vec<WsMessage>>,
+    /// Where frames are written: each frame is split off as it is done, so
+    /// the frames of a turn share a few allocations.
+    frames: BytesMut,
     framer: Framer,
     cancel: Arc<TurnControl>,
     conn_sequence: Arc<std::sync::atomic::AtomicU64>,
@@ -153,9 +163,16 @@ impl TurnSink {
         }
         self.sequence += 1;
         let meta = Meta::now(self.sequence, SOURCE_MODEL, Some(&self.interaction_id));
-        let frame = self.framer.model(event, &meta);
+        if self.frames.capacity() < FRAME_ROOM {
+            self.frames.reserve(FRAME_CHUNK);
+        }
+        self.framer.write_model(&mut self.frames, event, &meta);
         self.conn_sequence.store(self.sequence, Ordering::Relaxed);
-        let frame = WsMessage::text(frame);
+        let frame = match Utf8Bytes::try_from(self.frames.split().freeze()) {
+            Ok(text) => WsMessage::Text(text),
+            // The framer writes JSON text only; never sent.
+            Err(_) => return,
+        };
         match &mut self.batch {
             Some(batch) => batch.push(frame),
             None => {
@@ -461,6 +478,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     let sink = TurnSink {
         out: conn.out.clone(),
         batch: None,
+        frames: BytesMut::new(),
         framer: conn.framer,
         cancel,
         conn_sequence: conn.last_sequence.clone(),
