@@ -120,6 +120,9 @@ pub struct TurnSink {
     /// Where frames are written: each frame is split off as it is done, so
     /// the frames of a turn share a few allocations.
     frames: BytesMut,
+    /// The time stamped on a step's events: a step is over in well under a
+    /// millisecond, so its events share one reading of the clock.
+    step_time: Option<u64>,
     framer: Framer,
     cancel: Arc<TurnControl>,
     conn_sequence: Arc<std::sync::atomic::AtomicU64>,
@@ -162,7 +165,12 @@ impl TurnSink {
                 .observe(started.elapsed().as_secs_f64());
         }
         self.sequence += 1;
-        let meta = Meta::now(self.sequence, SOURCE_MODEL, Some(&self.interaction_id));
+        let meta = Meta {
+            sequence: self.sequence,
+            timestamp: self.step_time.unwrap_or_else(now_ms),
+            source_id: SOURCE_MODEL,
+            interaction_id: Some(&self.interaction_id),
+        };
         if self.frames.capacity() < FRAME_ROOM {
             self.frames.reserve(FRAME_CHUNK);
         }
@@ -479,6 +487,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
         out: conn.out.clone(),
         batch: None,
         frames: BytesMut::new(),
+        step_time: None,
         framer: conn.framer,
         cancel,
         conn_sequence: conn.last_sequence.clone(),
@@ -619,9 +628,11 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
     {
         Err(err) => Err(err),
         Ok(mut stepper) => loop {
+            sink.step_time = Some(now_ms());
             let step = stepper
                 .step(EventSink_TO::from_ptr(&mut sink, TD_Opaque))
                 .into_result();
+            sink.step_time = None;
             sink.send_batch().await;
             let next = match step {
                 Ok(step) => step.next(),
