@@ -628,6 +628,9 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
     {
         Err(err) => Err(err),
         Ok(mut stepper) => loop {
+            if sink.stopped() {
+                break Ok(());
+            }
             sink.step_time = Some(now_ms());
             let step = stepper
                 .step(EventSink_TO::from_ptr(&mut sink, TD_Opaque))

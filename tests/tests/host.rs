@@ -4,8 +4,8 @@
 //! Every test starts its own host (see `llm_host_tests::Host`), so tests are
 //! independent and run in parallel.
 
-#[path = "host/blocking.rs"]
-mod blocking;
+#[path = "host/backends.rs"]
+mod backends;
 #[path = "host/check.rs"]
 mod check;
 #[path = "host/cli.rs"]

@@ -3,6 +3,9 @@
 //! It streams the last user message back word by word (`echo:`, ` Hello,`,
 //! ` world`), or `tokens` synthetic tokens, `delay_ms` apart. `fail_after`
 //! and `panic_after` inject failures so the host's error paths can be seen.
+//! Its turns run in steps on the host's workers (a paced turn sleeps on the
+//! host's timer); `threaded` makes the tokens on a thread of its own that
+//! wakes the host instead, the pending path of turns in steps.
 //! The per-turn `maxTokens` param caps the output (finish reason `length`),
 //! and usage counts the words of the whole conversation as input tokens, so
 //! history reaching the model shows in the numbers.

@@ -2,6 +2,8 @@
 //! build of this plugin.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
@@ -23,6 +25,11 @@ pub struct EchoSettings {
     pub fail_after: Option<u64>,
     /// Panic after this many tokens.
     pub panic_after: Option<u64>,
+    /// Make the tokens on a thread of the plugin's own, which wakes the host
+    /// for each (the pending path of turns in steps), instead of on the
+    /// host's timer.
+    #[serde(default)]
+    pub threaded: bool,
 }
 
 /// The echo model. Its turns run in steps on the host's workers (see
@@ -122,7 +129,7 @@ const TOKENS_PER_STEP: usize = 64;
 impl SteppedModel for Echo {
     type Turn = EchoTurn;
 
-    fn start(&self, request: ModelRequest, _waker: Waker) -> Result<EchoTurn, PluginError> {
+    fn start(&self, request: ModelRequest, waker: Waker) -> Result<EchoTurn, PluginError> {
         let input_tokens: u64 = request.messages.iter().map(|m| words(&m.content)).sum();
         let mut tokens = self.tokens(&request);
         let mut reason = FinishReason::STOP;
@@ -132,8 +139,13 @@ impl SteppedModel for Echo {
                 reason = FinishReason::LENGTH;
             }
         }
+        let feed = self
+            .settings
+            .threaded
+            .then(|| Feed::start(tokens.len(), self.settings.delay_ms, waker));
         Ok(EchoTurn {
             settings: self.settings.clone(),
+            feed,
             tokens,
             sent: 0,
             started: false,
@@ -144,10 +156,43 @@ impl SteppedModel for Echo {
     }
 }
 
+/// Tokens made ready by a thread of the plugin's own (`threaded`).
+struct Feed {
+    /// How many tokens are ready.
+    ready: AtomicUsize,
+    /// Set when the turn is dropped: the thread stops.
+    dropped: AtomicBool,
+}
+
+impl Feed {
+    /// Starts the thread that makes `count` tokens ready, `delay_ms` apart,
+    /// waking the host for each.
+    fn start(count: usize, delay_ms: u64, waker: Waker) -> Arc<Feed> {
+        let feed = Arc::new(Feed {
+            ready: AtomicUsize::new(0),
+            dropped: AtomicBool::new(false),
+        });
+        let shared = feed.clone();
+        std::thread::spawn(move || {
+            for ready in 1..=count {
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                if shared.dropped.load(Ordering::Acquire) {
+                    return;
+                }
+                shared.ready.store(ready, Ordering::Release);
+                waker.wake();
+            }
+        });
+        feed
+    }
+}
+
 /// One echo turn in progress: a token per step, `delay_ms` apart by the
-/// clock (so pauses do not add up), or all at once without a delay.
+/// clock (so pauses do not add up), or all at once without a delay; with
+/// `threaded`, the tokens its thread made ready.
 pub struct EchoTurn {
     settings: EchoSettings,
+    feed: Option<Arc<Feed>>,
     tokens: Tokens,
     sent: usize,
     started: bool,
@@ -179,7 +224,11 @@ impl Steps for EchoTurn {
             if self.settings.panic_after == Some(sent) {
                 panic!("echo panicked after {sent} tokens, as its panic_after setting asks");
             }
-            if !delay.is_zero() {
+            if let Some(feed) = &self.feed {
+                if self.sent >= feed.ready.load(Ordering::Acquire) {
+                    return Ok(Step::PENDING);
+                }
+            } else if !delay.is_zero() {
                 let now = Instant::now();
                 let due = *self.due.get_or_insert(now + delay);
                 if due > now {
@@ -203,6 +252,14 @@ impl Steps for EchoTurn {
         });
         sink.end(self.reason);
         Ok(Step::DONE)
+    }
+}
+
+impl Drop for EchoTurn {
+    fn drop(&mut self) {
+        if let Some(feed) = &self.feed {
+            feed.dropped.store(true, Ordering::Release);
+        }
     }
 }
 

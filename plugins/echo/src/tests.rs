@@ -199,6 +199,8 @@ fn steps(settings: &str) -> (Vec<Next>, Vec<String>) {
             Next::Done => return (nexts, rec.events),
             Next::Sleep(pause) => std::thread::sleep(pause),
             Next::Ready => {}
+            // Its thread makes tokens ready: look again shortly.
+            Next::Pending => std::thread::sleep(std::time::Duration::from_millis(1)),
             other => panic!("echo answered {other:?}"),
         }
     }
@@ -229,6 +231,24 @@ fn a_paced_turn_sleeps_between_tokens_by_the_clock() {
     }
     assert_eq!(nexts[3], Next::Done);
     assert!(started.elapsed() >= std::time::Duration::from_millis(60));
+    assert_eq!(
+        events,
+        [
+            "start echo",
+            "text \"token0\"",
+            "text \" token1\"",
+            "text \" token2\"",
+            "usage 1 3",
+            "end stop"
+        ]
+    );
+}
+
+#[test]
+fn a_threaded_turn_is_pending_until_its_thread_made_tokens_ready() {
+    let (nexts, events) = steps(r#"{"tokens": 3, "delay_ms": 5, "threaded": true}"#);
+    assert!(nexts.contains(&Next::Pending), "{nexts:?}");
+    assert_eq!(nexts.last(), Some(&Next::Done));
     assert_eq!(
         events,
         [

@@ -1,23 +1,29 @@
-//! Adapters that are not stepped (`ModelAdapter::stepped` is false: the
-//! provider plugins, llama, the template) run each turn on the blocking pool.
-//! echo, which most tests use, runs in steps on the runtime's workers; these
-//! tests drive the other path through the real host with the template plugin.
+//! The ways a backend runs. Adapters that are not stepped
+//! (`ModelAdapter::stepped` is false: the provider plugins, llama, the
+//! template) run each turn on the blocking pool; echo runs in steps on the
+//! runtime's workers, on the host's timer, or (`threaded`) woken by a thread
+//! of its own. These tests drive each path through the real host.
 
 use llm_host_tests::{Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
 use serde_json::json;
 
 use crate::common::assert_contiguous;
 
-/// The default config plus `shout` (template, upper-case, `delay_ms` a word),
-/// with `server` lines added.
+/// The default config plus `shout` (template, upper-case, `delay_ms` a word)
+/// and `threaded` (echo, 40 synthetic tokens made by its own thread 20 ms
+/// apart), with `server` lines added.
 fn start(delay_ms: u64, server: &str) -> Host {
-    let config = Config {
+    let mut config = Config {
         server_extra: server.to_owned(),
         extra: format!(
             "[models.shout]\nplugin = \"template\"\nsettings = {{ delay_ms = {delay_ms} }}\n"
         ),
         ..Config::default()
     };
+    config.models.push((
+        "threaded".to_owned(),
+        "{ tokens = 40, delay_ms = 20, threaded = true }".to_owned(),
+    ));
     let mut plugins = STANDARD_PLUGINS.to_vec();
     plugins.push(Plugin::Template);
     let workdir = Workdir::new(&plugins);
@@ -105,4 +111,42 @@ async fn the_turn_deadline_stops_a_blocking_adapter() {
         .unwrap_or_else(|| panic!("no error: {}", turn.dump()));
     assert_eq!(error["error"]["code"], "turn_timeout", "{}", turn.dump());
     assert!(turn.deltas().len() < 8, "stopped early: {}", turn.dump());
+}
+
+// A stepped adapter whose tokens come from a thread of its own (its steps
+// answer pending until the thread wakes the host) streams every token in
+// order, and a cancel ends it while it waits.
+#[tokio::test]
+async fn a_pending_turn_streams_when_woken_and_can_be_cancelled() {
+    let host = start(0, "");
+    let mut client = host.connect_command("/v1/ws?model=threaded").await;
+    client.next_json().await;
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "go"}))
+        .await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    let expected: Vec<String> = (0..40)
+        .map(|i| {
+            if i == 0 {
+                "token0".to_owned()
+            } else {
+                format!(" token{i}")
+            }
+        })
+        .collect();
+    assert_eq!(turn.deltas(), expected, "{}", turn.dump());
+    let last = assert_contiguous(&turn, 1);
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "again"}))
+        .await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    client.send_json(&json!({"type": "cancel"})).await;
+    frames.extend(client.read_turn().await.frames);
+    let turn = Turn { frames };
+    assert_eq!(turn.status(), "cancelled", "{}", turn.dump());
+    assert!(turn.deltas().len() < 40, "{}", turn.dump());
+    assert_contiguous(&turn, last + 1);
 }
