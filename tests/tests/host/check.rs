@@ -1,6 +1,7 @@
 //! `llm-host check PATH.so`: the shipped plugins and the template conform; a
-//! plugin that breaks the contract, a foreign or truncated library, and bad
-//! arguments are each reported for what they are.
+//! plugin that breaks the contract (a stepped one that blocks in its steps
+//! included), a foreign or truncated library, and bad arguments are each
+//! reported for what they are.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,26 @@ const MODEL_CHECKS: &[&str] = &[
     "model.unknown_settings",
 ];
 
+/// The checks of a stepped adapter's turns run in steps.
+const STEP_CHECKS: &[&str] = &[
+    "model.steps.event_order",
+    "model.steps.cancel",
+    "model.steps.errors",
+    "model.steps.no_panic",
+    "model.steps.no_blocking",
+    "model.steps.wake",
+];
+
+/// The step checks but the wake check, which an adapter that never answers
+/// PENDING skips.
+fn step_checks_but_wake() -> Vec<&'static str> {
+    STEP_CHECKS
+        .iter()
+        .copied()
+        .filter(|name| *name != "model.steps.wake")
+        .collect()
+}
+
 const STORE_CHECKS: &[&str] = &[
     "store.construct",
     "store.load_absent",
@@ -74,11 +95,16 @@ const STORE_CHECKS: &[&str] = &[
     "store.unknown_settings",
 ];
 
-fn assert_conforms(exit: &Exit, checks: &[&str]) {
+/// `checks` pass and `skipped` are skipped (which does not fail the run),
+/// with nothing else in the report.
+fn assert_conforms(exit: &Exit, checks: &[&str], skipped: &[&str]) {
     assert_eq!(exit.status.code(), Some(0), "{exit}");
     assert_verdict(exit, "PASS", "load", "built against plugin-api");
     for name in checks {
         assert_verdict(exit, "PASS", name, "");
+    }
+    for name in skipped {
+        assert_verdict(exit, "SKIP", name, "");
     }
     assert!(
         !exit
@@ -93,19 +119,39 @@ fn assert_conforms(exit: &Exit, checks: &[&str]) {
         .last()
         .expect("a summary line comes last");
     assert!(
-        summary.starts_with(&format!("summary: {} passed, 0 failed", checks.len() + 1)),
+        summary.starts_with(&format!(
+            "summary: {} passed, 0 failed, 0 warnings, {} skipped",
+            checks.len() + 1,
+            skipped.len()
+        )),
         "{summary}"
     );
     assert!(summary.ends_with(" conforms"), "{summary}");
 }
 
-// The echo plugin passes every model check.
+// The echo plugin passes every model check, through generate and in steps;
+// it never answers PENDING, so the wake check is skipped.
 #[test]
 fn echo_conforms() {
     let exit = check(&[path(Plugin::Echo)]);
-    assert_conforms(&exit, MODEL_CHECKS);
+    let passed = [MODEL_CHECKS, &step_checks_but_wake()].concat();
+    assert_conforms(&exit, &passed, &["model.steps.wake"]);
     assert_verdict(&exit, "PASS", "load", "plugin `echo`");
     assert_verdict(&exit, "PASS", "model.cancel", "sending nothing more");
+    assert_verdict(
+        &exit,
+        "PASS",
+        "model.steps.cancel",
+        "the step returned and the stepper was dropped",
+    );
+    assert_verdict(&exit, "PASS", "model.steps.event_order", "1 step: 1 done");
+    assert_verdict(&exit, "PASS", "model.steps.no_blocking", "none over 20ms");
+    assert_verdict(
+        &exit,
+        "SKIP",
+        "model.steps.wake",
+        "no step of the simple request answered PENDING",
+    );
     assert_verdict(
         &exit,
         "PASS",
@@ -113,27 +159,44 @@ fn echo_conforms() {
         "surely_not_a_setting",
     );
     assert!(!exit.stdout.contains("store."), "{exit}");
+
+    // Paced, echo answers Step::sleep between tokens rather than sleeping
+    // in its steps.
+    let exit = check(&[path(Plugin::Echo), "--settings", r#"{"delay_ms": 5}"#]);
+    assert_conforms(&exit, &passed, &["model.steps.wake"]);
+    assert_verdict(
+        &exit,
+        "PASS",
+        "model.steps.event_order",
+        "start, 20 text, usage",
+    );
+    assert_verdict(&exit, "PASS", "model.steps.event_order", " sleep, 1 done");
+    assert_verdict(&exit, "PASS", "model.steps.no_blocking", "none over 20ms");
 }
 
 // The memory plugin passes every store check.
 #[test]
 fn memory_conforms() {
     let exit = check(&[path(Plugin::Memory)]);
-    assert_conforms(&exit, STORE_CHECKS);
+    assert_conforms(&exit, STORE_CHECKS, &[]);
     assert!(!exit.stdout.contains("model."), "{exit}");
 }
 
-// The template plugin passes every model check, with settings of its own too.
+// The template plugin passes every model check, with settings of its own
+// too; it is not stepped, so the step checks are skipped.
 #[test]
 fn the_template_conforms() {
     let exit = check(&[path(Plugin::Template)]);
-    assert_conforms(&exit, MODEL_CHECKS);
+    assert_conforms(&exit, MODEL_CHECKS, STEP_CHECKS);
+    for name in STEP_CHECKS {
+        assert_verdict(&exit, "SKIP", name, "not stepped: the adapter's stepped()");
+    }
     let exit = check(&[
         path(Plugin::Template),
         "--settings",
         r#"{"transform": "reverse", "delay_ms": 5}"#,
     ]);
-    assert_conforms(&exit, MODEL_CHECKS);
+    assert_conforms(&exit, MODEL_CHECKS, STEP_CHECKS);
     assert_verdict(&exit, "PASS", "model.construct", "reverse");
 }
 
@@ -155,6 +218,7 @@ fn a_plugin_that_breaks_the_contract_fails() {
     assert_verdict(&exit, "PASS", "model.errors", "invalid_input");
     assert_verdict(&exit, "PASS", "model.no_panic", "");
     assert_verdict(&exit, "WARN", "model.unknown_settings", "accepted");
+    assert_verdict(&exit, "SKIP", "model.steps.event_order", "not stepped");
     for name in [
         "store.create_conflict",
         "store.stale_save",
@@ -171,6 +235,81 @@ fn a_plugin_that_breaks_the_contract_fails() {
     let summary = exit.stdout.lines().last().unwrap_or_default();
     assert!(summary.contains("does NOT conform"), "{summary}");
     assert!(summary.contains(" 2 warnings"), "{summary}");
+}
+
+/// The milliseconds in `... a step took N ms; ...`.
+fn step_millis(line: &str) -> u64 {
+    line.split("a step took ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step duration in {line}"))
+}
+
+// A stepped adapter that sleeps inside its steps fails no_blocking, and only
+// that: the same steps are fine on generate's thread of their own, and they
+// keep the order. The report names the path that failed.
+#[test]
+fn a_stepped_adapter_that_blocks_in_its_steps_fails() {
+    let exit = check(&[
+        path(Plugin::Broken),
+        "--kind",
+        "model",
+        "--settings",
+        r#"{"stepped": true, "block_ms": 100}"#,
+    ]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(
+        &exit,
+        "FAIL",
+        "model.steps.no_blocking",
+        "ms; steps run on the host's shared workers and must not block (answer Step::sleep \
+         or PENDING instead)",
+    );
+    let took = step_millis(line(&exit, "model.steps.no_blocking"));
+    assert!(took >= 100, "{took} ms\n{exit}");
+    for name in MODEL_CHECKS[..5].iter().chain(STEP_CHECKS) {
+        if *name != "model.steps.no_blocking" {
+            assert_verdict(&exit, "PASS", name, "");
+        }
+    }
+    let summary = exit.stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("summary: 11 passed, 1 failed, 1 warning, 0 skipped"),
+        "{summary}"
+    );
+    assert!(summary.contains("does NOT conform"), "{summary}");
+}
+
+// The same adapter without the sleep keeps the step contract, the wake from
+// its own threads included (unknown settings are still only a warning).
+#[test]
+fn a_stepped_adapter_that_waits_for_wakes_conforms() {
+    let exit = check(&[
+        path(Plugin::Broken),
+        "--kind",
+        "model",
+        "--settings",
+        r#"{"stepped": true}"#,
+    ]);
+    assert_eq!(exit.status.code(), Some(0), "{exit}");
+    for name in MODEL_CHECKS[..5].iter().chain(STEP_CHECKS) {
+        assert_verdict(&exit, "PASS", name, "");
+    }
+    assert_verdict(
+        &exit,
+        "PASS",
+        "model.steps.event_order",
+        "start, 5 text, usage (1 in, 5 out, 6 total), end stop; 8 steps: 7 pending, 1 done",
+    );
+    assert_verdict(
+        &exit,
+        "PASS",
+        "model.steps.wake",
+        "7 steps answered PENDING, each was woken and stepped again (7 wakes, 7 from another \
+         thread)",
+    );
+    assert_verdict(&exit, "WARN", "model.unknown_settings", "accepted");
 }
 
 // An adapter stuck after a cancel fails within the cancel bound, without the
@@ -219,6 +358,7 @@ fn a_caught_panic_fails_no_panic() {
     let exit = check(&[path(Plugin::Echo), "--settings", r#"{"panic_after": 0}"#]);
     assert_eq!(exit.status.code(), Some(1), "{exit}");
     assert_verdict(&exit, "FAIL", "model.no_panic", "panic_after");
+    assert_verdict(&exit, "FAIL", "model.steps.no_panic", "panic_after");
     assert!(exit
         .stdout
         .lines()
@@ -240,6 +380,7 @@ fn refused_settings_are_reported_verbatim() {
         "invalid_settings: invalid type: string \"many\"",
     );
     assert_verdict(&exit, "SKIP", "model.cancel", "see construct");
+    assert_verdict(&exit, "SKIP", "model.steps.cancel", "see construct");
 }
 
 // Libraries the host would refuse are refused the same way.
