@@ -196,8 +196,16 @@ impl TurnSink {
         let Some(batch) = self.batch.as_mut().filter(|b| !b.is_empty()) else {
             return;
         };
-        let frames = std::mem::replace(batch, Vec::with_capacity(batch.len()));
-        if !self.client_gone && self.out.send(Outgoing::Many(frames)).await.is_err() {
+        // A paced step makes one frame: it goes as it is, with no batch to allocate.
+        let outgoing = match batch.len() {
+            1 => batch.pop().map(Outgoing::One),
+            n => Some(Outgoing::Many(std::mem::replace(
+                batch,
+                Vec::with_capacity(n),
+            ))),
+        };
+        let Some(outgoing) = outgoing else { return };
+        if !self.client_gone && self.out.send(outgoing).await.is_err() {
             self.client_gone = true;
         }
     }
@@ -636,6 +644,8 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
                 .step(EventSink_TO::from_ptr(&mut sink, TD_Opaque))
                 .into_result();
             sink.step_time = None;
+            // A pause counts from the step's answer, not from after the send.
+            let answered = tokio::time::Instant::now();
             sink.send_batch().await;
             let next = match step {
                 Ok(step) => step.next(),
@@ -649,7 +659,7 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
                 Next::Ready => tokio::task::yield_now().await,
                 Next::Sleep(pause) => {
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = tokio::time::sleep_until(answered + pause) => {}
                         _ = control.stopped.notified() => {}
                     }
                 }
