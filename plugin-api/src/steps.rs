@@ -16,7 +16,8 @@
 //! - [`Step::READY`]: call again as soon as what this step emitted is sent;
 //! - [`Step::sleep`]: call again after a pause (a paced model);
 //! - [`Step::PENDING`]: call again once the turn's [`Waker`] is woken, from
-//!   any thread;
+//!   any thread (a wake may also come with nothing new ready, a late one
+//!   from before the last step: answer `PENDING` again);
 //! - [`Step::DONE`]: the turn is over.
 //!
 //! A step must not block: it runs on a worker that serves many connections.

@@ -373,6 +373,13 @@ async fn drive(
         let swap = swap.clone();
         tasks.push(tokio::spawn(async move {
             let gaps = gaps.then_some(steady);
+            if gaps.is_some() {
+                // Paced clients start spread over one token interval, as
+                // people do not all press enter in the same millisecond;
+                // otherwise 1,000 streams tick in lockstep for the whole run.
+                let spread = PACING.as_micros() as u64 * c as u64 / connections as u64;
+                tokio::time::sleep(Duration::from_micros(spread)).await;
+            }
             client(addr, c, deadline, gaps, swap).await
         }));
     }
@@ -420,6 +427,9 @@ async fn reload_once(host: &Host) -> Result<(Instant, Instant), String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The paced scenario's pause between tokens (`delay_ms = 20`).
+const PACING: Duration = Duration::from_millis(20);
 
 /// Gaps between tokens are measured from this long after the start.
 const GAP_WARMUP: Duration = Duration::from_secs(1);
