@@ -1,6 +1,7 @@
 //! One WebSocket connection: reads client frames, queues prompts, runs the
-//! session's turns one at a time, and writes frames through one bounded
-//! channel to a writer task that coalesces flushes.
+//! session's turns one at a time, and writes frames through the connection's
+//! [`Outbox`], where whoever has frames (a turn, the reader) writes them all
+//! and flushes once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,18 +27,54 @@ use crate::session::{self, Loaded};
 use crate::turn::{self, Prompt, TurnControl};
 use crate::HostState;
 
-/// Frames (or batches of a stepped turn's frames) buffered between the
-/// producers (turns, the reader) and the socket. When it is full, producers
-/// wait: that bounds memory per slow client.
-const OUTGOING_FRAMES: usize = 64;
+/// The socket's sending half, shared by whoever has frames to send: the turn
+/// running on the connection (its frames, a step's or a batch's at a time)
+/// and the reader (diagnostics, pings, close). A writer takes the lock,
+/// feeds its frames and flushes once; the lock is fair, so frames go out in
+/// the order their writers came. A client that reads slowly makes writers
+/// wait in the flush: it cannot grow the host's memory.
+pub struct Outbox {
+    socket: tokio::sync::Mutex<Option<BoxedSink>>,
+}
 
-/// What goes into a connection's writer task.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// One frame.
-    One(WsMessage),
-    /// The frames one step of a stepped turn emitted, in order.
-    Many(Vec<WsMessage>),
+type BoxedSink = std::pin::Pin<Box<dyn futures_util::Sink<WsMessage, Error = WsError> + Send>>;
+
+impl Outbox {
+    fn new(sink: impl futures_util::Sink<WsMessage, Error = WsError> + Send + 'static) -> Self {
+        Self {
+            socket: tokio::sync::Mutex::new(Some(Box::pin(sink))),
+        }
+    }
+
+    /// Sends `frames` with one flush; answers false once the socket is gone
+    /// (failed, or closed by the host), and the frames are dropped.
+    pub async fn send(&self, frames: impl IntoIterator<Item = WsMessage>) -> bool {
+        let mut socket = self.socket.lock().await;
+        let Some(sink) = socket.as_mut() else {
+            return false;
+        };
+        let mut closing = false;
+        for frame in frames {
+            closing = frame.is_close();
+            if sink.feed(frame).await.is_err() {
+                *socket = None;
+                return false;
+            }
+        }
+        if sink.flush().await.is_err() || closing {
+            // Nothing is sent after a close frame.
+            *socket = None;
+            return !closing;
+        }
+        true
+    }
+
+    /// Closes the socket if the host has not closed it.
+    async fn finish(&self) {
+        if let Some(mut sink) = self.socket.lock().await.take() {
+            let _ = sink.close().await;
+        }
+    }
 }
 
 /// How long a new connection waits for a turn of its session that is still
@@ -83,8 +120,8 @@ pub struct Connection {
     pub store: Mutex<String>,
     /// Frame writer.
     pub framer: Framer,
-    /// Into the writer task.
-    pub out: mpsc::Sender<Outgoing>,
+    /// Where every frame of the connection goes.
+    pub out: Outbox,
     /// The last sequence number sent (turns update it as they stream).
     pub last_sequence: Arc<AtomicU64>,
     /// Turns of the session known to this connection.
@@ -107,10 +144,9 @@ impl Connection {
         self.last_sequence.load(Ordering::Relaxed)
     }
 
-    /// Queues a frame for the socket, waiting while the channel is full.
-    /// A closed socket drops it.
+    /// Sends a frame. A closed socket drops it.
     pub async fn send(&self, frame: String) {
-        let _ = self.out.send(Outgoing::One(WsMessage::text(frame))).await;
+        self.out.send([WsMessage::text(frame)]).await;
     }
 
     /// An `interaction.diagnostic` outside any turn (it carries the current
@@ -175,8 +211,6 @@ where
     };
     let max_queued = active.config.server.max_queued_prompts;
     let (ws_tx, ws_rx) = ws.split();
-    let (out, out_rx) = mpsc::channel(OUTGOING_FRAMES);
-    let writer = tokio::spawn(write_frames(ws_tx, out_rx));
 
     let conn = Arc::new(Connection {
         host: host.clone(),
@@ -188,7 +222,7 @@ where
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
         framer,
-        out,
+        out: Outbox::new(ws_tx),
         last_sequence: Arc::new(AtomicU64::new(0)),
         turns: AtomicU64::new(0),
     });
@@ -221,8 +255,7 @@ where
                 "store unavailable, try again later",
             )
             .await;
-            drop(conn);
-            let _ = writer.await;
+            conn.out.finish().await;
             return;
         }
     };
@@ -291,8 +324,7 @@ where
     if matches!(ended, Ended::Shutdown) {
         close(&conn, CloseCode::Away, "the server is shutting down").await;
     }
-    drop(conn);
-    let _ = writer.await;
+    conn.out.finish().await;
     tracing::debug!(session = %opening.session_id, "disconnected");
 }
 
@@ -404,7 +436,7 @@ where
                     }
                     if last_ping.elapsed() >= ping {
                         last_ping = std::time::Instant::now();
-                        let _ = conn.out.send(Outgoing::One(WsMessage::Ping(Default::default()))).await;
+                        conn.out.send([WsMessage::Ping(Default::default())]).await;
                     }
                 }
                 continue;
@@ -604,45 +636,5 @@ async fn close(conn: &Connection, code: CloseCode, reason: &str) {
         code,
         reason: reason.into(),
     };
-    let _ = conn
-        .out
-        .send(Outgoing::One(WsMessage::Close(Some(frame))))
-        .await;
-}
-
-/// Writes frames as they come, feeding every frame that is ready before one
-/// flush. Ends after a close frame, when the socket fails, or when every
-/// sender is gone.
-async fn write_frames<S>(mut socket: S, mut frames: mpsc::Receiver<Outgoing>)
-where
-    S: futures_util::Sink<WsMessage, Error = WsError> + Unpin,
-{
-    while let Some(next) = frames.recv().await {
-        let mut next = Some(next);
-        let mut closing = false;
-        while let Some(outgoing) = next.take() {
-            match outgoing {
-                Outgoing::One(frame) => {
-                    closing = frame.is_close();
-                    if socket.feed(frame).await.is_err() {
-                        return;
-                    }
-                }
-                Outgoing::Many(batch) => {
-                    for frame in batch {
-                        if socket.feed(frame).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            if !closing {
-                next = frames.try_recv().ok();
-            }
-        }
-        if socket.flush().await.is_err() || closing {
-            return;
-        }
-    }
-    let _ = socket.close().await;
+    conn.out.send([WsMessage::Close(Some(frame))]).await;
 }

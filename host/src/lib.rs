@@ -11,7 +11,7 @@
 //! - [`reload`]: watching files, two-phase reloads, what sessions are told.
 //! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions.
-//! - [`connection`]: one socket: reading frames, the prompt queue, the writer.
+//! - [`connection`]: one socket: reading frames, the prompt queue, the outbox.
 //! - [`auth`], [`limits`], [`metrics`]: API keys, caps and rates, Prometheus.
 //! - [`turn`]: one turn: store load, the model streaming through a sink, save.
 //! - [`session`]: the stored session document and store calls.

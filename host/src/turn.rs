@@ -24,7 +24,7 @@ use llm_host_plugin_api::{
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
-use crate::connection::{Connection, Outgoing};
+use crate::connection::{Connection, Outbox};
 use crate::metrics::metrics;
 use crate::protocol::{
     now_ms, Diagnostic, ErrorBody, Framer, Meta, ModelEvent, TurnEvent, SOURCE_HOST, SOURCE_MODEL,
@@ -112,11 +112,12 @@ impl Status {
 /// Runs on the adapter's blocking thread; none of its methods may panic (a
 /// panic here would cross the FFI boundary and abort the host).
 pub struct TurnSink {
-    out: mpsc::Sender<Outgoing>,
-    /// A stepped turn's frames, until its step returns and they are sent as
-    /// one batch; none for an adapter on the blocking pool, whose frames are
-    /// pushed one by one.
-    batch: Option<Vec<WsMessage>>,
+    /// For an adapter on the blocking pool: its frames go one by one into
+    /// this bounded channel, which the turn's task forwards to the socket.
+    out: Option<mpsc::Sender<WsMessage>>,
+    /// A stepped turn's frames, until its step returns and they are sent
+    /// together.
+    batch: Vec<WsMessage>,
     /// Where frames are written: each frame is split off as it is done, so
     /// the frames of a turn share a few allocations.
     frames: BytesMut,
@@ -181,31 +182,24 @@ impl TurnSink {
             // The framer writes JSON text only; never sent.
             Err(_) => return,
         };
-        match &mut self.batch {
-            Some(batch) => batch.push(frame),
-            None => {
-                if !self.client_gone && self.out.blocking_send(Outgoing::One(frame)).is_err() {
+        match &self.out {
+            Some(out) => {
+                if !self.client_gone && out.blocking_send(frame).is_err() {
                     self.client_gone = true;
                 }
             }
+            None => self.batch.push(frame),
         }
     }
 
-    /// Sends the frames a step emitted, as one batch (stepped turns).
-    async fn send_batch(&mut self) {
-        let Some(batch) = self.batch.as_mut().filter(|b| !b.is_empty()) else {
+    /// Sends the frames a step emitted, with one flush (stepped turns).
+    async fn send_batch(&mut self, outbox: &Outbox) {
+        if self.batch.is_empty() {
             return;
-        };
-        // A paced step makes one frame: it goes as it is, with no batch to allocate.
-        let outgoing = match batch.len() {
-            1 => batch.pop().map(Outgoing::One),
-            n => Some(Outgoing::Many(std::mem::replace(
-                batch,
-                Vec::with_capacity(n),
-            ))),
-        };
-        let Some(outgoing) = outgoing else { return };
-        if !self.client_gone && self.out.send(outgoing).await.is_err() {
+        }
+        if self.client_gone {
+            self.batch.clear();
+        } else if !outbox.send(self.batch.drain(..)).await {
             self.client_gone = true;
         }
     }
@@ -492,8 +486,8 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     }
     .to_json(&mut claimed.messages_json);
     let sink = TurnSink {
-        out: conn.out.clone(),
-        batch: None,
+        out: None,
+        batch: Vec::new(),
         frames: BytesMut::new(),
         step_time: None,
         framer: conn.framer,
@@ -521,7 +515,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
             claimed.owner.clone(),
         )
     });
-    let generated = generate(backend, request, sink).await;
+    let generated = generate(&conn.out, backend, request, sink).await;
     if let Some(lease) = lease {
         claimed.version = lease.stop().await;
     }
@@ -580,6 +574,7 @@ async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status
 /// sink back with the status, or nothing if the host's own sink code panicked
 /// (the adapter's panics are caught inside the plugin).
 async fn generate(
+    outbox: &Outbox,
     backend: Arc<ModelBackend>,
     request: serde_json::Result<String>,
     mut sink: TurnSink,
@@ -592,9 +587,11 @@ async fn generate(
         }
     };
     if backend.stepped {
-        return Some(step(&backend, &request, sink).await);
+        return Some(step(outbox, &backend, &request, sink).await);
     }
-    let joined = tokio::task::spawn_blocking(move || {
+    let (frames, mut ready) = mpsc::channel(BLOCKING_FRAMES);
+    sink.out = Some(frames);
+    let adapter = tokio::task::spawn_blocking(move || {
         let result = backend
             .adapter
             .generate(
@@ -603,13 +600,32 @@ async fn generate(
             )
             .into_result();
         let status = sink.close(result);
+        sink.out = None;
         (sink, status)
-    })
-    .await;
-    joined
+    });
+    // Forward the adapter's frames as they come, every frame that is ready
+    // with one flush, until it returns and its last frames are out.
+    let mut batch = Vec::new();
+    while let Some(frame) = ready.recv().await {
+        batch.push(frame);
+        while let Ok(frame) = ready.try_recv() {
+            batch.push(frame);
+        }
+        if !outbox.send(batch.drain(..)).await {
+            // The socket is gone: the adapter's next frame finds the
+            // channel closed and its sink answers stop.
+            ready.close();
+        }
+    }
+    adapter
+        .await
         .map_err(|err| tracing::error!(error = %err, "turn task failed"))
         .ok()
 }
+
+/// Frames an adapter on the blocking pool may have waiting for the socket
+/// before it waits itself.
+const BLOCKING_FRAMES: usize = 64;
 
 /// Wakes a stepped turn whose step answered pending.
 struct StepWaker(Arc<Notify>);
@@ -624,8 +640,13 @@ impl TurnWaker for StepWaker {
 /// Runs a stepped adapter's turn on this task: each step's frames go out as
 /// one batch, its pauses and pending waits end early when the turn is
 /// cancelled, and the stepper is dropped as soon as the turn stops.
-async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (TurnSink, Status) {
-    sink.batch = Some(Vec::with_capacity(96));
+async fn step(
+    outbox: &Outbox,
+    backend: &ModelBackend,
+    request: &str,
+    mut sink: TurnSink,
+) -> (TurnSink, Status) {
+    sink.batch.reserve(96);
     let control = sink.cancel.clone();
     let woken = Arc::new(Notify::new());
     let waker = TurnWaker_TO::from_value(StepWaker(woken.clone()), TD_Opaque);
@@ -646,7 +667,7 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
             sink.step_time = None;
             // A pause counts from the step's answer, not from after the send.
             let answered = tokio::time::Instant::now();
-            sink.send_batch().await;
+            sink.send_batch(outbox).await;
             let next = match step {
                 Ok(step) => step.next(),
                 Err(err) => break Err(err),
@@ -679,7 +700,7 @@ async fn step(backend: &ModelBackend, request: &str, mut sink: TurnSink) -> (Tur
         },
     };
     let status = sink.close(result);
-    sink.send_batch().await;
+    sink.send_batch(outbox).await;
     (sink, status)
 }
 
