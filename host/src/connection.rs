@@ -49,7 +49,11 @@ impl Outbox {
     /// Sends `frames` with one flush; answers false once the socket is gone
     /// (failed, or closed by the host), and the frames are dropped.
     pub async fn send(&self, frames: impl IntoIterator<Item = WsMessage>) -> bool {
-        let mut socket = self.socket.lock().await;
+        // Usually nobody else is writing: take the lock without queueing.
+        let mut socket = match self.socket.try_lock() {
+            Ok(socket) => socket,
+            Err(_) => self.socket.lock().await,
+        };
         let Some(sink) = socket.as_mut() else {
             return false;
         };

@@ -650,6 +650,9 @@ async fn step(
     let control = sink.cancel.clone();
     let woken = Arc::new(Notify::new());
     let waker = TurnWaker_TO::from_value(StepWaker(woken.clone()), TD_Opaque);
+    // Registered once for the whole turn, not at every pause.
+    let stopped = control.stopped.notified();
+    tokio::pin!(stopped);
     let result = match backend
         .adapter
         .start(RStr::from(request), waker)
@@ -681,13 +684,13 @@ async fn step(
                 Next::Sleep(pause) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(answered + pause) => {}
-                        _ = control.stopped.notified() => {}
+                        _ = &mut stopped => {}
                     }
                 }
                 Next::Pending => {
                     tokio::select! {
                         _ = woken.notified() => {}
-                        _ = control.stopped.notified() => {}
+                        _ = &mut stopped => {}
                     }
                 }
                 Next::Unknown(kind) => {
