@@ -547,10 +547,12 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
             status = Status::Failed;
         }
     }
-    end_turn(conn, end_sequence, &interaction_id, status).await;
+    // Counted before the turn's last frame goes out: a client that reads
+    // the metrics after it finds the turn in them.
     metrics()
         .turn_seconds
         .observe(started.elapsed().as_secs_f64());
+    end_turn(conn, end_sequence, &interaction_id, status).await;
 }
 
 async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status: Status) {
