@@ -57,6 +57,7 @@ struct RawServer {
     ping_interval_secs: u64,
     turn_timeout_secs: u64,
     shutdown_grace_secs: u64,
+    write_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -73,6 +74,7 @@ impl Default for RawServer {
             ping_interval_secs: 30,
             turn_timeout_secs: 600,
             shutdown_grace_secs: 30,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -158,6 +160,9 @@ pub struct ServerConfig {
     pub turn_timeout_secs: u64,
     /// On shutdown, how long running turns may go on before they are cancelled.
     pub shutdown_grace_secs: u64,
+    /// Drop a connection whose client takes no frame for this long while
+    /// the host has frames for it; at least 1.
+    pub write_timeout_secs: u64,
 }
 
 /// An API key.
@@ -339,6 +344,7 @@ impl Config {
                 ping_interval_secs: raw.server.ping_interval_secs,
                 turn_timeout_secs: raw.server.turn_timeout_secs,
                 shutdown_grace_secs: raw.server.shutdown_grace_secs,
+                write_timeout_secs: raw.server.write_timeout_secs.max(1),
             },
             auth,
             plugins: PluginsConfig {

@@ -32,45 +32,109 @@ use crate::HostState;
 /// and the reader (diagnostics, pings, close). A writer takes the lock,
 /// feeds its frames and flushes once; the lock is fair, so frames go out in
 /// the order their writers came. A client that reads slowly makes writers
-/// wait in the flush: it cannot grow the host's memory.
+/// wait in the flush: it cannot grow the host's memory; one that takes
+/// nothing for `server.write_timeout_secs` is dropped.
+///
+/// It also keeps the connection's last sequence number, advanced under the
+/// lock once a turn's frames are handed to the socket: a diagnostic stamped
+/// with it never names a frame the client has not been sent.
 pub struct Outbox {
     socket: tokio::sync::Mutex<Option<BoxedSink>>,
+    sequence: Arc<AtomicU64>,
+    /// How long a write may wait for a client that takes nothing.
+    timeout: Duration,
+    /// Told when a write fails or times out: the reader ends the connection.
+    gone: tokio::sync::Notify,
 }
 
 type BoxedSink = std::pin::Pin<Box<dyn futures_util::Sink<WsMessage, Error = WsError> + Send>>;
 
 impl Outbox {
-    fn new(sink: impl futures_util::Sink<WsMessage, Error = WsError> + Send + 'static) -> Self {
+    fn new(
+        sink: impl futures_util::Sink<WsMessage, Error = WsError> + Send + 'static,
+        sequence: Arc<AtomicU64>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             socket: tokio::sync::Mutex::new(Some(Box::pin(sink))),
+            sequence,
+            timeout,
+            gone: tokio::sync::Notify::new(),
+        }
+    }
+
+    async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<BoxedSink>> {
+        // Usually nobody else is writing: take the lock without queueing.
+        match self.socket.try_lock() {
+            Ok(socket) => socket,
+            Err(_) => self.socket.lock().await,
         }
     }
 
     /// Sends `frames` with one flush; answers false once the socket is gone
-    /// (failed, or closed by the host), and the frames are dropped.
+    /// (failed, timed out, or closed by the host), and the frames are dropped.
     pub async fn send(&self, frames: impl IntoIterator<Item = WsMessage>) -> bool {
-        // Usually nobody else is writing: take the lock without queueing.
-        let mut socket = match self.socket.try_lock() {
-            Ok(socket) => socket,
-            Err(_) => self.socket.lock().await,
-        };
+        self.write(&mut *self.lock().await, frames).await
+    }
+
+    /// Sends a turn's frames numbered up to `through`, and records that
+    /// number as the connection's last (even if the client is gone: the
+    /// numbers are used).
+    pub async fn send_numbered(
+        &self,
+        frames: impl IntoIterator<Item = WsMessage>,
+        through: u64,
+    ) -> bool {
+        let mut socket = self.lock().await;
+        let sent = self.write(&mut socket, frames).await;
+        self.sequence.fetch_max(through, Ordering::Relaxed);
+        sent
+    }
+
+    /// Sends the frame `frame` makes from the connection's last sequence
+    /// number, read under the lock.
+    pub async fn send_stamped(&self, frame: impl FnOnce(u64) -> WsMessage) -> bool {
+        let mut socket = self.lock().await;
+        let frame = frame(self.sequence.load(Ordering::Relaxed));
+        self.write(&mut socket, [frame]).await
+    }
+
+    /// Sends a close frame; nothing is sent after it.
+    async fn close(&self, frame: CloseFrame) {
+        let mut socket = self.lock().await;
+        self.write(&mut socket, [WsMessage::Close(Some(frame))])
+            .await;
+        *socket = None;
+    }
+
+    /// Feeds `frames` and flushes once, within the write timeout; a failure
+    /// leaves the socket gone and tells the reader.
+    async fn write(
+        &self,
+        socket: &mut Option<BoxedSink>,
+        frames: impl IntoIterator<Item = WsMessage>,
+    ) -> bool {
         let Some(sink) = socket.as_mut() else {
             return false;
         };
-        let mut closing = false;
-        for frame in frames {
-            closing = frame.is_close();
-            if sink.feed(frame).await.is_err() {
-                *socket = None;
-                return false;
+        let written = tokio::time::timeout(self.timeout, async {
+            for frame in frames {
+                sink.feed(frame).await?;
             }
-        }
-        if sink.flush().await.is_err() || closing {
-            // Nothing is sent after a close frame.
+            sink.flush().await
+        })
+        .await;
+        let sent = matches!(written, Ok(Ok(())));
+        if !sent {
             *socket = None;
-            return !closing;
+            self.gone.notify_one();
         }
-        true
+        sent
+    }
+
+    /// Waits until a write failed or timed out.
+    async fn failed(&self) {
+        self.gone.notified().await;
     }
 
     /// Closes the socket if the host has not closed it.
@@ -126,7 +190,8 @@ pub struct Connection {
     pub framer: Framer,
     /// Where every frame of the connection goes.
     pub out: Outbox,
-    /// The last sequence number sent (turns update it as they stream).
+    /// The last sequence number handed to the socket (the outbox advances it
+    /// as a turn's frames go out).
     pub last_sequence: Arc<AtomicU64>,
     /// Turns of the session known to this connection.
     pub turns: AtomicU64,
@@ -166,8 +231,12 @@ impl Connection {
     }
 
     async fn send_entry(&self, entry: &DiagnosticEntry<'_>) {
-        let meta = Meta::now(self.sequence(), SOURCE_HOST, None);
-        self.send(self.framer.diagnostic(entry, &meta)).await;
+        self.out
+            .send_stamped(|sequence| {
+                let meta = Meta::now(sequence, SOURCE_HOST, None);
+                WsMessage::text(self.framer.diagnostic(entry, &meta))
+            })
+            .await;
     }
 }
 
@@ -215,6 +284,7 @@ where
     };
     let max_queued = active.config.server.max_queued_prompts;
     let (ws_tx, ws_rx) = ws.split();
+    let last_sequence = Arc::new(AtomicU64::new(0));
 
     let conn = Arc::new(Connection {
         host: host.clone(),
@@ -226,8 +296,12 @@ where
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
         framer,
-        out: Outbox::new(ws_tx),
-        last_sequence: Arc::new(AtomicU64::new(0)),
+        out: Outbox::new(
+            ws_tx,
+            last_sequence.clone(),
+            Duration::from_secs(active.config.server.write_timeout_secs),
+        ),
+        last_sequence,
         turns: AtomicU64::new(0),
     });
 
@@ -412,6 +486,10 @@ where
                     Err(broadcast::error::RecvError::Closed) => {}
                 }
                 continue;
+            }
+            () = conn.out.failed() => {
+                tracing::debug!(session = %conn.session_id, "the client takes no frames; dropping");
+                return Ended::ClientGone;
             }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
@@ -640,5 +718,5 @@ async fn close(conn: &Connection, code: CloseCode, reason: &str) {
         code,
         reason: reason.into(),
     };
-    conn.out.send([WsMessage::Close(Some(frame))]).await;
+    conn.out.close(frame).await;
 }

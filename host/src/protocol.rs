@@ -291,7 +291,9 @@ pub struct Framer {
 }
 
 impl Framer {
-    /// An `interaction.model` frame.
+    /// An `interaction.model` frame through serde: the reference
+    /// [`Framer::write_model`] is tested against.
+    #[cfg(test)]
     pub fn model(&self, event: &ModelEvent<'_>, meta: &Meta<'_>) -> String {
         self.frame("model", false, event, meta)
     }

@@ -2,14 +2,14 @@
 //!
 //! A model adapter runs with a [`TurnSink`] that turns each event into a
 //! frame on the spot. A stepped adapter (`ModelAdapter::stepped`) runs on the
-//! turn's own task: each step's frames go into the connection's bounded
-//! outgoing channel as one batch when the step returns, and its pauses are
-//! the runtime's timers. Any other adapter runs on the blocking pool, its
-//! sink pushing each frame into the channel. Either way, when the client
-//! reads slowly the channel fills and the turn waits, so a slow client cannot
-//! grow the host's memory. Cancel (a command, or the socket closing) makes
-//! the sink answer [`Flow::STOP`], and the adapter returns at its next event
-//! (a stepped turn is dropped at once).
+//! turn's own task: when a step returns, its frames go to the connection's
+//! [`Outbox`] with one flush, and its pauses are the runtime's timers. Any
+//! other adapter runs on the blocking pool, its sink pushing each frame into
+//! a bounded channel that the turn's task forwards to the outbox. Either
+//! way, when the client reads slowly the turn waits (and a blocking adapter
+//! with it), so a slow client cannot grow the host's memory. Cancel (a
+//! command, or the socket closing) makes the sink answer [`Flow::STOP`], and
+//! the adapter returns at its next event (a stepped turn is dropped at once).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -106,18 +106,22 @@ impl Status {
     }
 }
 
-/// Where a turn's model events go: frames into the connection's channel, and
-/// the assistant message assembled from them.
+/// Where a turn's model events go: frames for the socket, and the assistant
+/// message assembled from them.
 ///
-/// Runs on the adapter's blocking thread; none of its methods may panic (a
-/// panic here would cross the FFI boundary and abort the host).
+/// Runs where the adapter runs (a blocking thread, or the turn's task for a
+/// stepped adapter); none of its methods may panic (a panic here would cross
+/// the FFI boundary and abort the host).
 pub struct TurnSink {
-    /// For an adapter on the blocking pool: its frames go one by one into
-    /// this bounded channel, which the turn's task forwards to the socket.
-    out: Option<mpsc::Sender<WsMessage>>,
+    /// For an adapter on the blocking pool: its frames, with their sequence
+    /// numbers, go one by one into this bounded channel, which the turn's
+    /// task forwards to the socket.
+    out: Option<mpsc::Sender<(u64, WsMessage)>>,
     /// A stepped turn's frames, until its step returns and they are sent
-    /// together.
+    /// together (at most [`STEP_FRAMES`]).
     batch: Vec<WsMessage>,
+    /// Set when a step emitted more than [`STEP_FRAMES`] events.
+    step_overflowed: bool,
     /// Where frames are written: each frame is split off as it is done, so
     /// the frames of a turn share a few allocations.
     frames: BytesMut,
@@ -126,7 +130,6 @@ pub struct TurnSink {
     step_time: Option<u64>,
     framer: Framer,
     cancel: Arc<TurnControl>,
-    conn_sequence: Arc<std::sync::atomic::AtomicU64>,
     interaction_id: String,
     /// The last sequence number used.
     sequence: u64,
@@ -146,7 +149,10 @@ pub struct TurnSink {
 
 impl TurnSink {
     fn stopped(&self) -> bool {
-        self.client_gone || self.outcome.is_some() || self.cancel.is_cancelled()
+        self.client_gone
+            || self.outcome.is_some()
+            || self.cancel.is_cancelled()
+            || self.batch.len() >= STEP_FRAMES
     }
 
     fn flow(&self) -> Flow {
@@ -176,7 +182,6 @@ impl TurnSink {
             self.frames.reserve(FRAME_CHUNK);
         }
         self.framer.write_model(&mut self.frames, event, &meta);
-        self.conn_sequence.store(self.sequence, Ordering::Relaxed);
         let frame = match Utf8Bytes::try_from(self.frames.split().freeze()) {
             Ok(text) => WsMessage::Text(text),
             // The framer writes JSON text only; never sent.
@@ -184,7 +189,7 @@ impl TurnSink {
         };
         match &self.out {
             Some(out) => {
-                if !self.client_gone && out.blocking_send(frame).is_err() {
+                if !self.client_gone && out.blocking_send((self.sequence, frame)).is_err() {
                     self.client_gone = true;
                 }
             }
@@ -194,12 +199,18 @@ impl TurnSink {
 
     /// Sends the frames a step emitted, with one flush (stepped turns).
     async fn send_batch(&mut self, outbox: &Outbox) {
+        if self.batch.len() >= STEP_FRAMES {
+            self.step_overflowed = true;
+        }
         if self.batch.is_empty() {
             return;
         }
-        if self.client_gone {
-            self.batch.clear();
-        } else if !outbox.send(self.batch.drain(..)).await {
+        // To a socket already gone, the frames are dropped (their numbers
+        // still count as used).
+        if !outbox
+            .send_numbered(self.batch.drain(..), self.sequence)
+            .await
+        {
             self.client_gone = true;
         }
     }
@@ -488,11 +499,11 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
     let sink = TurnSink {
         out: None,
         batch: Vec::new(),
+        step_overflowed: false,
         frames: BytesMut::new(),
         step_time: None,
         framer: conn.framer,
         cancel,
-        conn_sequence: conn.last_sequence.clone(),
         interaction_id: interaction_id.clone(),
         sequence: claimed.doc.last_sequence,
         started: false,
@@ -511,6 +522,7 @@ pub async fn run(conn: &Connection, prompt: Prompt, cancel: Arc<TurnControl>) {
             conn,
             &store,
             claimed.doc.clone(),
+            claimed.messages_json.clone(),
             claimed.version,
             claimed.owner.clone(),
         )
@@ -560,7 +572,6 @@ async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status
         .turns
         .get_or_create(&[("status", status.as_str())])
         .inc();
-    conn.last_sequence.fetch_max(sequence, Ordering::Relaxed);
     let meta = Meta::now(sequence, SOURCE_HOST, Some(interaction_id));
     let frame = conn.framer.turn(
         &TurnEvent::End {
@@ -569,7 +580,9 @@ async fn end_turn(conn: &Connection, sequence: u64, interaction_id: &str, status
         },
         &meta,
     );
-    conn.send(frame).await;
+    conn.out
+        .send_numbered([WsMessage::text(frame)], sequence)
+        .await;
 }
 
 /// Runs the adapter, in steps on this task or on the blocking pool; gives the
@@ -585,6 +598,7 @@ async fn generate(
         Ok(json) => json,
         Err(err) => {
             let status = sink.close(Err(PluginError::internal(err.to_string())));
+            sink.send_batch(outbox).await;
             return Some((sink, status));
         }
     };
@@ -608,12 +622,13 @@ async fn generate(
     // Forward the adapter's frames as they come, every frame that is ready
     // with one flush, until it returns and its last frames are out.
     let mut batch = Vec::new();
-    while let Some(frame) = ready.recv().await {
+    while let Some((mut through, frame)) = ready.recv().await {
         batch.push(frame);
-        while let Ok(frame) = ready.try_recv() {
+        while let Ok((sequence, frame)) = ready.try_recv() {
             batch.push(frame);
+            through = sequence;
         }
-        if !outbox.send(batch.drain(..)).await {
+        if !outbox.send_numbered(batch.drain(..), through).await {
             // The socket is gone: the adapter's next frame finds the
             // channel closed and its sink answers stop.
             ready.close();
@@ -628,6 +643,10 @@ async fn generate(
 /// Frames an adapter on the blocking pool may have waiting for the socket
 /// before it waits itself.
 const BLOCKING_FRAMES: usize = 64;
+
+/// The most events one step may emit: past it the sink answers stop, and the
+/// turn fails (a step emits what is ready, a few dozen events, and returns).
+pub const STEP_FRAMES: usize = 1024;
 
 /// Wakes a stepped turn whose step answered pending.
 struct StepWaker(Arc<Notify>);
@@ -674,6 +693,12 @@ async fn step(
             let answered = tokio::time::Instant::now();
             sink.send_batch(outbox).await;
             let next = match step {
+                Ok(_) if sink.step_overflowed => {
+                    break Err(PluginError::internal(format!(
+                        "a step emitted more than {STEP_FRAMES} events without returning; \
+                         a step emits what is ready and answers READY for more"
+                    )))
+                }
                 Ok(step) => step.next(),
                 Err(err) => break Err(err),
             };
@@ -861,13 +886,13 @@ impl Renewal {
         conn: &Connection,
         store: &Arc<StoreBackend>,
         mut doc: SessionDoc,
+        mut messages_json: MessagesJson,
         mut version: u64,
         owner: String,
     ) -> Self {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let (store, id) = (store.clone(), conn.session_id.clone());
         let task = tokio::spawn(async move {
-            let mut messages_json = MessagesJson::default();
             loop {
                 tokio::select! {
                     _ = &mut stopped => return version,

@@ -207,7 +207,7 @@ impl<T: Steps> TurnStepper for StepsShim<T> {
 }
 
 /// How often a turn run on a thread looks at the sink's cancel flag while it
-/// waits to be woken.
+/// pauses or waits to be woken.
 const CANCEL_CHECK: Duration = Duration::from_millis(50);
 
 /// Runs a stepped turn to its end on the calling thread: pauses sleep it,
@@ -224,7 +224,17 @@ fn run_here<T: Steps>(
         match turn.step(sink)?.next() {
             Next::Done => return Ok(()),
             Next::Ready => {}
-            Next::Sleep(pause) => std::thread::sleep(pause),
+            Next::Sleep(pause) => {
+                // In slices, so that a cancel ends a long pause.
+                let until = std::time::Instant::now() + pause;
+                loop {
+                    let now = std::time::Instant::now();
+                    if now >= until || sink.is_cancelled() {
+                        break;
+                    }
+                    std::thread::sleep((until - now).min(CANCEL_CHECK));
+                }
+            }
             Next::Pending => {
                 while !signal.wait(CANCEL_CHECK) {
                     if sink.is_cancelled() {

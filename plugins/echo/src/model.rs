@@ -224,6 +224,9 @@ impl Steps for EchoTurn {
             if self.settings.panic_after == Some(sent) {
                 panic!("echo panicked after {sent} tokens, as its panic_after setting asks");
             }
+            if this_step == TOKENS_PER_STEP {
+                return Ok(Step::READY);
+            }
             if let Some(feed) = &self.feed {
                 if self.sent >= feed.ready.load(Ordering::Acquire) {
                     return Ok(Step::PENDING);
@@ -235,8 +238,6 @@ impl Steps for EchoTurn {
                     return Ok(Step::sleep(due - now));
                 }
                 self.due = Some(due + delay);
-            } else if this_step == TOKENS_PER_STEP {
-                return Ok(Step::READY);
             }
             if sink.text(token).is_stop() {
                 return Ok(Step::DONE);

@@ -150,3 +150,47 @@ async fn a_pending_turn_streams_when_woken_and_can_be_cancelled() {
     assert!(turn.deltas().len() < 40, "{}", turn.dump());
     assert_contiguous(&turn, last + 1);
 }
+
+// A step that emits far more than it should before returning is cut off at
+// the host's limit: the turn fails with an error that says why, what was
+// sent stays contiguous, and the session goes on.
+#[tokio::test]
+async fn a_step_that_floods_is_cut_off() {
+    let mut config = Config {
+        extra: "[models.flood]\nplugin = \"broken\"\nsettings = { stepped = true, flood = 5000 }\n"
+            .to_owned(),
+        ..Config::default()
+    };
+    config.models.retain(|(name, _)| name == "echo");
+    let mut plugins = STANDARD_PLUGINS.to_vec();
+    plugins.push(Plugin::Broken);
+    let workdir = Workdir::new(&plugins);
+    workdir.write_config(&config.to_toml());
+    let host = Host::start_in(workdir, &[]);
+    let mut client = host.connect_command("/v1/ws?model=flood").await;
+    client.next_json().await;
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "go"}))
+        .await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "failed", "{}", turn.dump());
+    let error = turn
+        .model_event("error")
+        .unwrap_or_else(|| panic!("no error: {}", turn.dump()));
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than 1024 events"), "{}", turn.dump());
+    assert!(
+        turn.deltas().len() <= 1024,
+        "{} deltas",
+        turn.deltas().len()
+    );
+    let last = assert_contiguous(&turn, 1);
+
+    client
+        .send_json(&json!({"type": "prompt", "text": "after", "model": "echo"}))
+        .await;
+    let next = client.read_turn().await;
+    assert_eq!(next.status(), "completed", "{}", next.dump());
+    assert_contiguous(&next, last + 1);
+}

@@ -360,3 +360,52 @@ async fn sigterm_lets_the_running_turn_finish_then_closes_with_1001() {
     assert!(status.success(), "{status}; log:\n{}", host.log());
     assert!(host.log().contains("stopped"), "{}", host.log());
 }
+
+// A client that stops reading while its turn streams is dropped after
+// server.write_timeout_secs: its turn is cancelled and saved with what it
+// had, and the host goes on serving everyone else.
+#[tokio::test]
+async fn a_client_that_takes_nothing_is_dropped_and_its_turn_saved() {
+    let mut config = with_server("write_timeout_secs = 1");
+    config
+        .models
+        .push(("huge".to_owned(), "{ tokens = 300000 }".to_owned()));
+    let host = Host::start(&config);
+    let mut stuck = host.connect("/v1/ws?session=stuck&model=huge").await;
+    stuck.next_json().await;
+    // The prompt goes out; nothing is read from here on.
+    stuck.send_text("go").await;
+
+    // The turn ends when the host gives up on the client, and is saved.
+    let bound = Instant::now() + Duration::from_secs(60);
+    let saved = loop {
+        let reply = http(host.addr(), "GET", "/v1/sessions/stuck").await;
+        if reply.status == 200 {
+            let session: serde_json::Value =
+                serde_json::from_str(&reply.body).expect("session JSON");
+            if session["messages"].as_array().map(Vec::len) == Some(2) {
+                break session;
+            }
+        }
+        assert!(
+            Instant::now() < bound,
+            "the stuck client's turn was never saved: {}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let answer = saved["messages"][1]["content"].as_str().unwrap_or_default();
+    let words = answer.split_whitespace().count();
+    assert!(
+        (1..300_000).contains(&words),
+        "a partial answer is saved: {words} words"
+    );
+
+    // Everyone else is served.
+    let mut other = host.connect("/v1/ws?model=short").await;
+    other.next_json().await;
+    other.send_text("hello").await;
+    let turn = other.read_turn().await;
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    drop(stuck);
+}
