@@ -24,8 +24,13 @@ fn start(delay_ms: u64, server: &str) -> Host {
         "threaded".to_owned(),
         "{ tokens = 40, delay_ms = 20, threaded = true }".to_owned(),
     ));
+    start_with(&config, Plugin::Template)
+}
+
+/// The host on `config`, with `plugin` beside the standard plugins.
+fn start_with(config: &Config, plugin: Plugin) -> Host {
     let mut plugins = STANDARD_PLUGINS.to_vec();
-    plugins.push(Plugin::Template);
+    plugins.push(plugin);
     let workdir = Workdir::new(&plugins);
     workdir.write_config(&config.to_toml());
     Host::start_in(workdir, &[])
@@ -162,11 +167,7 @@ async fn a_step_that_floods_is_cut_off() {
         ..Config::default()
     };
     config.models.retain(|(name, _)| name == "echo");
-    let mut plugins = STANDARD_PLUGINS.to_vec();
-    plugins.push(Plugin::Broken);
-    let workdir = Workdir::new(&plugins);
-    workdir.write_config(&config.to_toml());
-    let host = Host::start_in(workdir, &[]);
+    let host = start_with(&config, Plugin::Broken);
     let mut client = host.connect_command("/v1/ws?model=flood").await;
     client.next_json().await;
 
