@@ -249,7 +249,19 @@ pub fn parse_settings<T: DeserializeOwned>(settings: &str) -> Result<T, PluginEr
     } else {
         settings
     };
-    serde_json::from_str(text).map_err(|err| PluginError::invalid_settings(err.to_string()))
+    let mut json = serde_json::Deserializer::from_str(text);
+    let parsed = serde_path_to_error::deserialize(&mut json).map_err(|err| {
+        let path = err.path().to_string();
+        let err = err.into_inner();
+        PluginError::invalid_settings(if path == "." {
+            err.to_string()
+        } else {
+            format!("{path}: {err}")
+        })
+    })?;
+    json.end()
+        .map_err(|err| PluginError::invalid_settings(err.to_string()))?;
+    Ok(parsed)
 }
 
 #[doc(hidden)]
@@ -361,6 +373,26 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::INVALID_SETTINGS);
         assert!(err.message.contains("dela_ms"), "{}", err.message);
         assert!(parse_settings::<Settings>(r#"{"delay_ms": 3}"#).is_ok());
+        // A value of the wrong type names its key, nested keys by their path.
+        let err = parse_settings::<Settings>(r#"{"delay_ms": "3"}"#).expect_err("a string");
+        assert!(
+            err.message.starts_with("delay_ms: invalid type: string"),
+            "{}",
+            err.message
+        );
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Outer {
+            retry: Settings,
+        }
+        let err = parse_settings::<Outer>(r#"{"retry": {"delay_ms": -1}}"#).expect_err("negative");
+        assert!(
+            err.message.starts_with("retry.delay_ms: "),
+            "{}",
+            err.message
+        );
+        let err = parse_settings::<Settings>(r#"{"delay_ms": 3} x"#).expect_err("trailing");
+        assert!(err.message.contains("trailing"), "{}", err.message);
     }
 
     #[test]

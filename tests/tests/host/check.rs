@@ -377,7 +377,7 @@ fn refused_settings_are_reported_verbatim() {
         &exit,
         "FAIL",
         "model.construct",
-        "invalid_settings: invalid type: string \"many\"",
+        "invalid_settings: tokens: invalid type: string \"many\"",
     );
     assert_verdict(&exit, "SKIP", "model.cancel", "see construct");
     assert_verdict(&exit, "SKIP", "model.steps.cancel", "see construct");
