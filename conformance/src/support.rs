@@ -6,6 +6,10 @@
 //! developer's machine but fails it under CI, where it must be there.
 
 use std::fmt::Display;
+
+use llm_host_plugin_api::{
+    abi_stable::std_types::RStr, ListQuery, PluginError, SaveOutcome, StoreAdapterBox,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -77,6 +81,40 @@ pub fn env_or(name: &str, default: &str) -> String {
         Ok(value) if !value.trim().is_empty() => value,
         _ => default.to_owned(),
     }
+}
+
+/// The version `store` holds of session `id`, or none if it does not hold it.
+pub fn stored_version(store: &StoreAdapterBox, id: &str) -> Result<Option<u64>, PluginError> {
+    store
+        .load(RStr::from(id))
+        .into_result()
+        .map(|stored| stored.into_option().map(|stored| stored.version))
+}
+
+/// Saves an empty document (`{}`) as session `id` of `owner`, conditionally
+/// on `expected`; panics if the store fails.
+pub fn save_empty(store: &StoreAdapterBox, id: &str, expected: u64, owner: &str) -> SaveOutcome {
+    store
+        .save(id.into(), expected, owner.into(), "{}".into())
+        .into_result()
+        .expect("save")
+}
+
+/// The session ids the first page (up to 100) of `owner`'s lists; panics if
+/// the store fails.
+pub fn listed_ids(store: &StoreAdapterBox, owner: &str) -> Vec<String> {
+    store
+        .list(ListQuery {
+            owner: owner.into(),
+            after: "".into(),
+            limit: 100,
+        })
+        .into_result()
+        .expect("list")
+        .ids
+        .into_iter()
+        .map(|id| id.into_string())
+        .collect()
 }
 
 #[cfg(test)]

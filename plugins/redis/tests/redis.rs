@@ -9,11 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use llm_host_conformance::{store, support};
-use llm_host_plugin_api::{
-    self as api, abi_stable::std_types::RStr, ErrorKind, ListQuery, Plugin, PluginError,
-    SaveOutcome, StoreAdapterBox,
+use llm_host_conformance::support::{
+    listed_ids as list, save_empty as save, stored_version as load,
 };
+use llm_host_conformance::{store, support};
+use llm_host_plugin_api::{self as api, ErrorKind, Plugin, SaveOutcome, StoreAdapterBox};
 use llm_plugin_redis::{RedisPlugin, RedisSettings, RedisStore};
 
 fn url() -> String {
@@ -82,35 +82,6 @@ impl Drop for Server {
             }
         }
     }
-}
-
-fn load(store: &StoreAdapterBox, id: &str) -> Result<Option<u64>, PluginError> {
-    store
-        .load(RStr::from(id))
-        .into_result()
-        .map(|s| s.into_option().map(|s| s.version))
-}
-
-fn save(store: &StoreAdapterBox, id: &str, expected: u64, owner: &str) -> SaveOutcome {
-    store
-        .save(id.into(), expected, owner.into(), "{}".into())
-        .into_result()
-        .expect("save")
-}
-
-fn list(store: &StoreAdapterBox, owner: &str) -> Vec<String> {
-    store
-        .list(ListQuery {
-            owner: owner.into(),
-            after: "".into(),
-            limit: 100,
-        })
-        .into_result()
-        .expect("list")
-        .ids
-        .into_iter()
-        .map(|id| id.into_string())
-        .collect()
 }
 
 #[test]

@@ -5,10 +5,9 @@ use std::sync::Barrier;
 use std::thread::sleep;
 use std::time::Duration;
 
-use llm_host_conformance::store;
-use llm_host_plugin_api::{
-    abi_stable::std_types::RStr, ErrorKind, ListQuery, Plugin, SaveOutcome, StoreAdapterBox,
-};
+use llm_host_conformance::support::listed_ids as list;
+use llm_host_conformance::{store, support};
+use llm_host_plugin_api::{ErrorKind, Plugin, SaveOutcome, StoreAdapterBox};
 use llm_plugin_sqlite::SqlitePlugin;
 
 fn settings(dir: &tempfile::TempDir, extra: &str) -> String {
@@ -30,34 +29,11 @@ fn adapter(dir: &tempfile::TempDir, extra: &str) -> StoreAdapterBox {
 }
 
 fn version(store: &StoreAdapterBox, id: &str) -> Option<u64> {
-    store
-        .load(RStr::from(id))
-        .into_result()
-        .expect("load")
-        .into_option()
-        .map(|s| s.version)
+    support::stored_version(store, id).expect("load")
 }
 
 fn save(store: &StoreAdapterBox, id: &str, expected: u64) -> SaveOutcome {
-    store
-        .save(id.into(), expected, "k".into(), "{}".into())
-        .into_result()
-        .expect("save")
-}
-
-fn list(store: &StoreAdapterBox, owner: &str) -> Vec<String> {
-    store
-        .list(ListQuery {
-            owner: owner.into(),
-            after: "".into(),
-            limit: 100,
-        })
-        .into_result()
-        .expect("list")
-        .ids
-        .into_iter()
-        .map(|id| id.into_string())
-        .collect()
+    support::save_empty(store, id, expected, "k")
 }
 
 #[test]
