@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::protocol::Envelope;
+
 /// A config that could not be read or is invalid. The message names the file
 /// and the key.
 #[derive(Debug, thiserror::Error)]
@@ -15,17 +17,6 @@ pub struct ConfigError {
     pub path: PathBuf,
     /// What is wrong, naming the key.
     pub message: String,
-}
-
-/// How event frames are wrapped (PROTOCOL.md section 3).
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Envelope {
-    /// `{"name", "data": {kind, event, meta}}`, as the guide documents.
-    #[default]
-    Flat,
-    /// `{"name", "data": {"event": {kind, event, meta}}}`, as the library writes.
-    Nested,
 }
 
 #[derive(Deserialize, Debug)]
@@ -58,6 +49,10 @@ struct RawServer {
     turn_timeout_secs: u64,
     shutdown_grace_secs: u64,
     write_timeout_secs: u64,
+    lease_ms: u64,
+    lease_renew_ms: u64,
+    store_timeout_ms: u64,
+    max_turn_events: u64,
 }
 
 impl Default for RawServer {
@@ -75,6 +70,10 @@ impl Default for RawServer {
             turn_timeout_secs: 600,
             shutdown_grace_secs: 30,
             write_timeout_secs: 30,
+            lease_ms: 8_000,
+            lease_renew_ms: 2_000,
+            store_timeout_ms: 5_000,
+            max_turn_events: 1_000_000,
         }
     }
 }
@@ -163,6 +162,32 @@ pub struct ServerConfig {
     /// Drop a connection whose client takes no frame for this long while
     /// the host has frames for it; at least 1.
     pub write_timeout_secs: u64,
+    /// How long a turn's lease on a shared store holds without renewal, as
+    /// another host counts it: a session whose host died is served again
+    /// after at most this long.
+    pub lease_ms: u64,
+    /// How often a running turn renews its lease; a turn that gets no
+    /// renewal taken for `lease_ms - lease_renew_ms` stops (`lease_lost`).
+    pub lease_renew_ms: u64,
+    /// The longest any store call may take before it fails.
+    pub store_timeout_ms: u64,
+    /// Sequence numbers each turn reserves: the most events a turn may send.
+    pub max_turn_events: u64,
+}
+
+impl ServerConfig {
+    /// How the turn core runs turns under this config.
+    pub fn turn_settings(&self) -> crate::core::TurnSettings {
+        use std::time::Duration;
+        crate::core::TurnSettings {
+            lease: Duration::from_millis(self.lease_ms),
+            renew: Duration::from_millis(self.lease_renew_ms),
+            store_timeout: Duration::from_millis(self.store_timeout_ms),
+            turn_timeout: (self.turn_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.turn_timeout_secs)),
+            max_turn_events: self.max_turn_events,
+        }
+    }
 }
 
 /// An API key.
@@ -308,6 +333,35 @@ impl Config {
                 problems.push(format!("server.{key}: must be at least {least}"));
             }
         }
+        for (key, value, range) in [
+            ("lease_ms", raw.server.lease_ms, 100..=600_000),
+            ("lease_renew_ms", raw.server.lease_renew_ms, 50..=300_000),
+            (
+                "store_timeout_ms",
+                raw.server.store_timeout_ms,
+                10..=600_000,
+            ),
+            (
+                "max_turn_events",
+                raw.server.max_turn_events,
+                16..=1_000_000_000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "server.{key}: {value} is out of range ({}-{})",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        if raw.server.lease_renew_ms * 2 > raw.server.lease_ms {
+            problems.push(format!(
+                "server.lease_renew_ms: {} must be at most half of server.lease_ms ({}), so a \
+                 turn renews its lease at least twice before it could run out",
+                raw.server.lease_renew_ms, raw.server.lease_ms
+            ));
+        }
         let auth = auth(raw.auth, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
@@ -345,6 +399,10 @@ impl Config {
                 turn_timeout_secs: raw.server.turn_timeout_secs,
                 shutdown_grace_secs: raw.server.shutdown_grace_secs,
                 write_timeout_secs: raw.server.write_timeout_secs.max(1),
+                lease_ms: raw.server.lease_ms,
+                lease_renew_ms: raw.server.lease_renew_ms,
+                store_timeout_ms: raw.server.store_timeout_ms,
+                max_turn_events: raw.server.max_turn_events,
             },
             auth,
             plugins: PluginsConfig {
@@ -369,7 +427,7 @@ fn auth(raw: RawAuth, problems: &mut Vec<String>) -> AuthConfig {
     let mut keys: Vec<ApiKey> = Vec::new();
     for (i, key) in raw.keys.into_iter().enumerate() {
         let at = format!("auth.keys[{i}] (id `{}`)", key.id);
-        if !crate::session::valid_name(&key.id) {
+        if !crate::core::document::valid_name(&key.id) {
             problems.push(format!(
                 "{at}: ids are 1-128 characters of A-Z a-z 0-9 . _ : -"
             ));
@@ -422,7 +480,7 @@ fn adapters(
 ) -> BTreeMap<String, AdapterConfig> {
     raw.into_iter()
         .filter_map(|(name, adapter)| {
-            if !crate::session::valid_name(&name) {
+            if !crate::core::document::valid_name(&name) {
                 problems.push(format!(
                     "{section}.{name}: names are 1-128 characters of A-Z a-z 0-9 . _ : -"
                 ));

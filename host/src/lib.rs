@@ -1,110 +1,241 @@
 //! llm-host: a WebSocket server that hosts LLM sessions and loads its model
 //! backends and session stores as plugins.
 //!
-//! Layout:
-//! - [`config`]: config.toml, parsed strictly and validated.
-//! - [`plugins`]: finding, staging (content-hashed copies) and loading plugin
-//!   libraries; ABI and version checks with readable errors.
-//! - [`runtime`]: the active set of adapters built from config and plugins,
-//!   swapped whole.
-//! - [`check`]: `llm-host check`: a plugin library against the conformance suites.
-//! - [`reload`]: watching files, two-phase reloads, what sessions are told.
-//! - [`server`]: the listener and HTTP routes; the WebSocket upgrade.
-//! - [`admin`]: the HTTP API: plugins, config, reload, sessions.
-//! - [`connection`]: one socket: reading frames, the prompt queue, the outbox.
-//! - [`auth`], [`limits`], [`metrics`]: API keys, caps and rates, Prometheus.
-//! - [`turn`]: one turn: store load, the model streaming through a sink, save.
-//! - [`session`]: the stored session document and store calls.
-//! - [`protocol`]: commands in, frames out (PROTOCOL.md).
+//! Three places, and what sits between them:
+//!
+//! - [`core`]: the turn core. A session's turns claimed, run and saved:
+//!   ownership, leases, sequence numbers, commits. It knows no socket and no
+//!   plugin ABI; it talks through its [`core::ports`] (a session store, a
+//!   model, the client's frames) and is tested alone with fakes.
+//! - [`web`]: the network edge. Routes, the WebSocket upgrade, one task per
+//!   socket; turns client frames into prompts and writes the core's frames.
+//! - [`plugins`]: the plugin side. Loading libraries, the active set of
+//!   adapters, the core's ports over the FFI adapters, what reloads changed.
+//!
+//! Beside them: [`protocol`] (commands in, frames out: the wire format both
+//! the core and the edge write), [`config`] (config.toml, parsed strictly and
+//! validated), [`state`] (the running host: active set, reload, watcher),
+//! [`limits`] and [`metrics`]. [`check`] runs a plugin against the
+//! conformance suites for `llm-host check`.
+//!
+//! Imports point one way: `core` uses only `protocol` and `metrics`;
+//! `plugins` uses `core` and `config`; `state` uses `plugins`; `web` uses all
+//! of those; [`serve`] starts `state` and `web`.
 
-pub mod admin;
-pub mod auth;
 pub mod check;
 pub mod config;
-pub mod connection;
+pub mod core;
 pub mod limits;
 pub mod metrics;
 pub mod plugins;
 pub mod protocol;
-pub mod reload;
-pub mod runtime;
-pub mod server;
-pub mod session;
-pub mod turn;
+pub mod state;
+pub mod web;
 
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
-use crate::limits::{ConnectionSlots, TurnRate};
-use crate::plugins::Loader;
-use crate::reload::Reloader;
-use crate::runtime::Active;
-use crate::session::SessionLocks;
+pub use state::{BootError, HostState};
 
-/// Everything the host serves from. One per process, shared by every
-/// connection through an `Arc`; lives until the process ends.
-pub struct HostState {
-    /// The active adapters and config; a turn takes one snapshot and keeps it.
-    pub active: ArcSwap<Active>,
-    /// Per-session turn locks.
-    pub locks: SessionLocks,
-    /// Loads plugin libraries (and remembers every one it loaded).
-    pub loader: Loader,
-    /// Reload bookkeeping and the channel that tells sessions about reloads.
-    pub reloader: Reloader,
-    /// The config file the host was started with.
-    pub config_path: PathBuf,
-    /// This process's id among hosts sharing a store (in turn leases).
-    pub instance: String,
-    /// Open connections, against `server.max_connections`.
-    pub connections: ConnectionSlots,
-    /// Turns per minute per API key.
-    pub turn_rate: TurnRate,
-    /// Becomes true when the host starts shutting down.
-    pub shutdown: tokio::sync::watch::Sender<bool>,
-    /// The address the host listens on, once bound.
-    pub listening: std::sync::OnceLock<std::net::SocketAddr>,
-}
-
-/// Why the host could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// config.toml is unreadable or invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The config, plugins or adapters have problems; every one is listed.
-    #[error("{}", .0.join("\n"))]
-    Problems(Vec<String>),
-}
-
-impl HostState {
-    /// Reads the config at `path`, loads the plugin directory and builds every
-    /// configured adapter. Reports every problem at once.
-    pub fn boot(path: &Path) -> Result<Arc<HostState>, BootError> {
-        // The staging directory comes from the config; read it first (a
-        // config that does not even parse fails here, alone).
-        let config = match Config::load_checked(path) {
-            Ok((config, _)) => config,
-            Err(err) => return Err(BootError::Config(err)),
-        };
-        let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
-        let (catalog, active) =
-            Active::assemble(path, &loader, None).map_err(BootError::Problems)?;
-        let reloader = Reloader::new(&active.config, &catalog);
-        Ok(Arc::new(HostState {
-            active: ArcSwap::from_pointee(active),
-            locks: SessionLocks::default(),
-            loader,
-            reloader,
-            config_path: path.to_owned(),
-            instance: format!("host-{}", uuid::Uuid::new_v4()),
-            connections: ConnectionSlots::default(),
-            turn_rate: TurnRate::default(),
-            shutdown: tokio::sync::watch::channel(false).0,
-            listening: std::sync::OnceLock::new(),
-        }))
+/// Serves `host` on `listener` until `shutdown` resolves, then drains: no
+/// new connections; each open one lets its running turn finish (up to
+/// `server.shutdown_grace_secs`), saves it, and closes with 1001.
+pub async fn serve(
+    host: Arc<HostState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Ok(bound) = listener.local_addr() {
+        let _ = host.listening.set(bound);
     }
+    {
+        let active = host.active.load();
+        tracing::info!(
+            models = ?active.models.keys().collect::<Vec<_>>(),
+            default_model = %active.config.default_model,
+            store = %active.config.default_store,
+            "llm-host {} ready",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    let plugins = host.active.load().config.plugins.clone();
+    if plugins.watch {
+        let debounce = Duration::from_millis(plugins.debounce_ms);
+        if let Err(err) = state::watch(host.clone(), debounce) {
+            tracing::error!("{err}; reload with SIGHUP or POST /v1/reload");
+        }
+    }
+    reload_on_hangup(host.clone());
+    if let Some(bound) = host.listening.get() {
+        tracing::info!("listening on {bound}");
+    }
+    let trigger = host.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = trigger.send(true);
+    });
+    let mut stopping = host.shutdown.subscribe();
+    let stop_accepting = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    web::server::serve(listener, host.clone(), stop_accepting).await;
+    let grace = host.active.load().config.server.shutdown_grace_secs;
+    tracing::info!(
+        connections = host.connections.open(),
+        grace_secs = grace,
+        "shutting down: finishing running turns"
+    );
+    let drained =
+        tokio::time::timeout(Duration::from_secs(grace + 5), host.connections.drained()).await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = host.connections.open(),
+            "connections still open after the grace period; stopping anyway"
+        );
+    }
+    tracing::info!("stopped");
+}
+
+/// `llm-host`: boots the host from the config at `config`, listens on
+/// `listen` (or `[server] listen`), and serves until SIGINT or SIGTERM.
+pub fn run(config: &Path, listen: Option<SocketAddr>) -> ExitCode {
+    let host = match HostState::boot(config) {
+        Ok(host) => host,
+        Err(err) => {
+            eprintln!("llm-host: cannot start:\n{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listen.unwrap_or(host.active.load().config.server.listen);
+    if let Some(problem) = host.active.load().config.auth.exposure_problem(addr) {
+        eprintln!("llm-host: cannot start:\n{problem}");
+        return ExitCode::FAILURE;
+    }
+    // Each running turn of a blocking model holds one blocking thread while
+    // it streams (on HTTP, on llama.cpp, on its pacing), so the pool must
+    // allow as many as turns may run at once: one per connection.
+    let max_connections = host.active.load().config.server.max_connections;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(max_connections.clamp(512, 16_384) + 64)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llm-host: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        let listener = match web::server::bind(addr) {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("llm-host: cannot listen on {addr}: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        serve(host, listener, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    });
+    // Models still running on blocking threads were told to stop; do not
+    // wait long for one that does not listen.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
+}
+
+/// Logs to stderr: human-readable, or one JSON object per line when
+/// `LLM_HOST_LOG_FORMAT=json`. `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LLM_HOST_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// SIGHUP reloads config.toml and the plugin directory.
+fn reload_on_hangup(host: Arc<HostState>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let _ = state::reload(&host, "SIGHUP").await;
+        }
+    });
+}
+
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// `llm-host plugins`: what the plugin directory provides.
+pub fn list_plugins(config: &Path) -> ExitCode {
+    let config = match config::Config::load(config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("llm-host: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loader =
+        plugins::loader::Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
+    let catalog = loader.scan(&config.plugins.dir);
+    println!("plugin directory: {}", config.plugins.dir.display());
+    let mut plugins: Vec<_> = catalog.plugins.values().collect();
+    plugins.sort_by(|a, b| a.name.cmp(&b.name));
+    if plugins.is_empty() {
+        println!("no plugins loaded");
+    }
+    for plugin in plugins {
+        println!(
+            "{:<12} {:<8} {:<12} plugin-api {:<7} {}  {}  {}",
+            plugin.name,
+            plugin.version,
+            plugin.kinds.names().join("+"),
+            plugin.api_version,
+            plugin.short_hash(),
+            plugin.file.display(),
+            plugin.description
+        );
+    }
+    if !catalog.errors.is_empty() {
+        println!("\nnot loaded:");
+        for error in &catalog.errors {
+            println!("{error}");
+        }
+    }
+    ExitCode::SUCCESS
 }

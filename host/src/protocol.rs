@@ -8,7 +8,16 @@ use llm_host_plugin_api::{ToolCall, TurnParams, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::Envelope;
+/// How event frames are wrapped (PROTOCOL.md section 3).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    /// `{"name", "data": {kind, event, meta}}`, as the guide documents.
+    #[default]
+    Flat,
+    /// `{"name", "data": {"event": {kind, event, meta}}}`, as the library writes.
+    Nested,
+}
 
 /// The subprotocol that selects command mode.
 pub const COMMAND_SUBPROTOCOL: &str = "llm-host.v1";

@@ -1,4 +1,6 @@
-//! Live reload of plugins and config.toml.
+//! Live reload of plugins and config.toml: what a reload changed and what
+//! sessions are told. The reload itself and the file watcher run in
+//! [`crate::state`], which owns the running set.
 //!
 //! A reload runs in two phases. *Prepare* does everything that can fail: read
 //! and validate the config, scan the plugin directory (each library checked
@@ -14,18 +16,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
+use super::loader::{Catalog, LoadError, LoadedPlugin};
+use super::runtime::Active;
 use crate::config::Config;
-use crate::metrics::metrics;
-use crate::plugins::{Catalog, LoadError, LoadedPlugin};
-use crate::protocol::now_ms;
-use crate::runtime::Active;
-use crate::HostState;
 
 /// What connected sessions are told after a reload.
 #[derive(Debug, Clone)]
@@ -78,7 +75,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn record_scan(&mut self, catalog: &Catalog) {
+    pub(crate) fn record_scan(&mut self, catalog: &Catalog) {
         self.load_errors = catalog.errors.clone();
         self.plugins.clear();
         for (name, plugin) in &catalog.plugins {
@@ -101,13 +98,13 @@ impl Status {
 /// What an active set was built from; an unchanged fingerprint means there
 /// is nothing to reload.
 #[derive(Clone, PartialEq, Default)]
-struct Fingerprint {
+pub(crate) struct Fingerprint {
     config: Option<Config>,
     plugins: BTreeMap<String, String>,
 }
 
 impl Fingerprint {
-    fn of(config: &Config, catalog: &Catalog) -> Self {
+    pub(crate) fn of(config: &Config, catalog: &Catalog) -> Self {
         Self {
             config: Some(config.clone()),
             plugins: catalog
@@ -122,8 +119,8 @@ impl Fingerprint {
 /// Reload bookkeeping. One per host.
 pub struct Reloader {
     /// One reload at a time.
-    lock: tokio::sync::Mutex<()>,
-    fingerprint: Mutex<Fingerprint>,
+    pub(crate) lock: tokio::sync::Mutex<()>,
+    pub(crate) fingerprint: Mutex<Fingerprint>,
     /// What reloads did.
     pub status: Mutex<Status>,
     /// Connected sessions subscribe to hear about applied reloads.
@@ -149,90 +146,8 @@ impl Reloader {
     }
 }
 
-/// Reloads config.toml and the plugin directory now. `why` is logged.
-pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String> {
-    let _one_at_a_time = host.reloader.lock.lock().await;
-    let prepared = {
-        let host = host.clone();
-        tokio::task::spawn_blocking(move || prepare(&host))
-            .await
-            .map_err(|err| format!("reload task failed: {err}"))?
-    };
-    let reloader = &host.reloader;
-    match prepared {
-        Ok(None) => {
-            metrics()
-                .reloads
-                .get_or_create(&[("result", "unchanged")])
-                .inc();
-            tracing::debug!(trigger = why, "reload: nothing changed");
-            Ok(Outcome::Unchanged)
-        }
-        Ok(Some((active, notice))) => {
-            metrics()
-                .reloads
-                .get_or_create(&[("result", "applied")])
-                .inc();
-            host.active.store(Arc::new(active));
-            {
-                let mut status = reloader.status();
-                status.reloads += 1;
-                status.last_reload_ms = Some(now_ms());
-            }
-            for change in &notice.changes {
-                tracing::info!(trigger = why, "reloaded: {change}");
-            }
-            let changes = notice.changes.clone();
-            let _ = reloader.notices.send(Arc::new(notice));
-            Ok(Outcome::Reloaded(changes))
-        }
-        Err(message) => {
-            metrics()
-                .reloads
-                .get_or_create(&[("result", "failed")])
-                .inc();
-            tracing::error!(
-                trigger = why,
-                "reload refused, the running set keeps serving:\n{message}"
-            );
-            reloader.status().last_error = Some((now_ms(), message.clone()));
-            Err(message)
-        }
-    }
-}
-
-type Prepared = Option<(Active, Notice)>;
-
-fn prepare(host: &HostState) -> Result<Prepared, String> {
-    let old = host.active.load_full();
-    let assembled = Active::assemble(&host.config_path, &host.loader, Some(&old));
-    let (catalog, active) = match assembled {
-        Ok(done) => done,
-        Err(problems) => return Err(problems.join("\n")),
-    };
-    if let Some(addr) = host.listening.get() {
-        if let Some(problem) = active.config.auth.exposure_problem(*addr) {
-            return Err(problem);
-        }
-    }
-    host.reloader.status().record_scan(&catalog);
-    let fingerprint = Fingerprint::of(&active.config, &catalog);
-    let mut current = host
-        .reloader
-        .fingerprint
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if *current == fingerprint {
-        return Ok(None);
-    }
-    *current = fingerprint;
-    drop(current);
-    let notice = describe(&old, &active);
-    Ok(Some((active, notice)))
-}
-
 /// Says what differs between two active sets.
-fn describe(old: &Active, new: &Active) -> Notice {
+pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
     let mut changes = Vec::new();
     let mut removed_models = Vec::new();
     let mut removed_stores = Vec::new();
@@ -328,76 +243,9 @@ fn adapter_change(what: &str, name: &str, before: &LoadedPlugin, now: &LoadedPlu
     }
 }
 
-/// Watches config.toml and the plugin directory, and reloads after changes
-/// settle (no event for `debounce`). Runs until the host stops.
-pub fn watch(host: Arc<HostState>, debounce: Duration) -> Result<(), String> {
-    let config_path = absolute(&host.config_path);
-    let config_dir = config_path
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let plugin_dir = Arc::new(Mutex::new(absolute(&host.active.load().config.plugins.dir)));
-
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let watched_dir = plugin_dir.clone();
-    let watched_config = config_path.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        let dir = watched_dir
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if relevant(&event, &watched_config, &dir) {
-            let _ = tx.send(());
-        }
-    })
-    .map_err(|err| format!("cannot watch files: {err}"))?;
-    watcher
-        .watch(&config_dir, RecursiveMode::NonRecursive)
-        .map_err(|err| format!("cannot watch {}: {err}", config_dir.display()))?;
-    let initial_dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if initial_dir != config_dir {
-        watcher
-            .watch(&initial_dir, RecursiveMode::NonRecursive)
-            .map_err(|err| format!("cannot watch {}: {err}", initial_dir.display()))?;
-    }
-    tracing::info!(
-        config = %config_path.display(),
-        plugins = %initial_dir.display(),
-        "watching for changes"
-    );
-
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Wait until the files have been quiet for the whole window: a
-            // library still being copied keeps producing events.
-            loop {
-                match tokio::time::timeout(debounce, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
-            }
-            let _ = reload(&host, "file change").await;
-            let now_dir = absolute(&host.active.load().config.plugins.dir);
-            let mut dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner());
-            if *dir != now_dir {
-                if *dir != config_dir {
-                    let _ = watcher.unwatch(&dir);
-                }
-                if let Err(err) = watcher.watch(&now_dir, RecursiveMode::NonRecursive) {
-                    tracing::error!(dir = %now_dir.display(), error = %err, "cannot watch the new plugin directory");
-                }
-                *dir = now_dir;
-            }
-        }
-    });
-    Ok(())
-}
-
 /// Whether a file event can change what a reload would build. Reads
 /// (including the host's own) and metadata changes do not.
-fn relevant(event: &notify::Event, config_path: &Path, plugin_dir: &Path) -> bool {
+pub(crate) fn relevant(event: &notify::Event, config_path: &Path, plugin_dir: &Path) -> bool {
     let kind_matters = matches!(
         event.kind,
         EventKind::Create(_)
@@ -416,6 +264,6 @@ fn relevant(event: &notify::Event, config_path: &Path, plugin_dir: &Path) -> boo
         })
 }
 
-fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_owned())
 }

@@ -1,14 +1,10 @@
-//! Sessions as the host stores them, and the store calls that move them.
+//! The session document the host keeps in a store, and the JSON text of
+//! its history kept beside it so that a turn does not rewrite it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-
-use llm_host_plugin_api::{
-    abi_stable::std_types::RStr, ListQuery, Message, PluginError, SaveOutcome, StoreAdapterBox,
-};
+use llm_host_plugin_api::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::StoreBackend;
+use super::ports::{StoreError, Stored};
 
 /// Whether `id` is a valid session id or config name: 1-128 characters of
 /// `[A-Za-z0-9._:-]`.
@@ -46,7 +42,13 @@ pub struct SessionDoc {
 }
 
 /// A running turn's claim on its session: while it holds, no other host runs
-/// a turn of the session (see `turn::claim`).
+/// a turn of the session (see [`super::claim`]).
+///
+/// Whether it still holds is never decided by comparing clocks: another host
+/// counts the lease's time on its own clock from when it first saw this
+/// version of the document, and the holder stops its turn once it has gone
+/// too long without a renewal (so clock skew between hosts cannot hand one
+/// session to two).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Lease {
@@ -54,8 +56,18 @@ pub struct Lease {
     pub holder: String,
     /// The turn's id.
     pub turn: String,
-    /// When the claim runs out unless renewed, Unix ms.
+    /// When the holder expects the claim to run out unless renewed, Unix ms
+    /// on the holder's clock; for people reading the store, never compared.
     pub expires_ms: u64,
+    /// Unique per claim: a save that failed but was applied is recognised as
+    /// this claim's by it, and a commit is fenced by it.
+    #[serde(default)]
+    pub token: String,
+    /// The last sequence number the turn may use: a turn that takes over a
+    /// lease whose holder died numbers its frames after it, so no number is
+    /// ever sent twice on a session.
+    #[serde(default)]
+    pub reserved: u64,
 }
 
 impl SessionDoc {
@@ -83,6 +95,33 @@ pub struct Loaded {
     /// The JSON text of `doc.messages`, when a turn of this host wrote it
     /// (unknown for a document just loaded).
     pub messages_json: MessagesJson,
+}
+
+impl Loaded {
+    /// Parses a stored session.
+    pub fn parse(store: &str, id: &str, stored: Stored) -> Result<Loaded, StoreError> {
+        let doc = serde_json::from_str(&stored.data).map_err(|error| StoreError::Unreadable {
+            store: store.to_owned(),
+            id: id.to_owned(),
+            owner: stored.owner.clone(),
+            error: error.to_string(),
+        })?;
+        Ok(Loaded {
+            doc,
+            version: stored.version,
+            owner: stored.owner,
+            messages_json: MessagesJson::default(),
+        })
+    }
+
+    /// Whether `stored` holds exactly this session: the same version and
+    /// owner, and a document that is this one's JSON byte for byte (see
+    /// [`MessagesJson::is_document`]), compared without parsing it.
+    pub fn is_stored(&self, stored: &Stored) -> bool {
+        self.version == stored.version
+            && self.owner == stored.owner
+            && self.messages_json.is_document(&self.doc, &stored.data)
+    }
 }
 
 /// The JSON text of a session's `messages` array, kept next to the messages
@@ -193,223 +232,19 @@ impl MessagesJson {
     }
 }
 
-/// A store call that failed, for the client and the log.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The store plugin returned an error.
-    #[error("store `{store}` failed: {error}")]
-    Plugin {
-        /// The store's name.
-        store: String,
-        /// Its error.
-        error: PluginError,
-    },
-    /// The stored document is not a session document.
-    #[error("session `{id}` in store `{store}` is not readable: {error}")]
-    Corrupt {
-        /// The store's name.
-        store: String,
-        /// The session.
-        id: String,
-        /// The parse error.
-        error: serde_json::Error,
-    },
-    /// The blocking task running the call was lost.
-    #[error("store `{0}` call did not complete")]
-    Lost(String),
-    /// Saves kept conflicting with other writers.
-    #[error("store `{0}`: the session kept changing under this save; gave up")]
-    Contended(String),
-}
-
-/// Loads session `id` on the blocking pool.
-pub async fn load(store: &Arc<StoreBackend>, id: &str) -> Result<Option<Loaded>, StoreError> {
-    refresh(store, id, None).await
-}
-
-/// Loads session `id` like [`load`], but answers `cached` as it is, without
-/// parsing the document, if the store holds exactly it: the same version
-/// and owner, and a document that is `cached`'s JSON byte for byte (see
-/// [`MessagesJson::is_document`]). Whatever changed the session (another
-/// connection's turn, a delete, expiry, a new store after a reload), the
-/// answer is what the store holds.
-pub async fn refresh(
-    store: &Arc<StoreBackend>,
-    id: &str,
-    cached: Option<Loaded>,
-) -> Result<Option<Loaded>, StoreError> {
-    let key = id.to_owned();
-    let found = call(store, "load", move |adapter| {
-        adapter.load(RStr::from(key.as_str())).into_result()
-    })
-    .await?;
-    let Some(stored) = found.into_option() else {
-        return Ok(None);
-    };
-    let current = cached.filter(|cached| {
-        cached.version == stored.version
-            && cached.owner == stored.owner.as_str()
-            && cached
-                .messages_json
-                .is_document(&cached.doc, stored.data.as_str())
-    });
-    if current.is_some() {
-        return Ok(current);
-    }
-    let doc = serde_json::from_str(stored.data.as_str()).map_err(|error| StoreError::Corrupt {
-        store: store.name.clone(),
-        id: id.to_owned(),
-        error,
-    })?;
-    Ok(Some(Loaded {
-        doc,
-        version: stored.version,
-        owner: stored.owner.into_string(),
-        messages_json: MessagesJson::default(),
-    }))
-}
-
-/// Saves `doc` if the stored version is still `expected_version`. Its
-/// messages are written from `messages`, their JSON text.
-pub async fn save(
-    store: &Arc<StoreBackend>,
-    id: &str,
-    expected_version: u64,
-    owner: &str,
-    doc: &SessionDoc,
-    messages: &mut MessagesJson,
-) -> Result<SaveOutcome, StoreError> {
-    let data = messages
-        .document(doc)
-        .map_err(|error| StoreError::Corrupt {
-            store: store.name.clone(),
-            id: id.to_owned(),
-            error,
-        })?;
-    let (id, owner) = (id.to_owned(), owner.to_owned());
-    call(store, "save", move |adapter| {
-        adapter
-            .save(
-                RStr::from(id.as_str()),
-                expected_version,
-                RStr::from(owner.as_str()),
-                RStr::from(data.as_str()),
-            )
-            .into_result()
-    })
-    .await
-}
-
-/// Deletes session `id`; answers whether it existed.
-pub async fn delete(store: &Arc<StoreBackend>, id: &str) -> Result<bool, StoreError> {
-    let id = id.to_owned();
-    call(store, "delete", move |adapter| {
-        adapter.delete(RStr::from(id.as_str())).into_result()
-    })
-    .await
-}
-
-/// One page of the session ids of `owner` (empty: every owner).
-pub async fn list(
-    store: &Arc<StoreBackend>,
-    owner: &str,
-    after: &str,
-    limit: u32,
-) -> Result<Page, StoreError> {
-    let (owner, after) = (owner.to_owned(), after.to_owned());
-    call(store, "list", move |adapter| {
-        adapter
-            .list(ListQuery {
-                owner: RStr::from(owner.as_str()),
-                after: RStr::from(after.as_str()),
-                limit,
-            })
-            .into_result()
-            .map(|page| Page {
-                ids: page.ids.into_iter().map(|id| id.into_string()).collect(),
-                next: page.next.into_option().map(|n| n.into_string()),
-            })
-    })
-    .await
-}
-
-/// A page of session ids.
-#[derive(Debug, Clone, Serialize)]
-pub struct Page {
-    /// The ids, ascending.
-    pub ids: Vec<String>,
-    /// Where the next page starts.
-    pub next: Option<String>,
-}
-
-/// Whether the store answers.
-pub async fn ping(store: &Arc<StoreBackend>) -> Result<(), StoreError> {
-    call(store, "ping", |adapter| adapter.ping().into_result()).await
-}
-
-/// Runs one store call on the blocking pool, timed and counted by `op`.
-async fn call<T: Send + 'static>(
-    store: &Arc<StoreBackend>,
-    op: &'static str,
-    body: impl FnOnce(&StoreAdapterBox) -> Result<T, PluginError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let started = std::time::Instant::now();
-    let result = if store.in_process {
-        // The store answers from memory: a blocking thread would cost more
-        // than the call.
-        Ok(body(&store.adapter))
-    } else {
-        let backend = store.clone();
-        tokio::task::spawn_blocking(move || body(&backend.adapter)).await
-    };
-    let metrics = crate::metrics::metrics();
-    metrics
-        .store_seconds
-        .get_or_create(&[("op", op)])
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => {
-            metrics.store_errors.get_or_create(&[("op", op)]).inc();
-            Err(StoreError::Plugin {
-                store: store.name.clone(),
-                error,
-            })
-        }
-        Err(_) => {
-            metrics.store_errors.get_or_create(&[("op", op)]).inc();
-            Err(StoreError::Lost(store.name.clone()))
-        }
-    }
-}
-
-/// Per-session locks, so that the turns of one session run one at a time on
-/// this host even when several connections share the session.
-#[derive(Default)]
-pub struct SessionLocks {
-    /// Held weakly: a session's lock lives while some turn holds or waits for it.
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
-}
-
-impl SessionLocks {
-    /// The lock of session `id`.
-    pub fn get(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = locks.get(id).and_then(Weak::upgrade) {
-            return lock;
-        }
-        if locks.len() > 1024 {
-            locks.retain(|_, weak| weak.strong_count() > 0);
-        }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        locks.insert(id.to_owned(), Arc::downgrade(&lock));
-        lock
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn older_leases_still_load() {
+        let doc: SessionDoc = serde_json::from_str(
+            r#"{"messages":[],"lease":{"holder":"h","turn":"turn-1","expiresMs":5}}"#,
+        )
+        .expect("loads");
+        let lease = doc.lease.expect("has a lease");
+        assert_eq!((lease.token.as_str(), lease.reserved), ("", 0));
+    }
 
     #[test]
     fn session_ids() {
@@ -465,6 +300,8 @@ mod tests {
             holder: "host-\"1\"".to_owned(),
             turn: "turn-4".to_owned(),
             expires_ms: 1_795_640_780_006,
+            token: "claim-\"7\"".to_owned(),
+            reserved: 1_000_041,
         };
         vec![
             SessionDoc::default(),
@@ -581,6 +418,8 @@ mod tests {
                             holder: "h".to_owned(),
                             turn: "turn-1".to_owned(),
                             expires_ms: 1,
+                            token: "t".to_owned(),
+                            reserved: 2,
                         }),
                     },
                     ..doc.clone()

@@ -1,13 +1,12 @@
-//! One WebSocket connection: reads client frames, queues prompts, runs the
-//! session's turns one at a time, and writes frames through the connection's
-//! [`Outbox`], where whoever has frames (a turn, the reader) writes them all
-//! and flushes once.
+//! One WebSocket connection: reads client frames, queues prompts, and runs
+//! the session's turns one at a time through the turn core, its frames going
+//! out through the connection's [`Outbox`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_tungstenite::tungstenite::{
@@ -17,133 +16,19 @@ use tokio_tungstenite::tungstenite::{
 };
 use tokio_tungstenite::WebSocketStream;
 
-use crate::auth::Caller;
+use super::auth::Caller;
+use super::outbox::Outbox;
+use crate::core::document::Loaded;
+use crate::core::ports::StoreError;
+use crate::core::sink::{Status, TurnControl};
+use crate::core::{self, Attachment, Party, Prompt, Scope};
 use crate::metrics::metrics;
+use crate::plugins::reload::Notice;
 use crate::protocol::{
-    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
+    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, TurnEvent,
+    SOURCE_HOST,
 };
-use crate::reload::Notice;
-use crate::session::{self, Loaded};
-use crate::turn::{self, Prompt, TurnControl};
-use crate::HostState;
-
-/// The socket's sending half, shared by whoever has frames to send: the turn
-/// running on the connection (its frames, a step's or a batch's at a time)
-/// and the reader (diagnostics, pings, close). A writer takes the lock,
-/// feeds its frames and flushes once; the lock is fair, so frames go out in
-/// the order their writers came. A client that reads slowly makes writers
-/// wait in the flush: it cannot grow the host's memory; one that takes
-/// nothing for `server.write_timeout_secs` is dropped.
-///
-/// It also keeps the connection's last sequence number, advanced under the
-/// lock once a turn's frames are handed to the socket: a diagnostic stamped
-/// with it never names a frame the client has not been sent.
-pub struct Outbox {
-    socket: tokio::sync::Mutex<Option<BoxedSink>>,
-    sequence: Arc<AtomicU64>,
-    /// How long a write may wait for a client that takes nothing.
-    timeout: Duration,
-    /// Told when a write fails or times out: the reader ends the connection.
-    gone: tokio::sync::Notify,
-}
-
-type BoxedSink = std::pin::Pin<Box<dyn futures_util::Sink<WsMessage, Error = WsError> + Send>>;
-
-impl Outbox {
-    fn new(
-        sink: impl futures_util::Sink<WsMessage, Error = WsError> + Send + 'static,
-        sequence: Arc<AtomicU64>,
-        timeout: Duration,
-    ) -> Self {
-        Self {
-            socket: tokio::sync::Mutex::new(Some(Box::pin(sink))),
-            sequence,
-            timeout,
-            gone: tokio::sync::Notify::new(),
-        }
-    }
-
-    async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<BoxedSink>> {
-        // Usually nobody else is writing: take the lock without queueing.
-        match self.socket.try_lock() {
-            Ok(socket) => socket,
-            Err(_) => self.socket.lock().await,
-        }
-    }
-
-    /// Sends `frames` with one flush; answers false once the socket is gone
-    /// (failed, timed out, or closed by the host), and the frames are dropped.
-    pub async fn send(&self, frames: impl IntoIterator<Item = WsMessage>) -> bool {
-        self.write(&mut *self.lock().await, frames).await
-    }
-
-    /// Sends a turn's frames numbered up to `through`, and records that
-    /// number as the connection's last (even if the client is gone: the
-    /// numbers are used).
-    pub async fn send_numbered(
-        &self,
-        frames: impl IntoIterator<Item = WsMessage>,
-        through: u64,
-    ) -> bool {
-        let mut socket = self.lock().await;
-        let sent = self.write(&mut socket, frames).await;
-        self.sequence.fetch_max(through, Ordering::Relaxed);
-        sent
-    }
-
-    /// Sends the frame `frame` makes from the connection's last sequence
-    /// number, read under the lock.
-    pub async fn send_stamped(&self, frame: impl FnOnce(u64) -> WsMessage) -> bool {
-        let mut socket = self.lock().await;
-        let frame = frame(self.sequence.load(Ordering::Relaxed));
-        self.write(&mut socket, [frame]).await
-    }
-
-    /// Sends a close frame; nothing is sent after it.
-    async fn close(&self, frame: CloseFrame) {
-        let mut socket = self.lock().await;
-        self.write(&mut socket, [WsMessage::Close(Some(frame))])
-            .await;
-        *socket = None;
-    }
-
-    /// Feeds `frames` and flushes once, within the write timeout; a failure
-    /// leaves the socket gone and tells the reader.
-    async fn write(
-        &self,
-        socket: &mut Option<BoxedSink>,
-        frames: impl IntoIterator<Item = WsMessage>,
-    ) -> bool {
-        let Some(sink) = socket.as_mut() else {
-            return false;
-        };
-        let written = tokio::time::timeout(self.timeout, async {
-            for frame in frames {
-                sink.feed(frame).await?;
-            }
-            sink.flush().await
-        })
-        .await;
-        let sent = matches!(written, Ok(Ok(())));
-        if !sent {
-            *socket = None;
-            self.gone.notify_one();
-        }
-        sent
-    }
-
-    /// Waits until a write failed or timed out.
-    async fn failed(&self) {
-        self.gone.notified().await;
-    }
-
-    /// Closes the socket if the host has not closed it.
-    async fn finish(&self) {
-        if let Some(mut sink) = self.socket.lock().await.take() {
-            let _ = sink.close().await;
-        }
-    }
-}
+use crate::state::HostState;
 
 /// How long a new connection waits for a turn of its session that is still
 /// finishing before it announces the session as stored.
@@ -161,6 +46,8 @@ pub struct Opening {
     pub command_mode: bool,
     /// Who opened it.
     pub caller: Caller,
+    /// The session as the upgrade loaded it (to check its owner), if it did.
+    pub found: Option<Option<Loaded>>,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -168,18 +55,12 @@ pub struct Opening {
 pub struct Connection {
     /// The host.
     pub host: Arc<HostState>,
-    /// The session this connection speaks for.
-    pub session_id: String,
+    /// What the turn core keeps of the session between turns.
+    pub attachment: Attachment,
     /// Who opened it.
     pub caller: Caller,
-    /// The owner recorded on the session if this connection creates it.
-    pub owner: String,
     /// When the client last sent a frame or a turn ended, Unix ms.
     pub active_at: AtomicU64,
-    /// The session as this connection last loaded or saved it, and the store
-    /// it is in: the next turn tries its claim on that version without
-    /// loading first (a conflict falls back to a load).
-    pub cached: Mutex<Option<(String, Loaded)>>,
     /// The backend the client chose, if any; a reload that removes it makes
     /// the connection follow the default.
     pub model: Mutex<Option<String>>,
@@ -190,11 +71,6 @@ pub struct Connection {
     pub framer: Framer,
     /// Where every frame of the connection goes.
     pub out: Outbox,
-    /// The last sequence number handed to the socket (the outbox advances it
-    /// as a turn's frames go out).
-    pub last_sequence: Arc<AtomicU64>,
-    /// Turns of the session known to this connection.
-    pub turns: AtomicU64,
 }
 
 impl Connection {
@@ -208,9 +84,9 @@ impl Connection {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The session's current last sequence number.
-    pub fn sequence(&self) -> u64 {
-        self.last_sequence.load(Ordering::Relaxed)
+    /// The session this connection speaks for.
+    pub fn session_id(&self) -> &str {
+        &self.attachment.session_id
     }
 
     /// Sends a frame. A closed socket drops it.
@@ -232,7 +108,7 @@ impl Connection {
 
     async fn send_entry(&self, entry: &DiagnosticEntry<'_>) {
         self.out
-            .send_stamped(|sequence| {
+            .write_stamped(|sequence| {
                 let meta = Meta::now(sequence, SOURCE_HOST, None);
                 WsMessage::text(self.framer.diagnostic(entry, &meta))
             })
@@ -278,6 +154,9 @@ pub async fn connected<S>(ws: WebSocketStream<S>, host: Arc<HostState>, opening:
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Subscribed before anything here can wait: a shutdown that begins while
+    // this connection waits for its session still reaches it.
+    let shutdown = host.shutdown.subscribe();
     let active = host.active.load_full();
     let framer = Framer {
         envelope: active.config.server.envelope,
@@ -285,67 +164,102 @@ where
     let max_queued = active.config.server.max_queued_prompts;
     let (ws_tx, ws_rx) = ws.split();
     let last_sequence = Arc::new(AtomicU64::new(0));
-
+    let party = Party {
+        owner: opening.caller.owner().to_owned(),
+        sees_all: opening.caller.sees_all(),
+    };
     let conn = Arc::new(Connection {
         host: host.clone(),
-        session_id: opening.session_id.clone(),
-        owner: opening.caller.owner().to_owned(),
+        attachment: Attachment::new(opening.session_id.clone(), party, last_sequence.clone()),
         caller: opening.caller.clone(),
         active_at: AtomicU64::new(now_ms()),
-        cached: Mutex::new(None),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
         framer,
         out: Outbox::new(
             ws_tx,
-            last_sequence.clone(),
+            last_sequence,
             Duration::from_secs(active.config.server.write_timeout_secs),
         ),
-        last_sequence,
-        turns: AtomicU64::new(0),
     });
 
     let Some(store) = active.store().cloned() else {
         close(&conn, CloseCode::Error, "no store is configured").await;
         return;
     };
+    let settings = active.config.server.turn_settings();
     // A turn of this session may still be finishing (a client that just
-    // reconnected after a disconnect mid-turn): announce what it saved.
+    // reconnected after a disconnect mid-turn): announce what it saved. When
+    // none is, what the upgrade loaded is current.
     let lock = host.locks.get(&opening.session_id);
-    let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
-    let loaded = session::load(&store, &opening.session_id).await;
-    drop(finishing);
-    let loaded = match loaded {
-        Ok(loaded) => loaded,
-        Err(err) => {
-            tracing::error!(session = %opening.session_id, error = %err, "cannot load session");
-            let message = format!("the session could not be loaded: {err}");
-            conn.send_entry(&DiagnosticEntry {
-                level: "error",
-                kind: "store",
-                message: &message,
-                data: Some(serde_json::json!({ "code": "store_unavailable" })),
-            })
-            .await;
-            close(
-                &conn,
-                CloseCode::Again,
-                "store unavailable, try again later",
-            )
-            .await;
-            conn.out.finish().await;
-            return;
+    let loaded = match (opening.found, lock.try_lock()) {
+        (Some(found), Ok(_free)) => Ok(found),
+        (_, busy) => {
+            drop(busy);
+            let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
+            let loaded = core::load(&store, &opening.session_id, settings.store_timeout).await;
+            drop(finishing);
+            loaded
         }
     };
-    let resumed = loaded.is_some();
-    if let Some(found) = &loaded {
-        *conn.cached.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((store.name.clone(), found.clone()));
+    let refused = match &loaded {
+        Ok(Some(found)) if !conn.attachment.party.may_use(&found.owner) => Some((
+            "session_not_found",
+            format!("no session `{}`", opening.session_id),
+            CloseCode::Policy,
+            "no such session",
+        )),
+        Ok(_) => None,
+        Err(err @ StoreError::Unreadable { .. }) => {
+            tracing::error!(session = %opening.session_id, error = %err, "unreadable session");
+            Some((
+                "session_unreadable",
+                "the stored session is not readable; it can be deleted \
+                 (DELETE /v1/sessions/{id})"
+                    .to_owned(),
+                CloseCode::Error,
+                "session unreadable",
+            ))
+        }
+        Err(err) => {
+            tracing::error!(session = %opening.session_id, error = %err, "cannot load session");
+            Some((
+                "store_unavailable",
+                format!("the session could not be loaded: {err}"),
+                CloseCode::Again,
+                "store unavailable, try again later",
+            ))
+        }
+    };
+    if let Some((code, message, close_code, reason)) = refused {
+        let kind = if code == "session_not_found" {
+            "host"
+        } else {
+            "store"
+        };
+        conn.send_entry(&DiagnosticEntry {
+            level: "error",
+            kind,
+            message: &message,
+            data: Some(serde_json::json!({ "code": code })),
+        })
+        .await;
+        close(&conn, close_code, reason).await;
+        conn.out.finish().await;
+        return;
     }
-    let Loaded { doc, .. } = loaded.unwrap_or_default();
-    conn.last_sequence
-        .store(doc.last_sequence, Ordering::Relaxed);
-    conn.turns.store(doc.turns, Ordering::Relaxed);
+    let loaded = loaded.ok().flatten();
+    let resumed = loaded.is_some();
+    let (last_sequence, turns) = loaded
+        .as_ref()
+        .map_or((0, 0), |found| (found.doc.last_sequence, found.doc.turns));
+    if let Some(found) = loaded {
+        conn.attachment.remember(&store.name, found);
+    }
+    conn.attachment
+        .last_sequence
+        .store(last_sequence, Ordering::Relaxed);
+    conn.attachment.turns.store(turns, Ordering::Relaxed);
     let model = opening
         .model
         .clone()
@@ -356,9 +270,9 @@ where
             session_id: &opening.session_id,
             resumed,
             model: &model,
-            last_sequence: doc.last_sequence,
+            last_sequence,
         },
-        &Meta::now(doc.last_sequence, SOURCE_HOST, None),
+        &Meta::now(last_sequence, SOURCE_HOST, None),
     ))
     .await;
 
@@ -374,7 +288,7 @@ where
 
     let reading = Reading {
         notices: host.reloader.notices.subscribe(),
-        shutdown: host.shutdown.subscribe(),
+        shutdown,
         queue: &mut queue,
         current: &current,
         command_mode: opening.command_mode,
@@ -471,6 +385,9 @@ where
         current,
         command_mode,
     } = reading;
+    if *shutdown.borrow() {
+        return Ended::Shutdown;
+    }
     let period = tick_period(&conn.host.active.load().config.server);
     let mut ticks = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -488,7 +405,7 @@ where
                 continue;
             }
             () = conn.out.failed() => {
-                tracing::debug!(session = %conn.session_id, "the client takes no frames; dropping");
+                tracing::debug!(session = %conn.session_id(), "the client takes no frames; dropping");
                 return Ended::ClientGone;
             }
             changed = shutdown.changed() => {
@@ -513,7 +430,7 @@ where
                 let ping = Duration::from_secs(server.ping_interval_secs);
                 if !ping.is_zero() {
                     if last_seen.elapsed() >= ping * 2 {
-                        tracing::debug!(session = %conn.session_id, "no answer to pings; dropping");
+                        tracing::debug!(session = %conn.session_id(), "no answer to pings; dropping");
                         return Ended::ClientGone;
                     }
                     if last_ping.elapsed() >= ping {
@@ -600,7 +517,7 @@ where
                 return Ended::Closed;
             }
             Err(err) => {
-                tracing::debug!(session = %conn.session_id, error = %err, "read failed");
+                tracing::debug!(session = %conn.session_id(), error = %err, "read failed");
                 return Ended::ClientGone;
             }
         }
@@ -695,22 +612,57 @@ async fn run_turns(
         if closed.load(Ordering::Relaxed) {
             break;
         }
-        let limit = conn.host.active.load().config.server.turn_timeout_secs;
-        let turn = turn::run(&conn, prompt, control.clone());
-        tokio::pin!(turn);
-        // Past its deadline a turn is stopped, and still runs to its end
-        // (the error event, the save, the turn frame).
-        let deadline = tokio::time::sleep(Duration::from_secs(limit));
-        tokio::select! {
-            () = &mut turn => {}
-            () = deadline, if limit > 0 => {
-                control.time_out(limit);
-                turn.await;
-            }
-        }
+        run_turn(&conn, prompt, control).await;
         set_current(&current, None);
         conn.active_at.store(now_ms(), Ordering::Relaxed);
     }
+}
+
+/// Runs one turn through the turn core, on the backend and store the
+/// connection uses under the active config.
+async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) -> Status {
+    let active = conn.host.active.load_full();
+    let backend = prompt
+        .model
+        .clone()
+        .or_else(|| conn.model())
+        .and_then(|name| active.models.get(&name))
+        .or_else(|| active.default_model())
+        .cloned();
+    let store = active
+        .stores
+        .get(&conn.store())
+        .or_else(|| active.store())
+        .cloned();
+    let (Some(backend), Some(store)) = (backend, store) else {
+        conn.diagnostic(
+            "error",
+            "host",
+            "no_backend",
+            "no model backend or store is configured",
+        )
+        .await;
+        let turn = conn.attachment.next_turn_id();
+        let sequence = conn.attachment.sequence();
+        let frame = conn.framer.turn(
+            &TurnEvent::End {
+                status: Status::Failed.as_str(),
+                interaction_id: &turn,
+            },
+            &Meta::now(sequence, SOURCE_HOST, Some(&turn)),
+        );
+        conn.send(frame).await;
+        return Status::Failed;
+    };
+    let scope = Scope {
+        host: &conn.host.instance,
+        attachment: &conn.attachment,
+        store: &store,
+        frames: &conn.out,
+        framer: conn.framer,
+        settings: active.config.server.turn_settings(),
+    };
+    core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await
 }
 
 async fn close(conn: &Connection, code: CloseCode, reason: &str) {

@@ -8,14 +8,17 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
-use crate::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
+use super::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
+use super::error_reply;
+use crate::core::document::{valid_name, Loaded};
+use crate::core::ports::{SessionStore, StoreError};
+use crate::core::within;
 use crate::metrics::metrics;
+use crate::plugins::ports::{list, ping};
+use crate::plugins::reload::Outcome;
+use crate::plugins::runtime::StoreBackend;
 use crate::protocol::now_ms;
-use crate::reload::{self, Outcome};
-use crate::runtime::StoreBackend;
-use crate::server::error_reply;
-use crate::session::{self, Loaded};
-use crate::HostState;
+use crate::state::{self, HostState};
 
 /// Every admin route.
 pub fn routes(
@@ -171,7 +174,7 @@ fn reload_now(
             if let Err(refused) = admin(caller) {
                 return refusal(&refused);
             }
-            match reload::reload(&host, "POST /v1/reload").await {
+            match state::reload(&host, "POST /v1/reload").await {
                 Ok(Outcome::Unchanged) => {
                     warp::reply::json(&json!({ "status": "unchanged" })).into_response()
                 }
@@ -197,7 +200,16 @@ fn get_session(
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
             let (store, loaded) = match owned_session(&host, caller, &id).await {
-                Ok(found) => found,
+                Ok((store, Some(loaded))) => (store, loaded),
+                Ok((_, None)) => {
+                    return error_reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "session_unreadable",
+                        &format!(
+                            "the stored session `{id}` is not readable; DELETE it to start over"
+                        ),
+                    )
+                }
                 Err(answer) => return answer,
             };
             warp::reply::json(&json!({
@@ -224,7 +236,8 @@ fn delete_session(
                 Ok((store, _)) => store,
                 Err(answer) => return answer,
             };
-            match session::delete(&store, &id).await {
+            let timeout = host.turn_settings().store_timeout;
+            match within(&store.name, "delete", timeout, store.delete(&id)).await {
                 Ok(true) => StatusCode::NO_CONTENT.into_response(),
                 Ok(false) => not_found(&id),
                 Err(err) => unavailable(&err),
@@ -232,26 +245,30 @@ fn delete_session(
         })
 }
 
-/// Session `id` from the default store, if the caller may see it; otherwise
-/// the answer to give (another key's session is 404, as if absent).
+/// Session `id` from the default store, if the caller may see it (none: its
+/// document is not readable); otherwise the answer to give (another key's
+/// session is 404, as if absent).
 async fn owned_session(
     host: &HostState,
     caller: Result<Caller, Refusal>,
     id: &str,
-) -> Result<(Arc<StoreBackend>, Loaded), Response> {
+) -> Result<(Arc<StoreBackend>, Option<Loaded>), Response> {
     let caller = caller.map_err(|refused| refusal(&refused))?;
-    if !session::valid_name(id) {
+    if !valid_name(id) {
         return Err(bad_id());
     }
     let store = host.active.load().store().cloned().ok_or_else(no_store)?;
-    match session::load(&store, id).await {
-        Ok(Some(loaded)) if caller.may_access(&loaded.owner) => Ok((store, loaded)),
+    let timeout = host.turn_settings().store_timeout;
+    match crate::core::load(&store, id, timeout).await {
+        Ok(Some(loaded)) if caller.may_access(&loaded.owner) => Ok((store, Some(loaded))),
         Ok(_) => Err(not_found(id)),
+        Err(StoreError::Unreadable { owner, .. }) if caller.may_access(&owner) => Ok((store, None)),
+        Err(StoreError::Unreadable { .. }) => Err(not_found(id)),
         Err(err) => Err(unavailable(&err)),
     }
 }
 
-fn unavailable(err: &session::StoreError) -> Response {
+fn unavailable(err: &StoreError) -> Response {
     error_reply(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
@@ -287,7 +304,15 @@ fn list_sessions(
                     Caller::Key { admin: false, id } => id.clone(),
                     _ => String::new(),
                 };
-                match session::list(&store, &owner, &after, limit).await {
+                let timeout = host.turn_settings().store_timeout;
+                match within(
+                    &store.name,
+                    "list",
+                    timeout,
+                    list(&store, &owner, &after, limit),
+                )
+                .await
+                {
                     Ok(page) => warp::reply::json(&json!({
                         "sessions": page.ids,
                         "next": page.next,
@@ -353,18 +378,22 @@ fn readyz(
                     "no default backend or store",
                 );
             };
-            match session::ping(&store).await {
+            match host
+                .readiness
+                .check(&store.name, || {
+                    let timeout = host.turn_settings().store_timeout;
+                    let store = store.clone();
+                    async move { within(&store.name, "ping", timeout, ping(&store)).await }
+                })
+                .await
+            {
                 Ok(()) => warp::reply::json(&json!({
                     "status": "ready",
-                    "store": store.name,
+                    "store": active.config.default_store,
                     "models": active.models.keys().collect::<Vec<_>>(),
                 }))
                 .into_response(),
-                Err(err) => error_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    &err.to_string(),
-                ),
+                Err(err) => error_reply(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &err),
             }
         })
 }

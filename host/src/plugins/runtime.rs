@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use llm_host_plugin_api::{Kinds, ModelAdapterBox, StoreAdapterBox};
 
+use super::loader::{Catalog, LoadedPlugin, Loader};
 use crate::config::{AdapterConfig, Config};
-use crate::plugins::{Catalog, LoadedPlugin, Loader};
 
 /// A configured model backend (`[models.NAME]`).
 pub struct ModelBackend {

@@ -45,6 +45,14 @@ impl Caller {
         }
     }
 
+    /// Whether this caller may use sessions of every owner.
+    pub fn sees_all(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key { admin, .. } => *admin,
+        }
+    }
+
     /// Whether this caller may use the admin endpoints.
     pub fn is_admin(&self) -> bool {
         match self {

@@ -19,16 +19,17 @@ use tokio_tungstenite::tungstenite::{
 use tokio_tungstenite::WebSocketStream;
 use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::hyper::upgrade::OnUpgrade;
-use warp::reply::{Reply, Response};
+use warp::reply::Response;
 use warp::Filter;
 
-use crate::auth::{authenticate, Caller};
-use crate::connection::{self, Opening};
+use super::auth::{authenticate, Caller};
+use super::connection::{self, Opening};
+use super::error_reply;
+use crate::core::document::{new_session_id, valid_name};
+use crate::core::ports::StoreError;
 use crate::metrics::metrics;
 use crate::protocol::COMMAND_SUBPROTOCOL;
-use crate::session;
-use crate::session::{new_session_id, valid_name};
-use crate::HostState;
+use crate::state::HostState;
 
 /// Binds `addr` with `TCP_NODELAY` (copied by Linux to accepted sockets; a
 /// streamed token must not wait for Nagle) and a deep accept backlog.
@@ -62,7 +63,7 @@ pub fn routes(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
     websocket(host.clone())
-        .or(crate::admin::routes(host))
+        .or(super::admin::routes(host))
         .unify()
         .recover(|rejection: warp::Rejection| async move {
             let (status, code, message) = if rejection.is_not_found() {
@@ -113,6 +114,13 @@ async fn upgrade_session(
     headers: &HeaderMap,
     upgrade: Option<OnUpgrade>,
 ) -> Response {
+    if host.stopping() {
+        return error_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        );
+    }
     let active = host.active.load_full();
     let caller = match authenticate(&active.config.auth, headers, params) {
         Ok(caller) => caller,
@@ -161,24 +169,28 @@ async fn upgrade_session(
             "this connection cannot be upgraded",
         );
     };
+    let mut found = None;
     if !matches!(caller, Caller::Open) && params.contains_key("session") {
         // Another key's session is answered as if it did not exist.
         if let Some(store) = active.store() {
-            match session::load(store, &session_id).await {
-                Ok(Some(found)) if !caller.may_access(&found.owner) => {
-                    return error_reply(
-                        StatusCode::NOT_FOUND,
-                        "session_not_found",
-                        &format!("no session `{session_id}`"),
-                    );
+            let timeout = active.config.server.turn_settings().store_timeout;
+            match crate::core::load(store, &session_id, timeout).await {
+                Ok(Some(loaded)) if !caller.may_access(&loaded.owner) => {
+                    return not_found(&session_id);
                 }
-                Ok(_) => {}
+                Ok(loaded) => found = Some(loaded),
+                Err(StoreError::Unreadable { owner, .. }) if !caller.may_access(&owner) => {
+                    return not_found(&session_id);
+                }
+                // Told on the socket, which then closes.
+                Err(StoreError::Unreadable { .. }) => {}
                 Err(err) => {
+                    tracing::error!(session = %session_id, error = %err, "cannot load session");
                     return error_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "store_unavailable",
-                        &err.to_string(),
-                    )
+                        "the session store is unavailable; try again later",
+                    );
                 }
             }
         }
@@ -200,6 +212,7 @@ async fn upgrade_session(
         model,
         command_mode,
         caller,
+        found,
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()
@@ -273,8 +286,10 @@ fn requested_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
-/// A JSON error body: `{"error":{"code","message"}}`.
-pub fn error_reply(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+fn not_found(id: &str) -> Response {
+    error_reply(
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+        &format!("no session `{id}`"),
+    )
 }

@@ -1,0 +1,478 @@
+//! One turn: claim the session, stream the model into the client's frames,
+//! save, and send the turn's end frame.
+//!
+//! A stepped model runs on the turn's own task: when a step returns, its
+//! frames go out with one flush, and its pauses are the runtime's timers.
+//! Any other model runs on the blocking pool, its sink pushing each frame
+//! into a bounded channel that the turn's task forwards. Either way, when the
+//! client reads slowly the turn waits (and a blocking model with it), so a
+//! slow client cannot grow the host's memory. Cancel, the turn's deadline or
+//! a lost lease make the sink answer stop, and the model returns at its next
+//! event (a stepped turn is dropped at once).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use llm_host_plugin_api::{Message, Role, TurnParams};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::claim::{self, ClaimError, Claimed};
+use super::commit::{self, CommitError};
+use super::document::MessagesJson;
+use super::locks::SessionLocks;
+use super::ports::{Frames, Model, ModelError, Next, SessionStore, Stepper};
+use super::sink::{Failure, Status, TurnControl, TurnSink, STEP_FRAMES};
+use super::{Prompt, Scope};
+use crate::metrics::metrics;
+use crate::protocol::{now_ms, Meta, TurnEvent, SOURCE_HOST};
+
+/// Runs one turn of the scope's session with `model` to its end, including
+/// its save and its `interaction.turn` frame; answers how it ended.
+/// `locks` keeps turns of one session on this host one at a time.
+pub async fn run<S: SessionStore, M: Model, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    locks: &SessionLocks,
+    model: Arc<M>,
+    prompt: Prompt,
+    control: Arc<TurnControl>,
+) -> Status {
+    let turn = run_turn(scope, locks, model, prompt, control.clone());
+    let Some(limit) = scope.settings.turn_timeout else {
+        return turn.await;
+    };
+    tokio::pin!(turn);
+    // Past its deadline a turn is stopped, and still runs to its end (the
+    // error event, the save, the end frame).
+    tokio::select! {
+        status = &mut turn => status,
+        () = tokio::time::sleep(limit) => {
+            control.fail(Failure {
+                code: "turn_timeout",
+                message: format!(
+                    "the turn ran longer than {} s (server.turn_timeout_secs)",
+                    limit.as_secs()
+                ),
+            });
+            turn.await
+        }
+    }
+}
+
+async fn run_turn<S: SessionStore, M: Model, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    locks: &SessionLocks,
+    model: Arc<M>,
+    prompt: Prompt,
+    control: Arc<TurnControl>,
+) -> Status {
+    let started = Instant::now();
+    let attachment = scope.attachment;
+    let lock = locks.get(&attachment.session_id);
+    let _turns_of_this_session = lock.lock().await;
+
+    let user = Message::new(Role::User, prompt.text);
+    let mut claimed = match claim::claim(scope, &user, &control).await {
+        Ok(claimed) => claimed,
+        Err(err) => {
+            let turn = attachment.next_turn_id();
+            let status = match &err {
+                ClaimError::Cancelled => Status::Cancelled,
+                ClaimError::NotYours(id) => {
+                    let message = format!("no session `{id}`; the prompt was not run");
+                    scope
+                        .diagnostic("error", "host", "session_not_found", &message)
+                        .await;
+                    Status::Failed
+                }
+                ClaimError::Store(err) => {
+                    store_failed(
+                        scope,
+                        err,
+                        "the session could not be loaded; the prompt was not run",
+                    )
+                    .await;
+                    Status::Failed
+                }
+            };
+            end_turn(scope, attachment.sequence(), &turn, status).await;
+            return status;
+        }
+    };
+    let interaction_id = format!("turn-{}", claimed.doc.turns);
+    attachment
+        .turns
+        .fetch_max(claimed.doc.turns, std::sync::atomic::Ordering::Relaxed);
+
+    let request = RequestRef {
+        session_id: &attachment.session_id,
+        interaction_id: &interaction_id,
+        backend: model.name(),
+        messages: &claimed.doc.messages,
+        params: &prompt.params,
+    }
+    .to_json(&mut claimed.messages_json);
+    let sink = TurnSink::new(
+        scope.framer,
+        control.clone(),
+        interaction_id.clone(),
+        claimed.doc.last_sequence,
+        claimed.reserved,
+        started,
+    );
+    // The lease is renewed while the model runs, in this task.
+    let (done, finished) = oneshot::channel();
+    let generating = async {
+        let generated = generate(scope.frames, model, request, sink).await;
+        let _ = done.send(());
+        generated
+    };
+    let (generated, kept) = if claimed.token.is_some() {
+        let keeping = claim::keep(scope, claimed, &control, finished);
+        tokio::join!(generating, keeping)
+    } else {
+        (generating.await, claimed)
+    };
+    claimed = kept;
+    let (mut status, last_model_sequence, answer) = match generated {
+        Some((mut sink, status)) => {
+            if let Some(usage) = sink.usage {
+                let tokens = &metrics().tokens;
+                tokens
+                    .get_or_create(&[("kind", "input")])
+                    .inc_by(usage.input_tokens);
+                tokens
+                    .get_or_create(&[("kind", "output")])
+                    .inc_by(usage.output_tokens);
+            }
+            (status, sink.sequence, sink.assistant_message())
+        }
+        None => (Status::Failed, attachment.sequence(), None),
+    };
+
+    // The turn's end frame takes the next number; it is saved with the turn.
+    let end_sequence = last_model_sequence + 1;
+    status = save(scope, claimed, answer, end_sequence, status).await;
+    // Counted before the turn's last frame goes out: a client that reads
+    // the metrics after it finds the turn in them.
+    metrics()
+        .turn_seconds
+        .observe(started.elapsed().as_secs_f64());
+    end_turn(scope, end_sequence, &interaction_id, status).await;
+    status
+}
+
+/// Commits the turn; answers its status, failed if it was not saved.
+async fn save<S: SessionStore, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    claimed: Claimed,
+    answer: Option<Message>,
+    end_sequence: u64,
+    status: Status,
+) -> Status {
+    match commit::commit(scope, claimed, answer, end_sequence).await {
+        Ok(saved) => {
+            scope.attachment.remember(scope.store.name(), saved);
+            status
+        }
+        Err(CommitError::Store(err)) => {
+            store_failed(scope, &err, "the turn could not be saved").await;
+            Status::Failed
+        }
+        Err(err) => {
+            tracing::warn!(session = %scope.attachment.session_id, error = %err, "turn not saved");
+            scope
+                .diagnostic("error", "host", err.code(), &err.to_string())
+                .await;
+            Status::Failed
+        }
+    }
+}
+
+async fn store_failed<S: SessionStore, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    err: &super::ports::StoreError,
+    what: &str,
+) {
+    tracing::error!(session = %scope.attachment.session_id, error = %err, "{what}");
+    let message = format!("{what}: {err}");
+    scope
+        .diagnostic("error", "store", "store_unavailable", &message)
+        .await;
+}
+
+/// Sends the turn's `interaction.turn` end frame, numbered `sequence`.
+pub async fn end_turn<S: SessionStore, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    sequence: u64,
+    interaction_id: &str,
+    status: Status,
+) {
+    metrics()
+        .turns
+        .get_or_create(&[("status", status.as_str())])
+        .inc();
+    let meta = Meta::now(sequence, SOURCE_HOST, Some(interaction_id));
+    let frame = scope.framer.turn(
+        &TurnEvent::End {
+            status: status.as_str(),
+            interaction_id,
+        },
+        &meta,
+    );
+    scope
+        .frames
+        .send_numbered(&mut vec![Bytes::from(frame)], sequence)
+        .await;
+}
+
+/// Runs the model, in steps on this task or on the blocking pool; gives the
+/// sink back with the status, or nothing if the host's own sink code panicked
+/// (a plugin's panics are caught inside the plugin).
+async fn generate<M: Model>(
+    frames: &impl Frames,
+    model: Arc<M>,
+    request: serde_json::Result<String>,
+    mut sink: TurnSink,
+) -> Option<(TurnSink, Status)> {
+    let request = match request {
+        Ok(json) => json,
+        Err(err) => {
+            let status = sink.close(Err(ModelError::internal(err.to_string())));
+            sink.send_batch(frames).await;
+            return Some((sink, status));
+        }
+    };
+    if model.stepped() {
+        return Some(step(frames, &*model, &request, sink).await);
+    }
+    let (sender, mut ready) = mpsc::channel(BLOCKING_FRAMES);
+    sink.out = Some(sender);
+    let running = tokio::task::spawn_blocking(move || {
+        let result = model.generate(&request, &mut sink);
+        let status = sink.close(result);
+        sink.out = None;
+        (sink, status)
+    });
+    // Forward the model's frames as they come, every frame that is ready
+    // with one flush, until it returns and its last frames are out.
+    let mut batch = Vec::new();
+    while let Some((mut through, frame)) = ready.recv().await {
+        batch.push(frame);
+        while let Ok((sequence, frame)) = ready.try_recv() {
+            batch.push(frame);
+            through = sequence;
+        }
+        if !frames.send_numbered(&mut batch, through).await {
+            // The client is gone: the model's next frame finds the channel
+            // closed and its sink answers stop.
+            batch.clear();
+            ready.close();
+        }
+    }
+    running
+        .await
+        .map_err(|err| tracing::error!(error = %err, "turn task failed"))
+        .ok()
+}
+
+/// Frames a model on the blocking pool may have waiting for the client
+/// before it waits itself.
+const BLOCKING_FRAMES: usize = 64;
+
+/// Runs a stepped model's turn on this task: each step's frames go out as
+/// one batch, its pauses and pending waits end early when the turn is
+/// stopped, and the stepper is dropped as soon as the turn stops.
+async fn step<M: Model>(
+    frames: &impl Frames,
+    model: &M,
+    request: &str,
+    mut sink: TurnSink,
+) -> (TurnSink, Status) {
+    sink.batch.reserve(96);
+    let control = sink.control.clone();
+    let woken = Arc::new(Notify::new());
+    // Registered once for the whole turn, not at every pause.
+    let stopped = control.stopped.notified();
+    tokio::pin!(stopped);
+    let result = match model.start(request, woken.clone()) {
+        Err(err) => Err(err),
+        Ok(mut stepper) => loop {
+            if sink.stopped() {
+                break Ok(());
+            }
+            sink.step_time = Some(now_ms());
+            let step = stepper.step(&mut sink);
+            sink.step_time = None;
+            // A pause counts from the step's answer, not from after the send.
+            let answered = tokio::time::Instant::now();
+            sink.send_batch(frames).await;
+            let next = match step {
+                Ok(_) if sink.step_overflowed => {
+                    break Err(ModelError::internal(format!(
+                        "a step emitted more than {STEP_FRAMES} events without returning; \
+                         a step emits what is ready and answers READY for more"
+                    )))
+                }
+                Ok(next) => next,
+                Err(err) => break Err(err),
+            };
+            if sink.stopped() {
+                break Ok(());
+            }
+            match next {
+                Next::Done => break Ok(()),
+                Next::Ready => tokio::task::yield_now().await,
+                Next::Sleep(pause) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(answered + pause) => {}
+                        _ = &mut stopped => {}
+                    }
+                }
+                Next::Pending => {
+                    tokio::select! {
+                        _ = woken.notified() => {}
+                        _ = &mut stopped => {}
+                    }
+                }
+                Next::Unknown(kind) => {
+                    break Err(ModelError::internal(format!(
+                        "the model's step answered kind {kind}, which this host does not know \
+                         (the plugin was built against a newer plugin-api)"
+                    )))
+                }
+            }
+        },
+    };
+    let status = sink.close(result);
+    sink.send_batch(frames).await;
+    (sink, status)
+}
+
+/// The JSON of a [`ModelRequest`], written from borrowed parts (the history
+/// is not copied to be sent).
+#[derive(serde::Serialize, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RequestRef<'a> {
+    session_id: &'a str,
+    interaction_id: &'a str,
+    backend: &'a str,
+    messages: &'a [Message],
+    params: &'a TurnParams,
+}
+
+impl RequestRef<'_> {
+    /// The request's JSON, as `serde_json::to_string(self)` writes it, with
+    /// the history taken from `json`, the text of `self.messages`.
+    fn to_json(self, json: &mut MessagesJson) -> serde_json::Result<String> {
+        let shell = serde_json::to_string(&RequestRef {
+            messages: &[],
+            ..self
+        })?;
+        json.splice(self.messages, &shell)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_host_plugin_api::{ModelRequest, ToolCall};
+
+    #[test]
+    fn the_borrowed_request_is_a_model_request() {
+        let messages = vec![
+            Message::new(Role::User, "hi"),
+            Message::new(Role::Assistant, "echo: hi"),
+        ];
+        let params = TurnParams {
+            max_tokens: Some(7),
+            ..TurnParams::default()
+        };
+        let json = serde_json::to_string(&RequestRef {
+            session_id: "s",
+            interaction_id: "turn-2",
+            backend: "echo",
+            messages: &messages,
+            params: &params,
+        })
+        .expect("serializes");
+        let parsed: ModelRequest = serde_json::from_str(&json).expect("parses");
+        assert_eq!(
+            parsed,
+            ModelRequest {
+                session_id: "s".into(),
+                interaction_id: "turn-2".into(),
+                backend: "echo".into(),
+                messages,
+                params,
+            }
+        );
+    }
+
+    #[test]
+    fn the_spliced_request_is_what_serde_json_writes() {
+        let history = [
+            Message::new(Role::System, "Say \"hi\".\n\u{1}\\"),
+            Message::new(Role::User, "\"messages\":[] caf\u{e9} \u{1f600}"),
+            Message {
+                reasoning: Some("Look it up.".to_owned()),
+                tool_calls: vec![ToolCall {
+                    id: "call-1".to_owned(),
+                    name: "search".to_owned(),
+                    arguments: r#"{"q":"a \"b\""}"#.to_owned(),
+                }],
+                ..Message::new(Role::Assistant, "")
+            },
+            Message {
+                tool_call_id: Some("call-1".to_owned()),
+                ..Message::new(Role::Tool, "found")
+            },
+            Message::new(Role::Assistant, "hi"),
+        ];
+        let mut extra = serde_json::Map::new();
+        extra.insert("messages".to_owned(), serde_json::json!([]));
+        extra.insert("mirostat".to_owned(), serde_json::json!({"tau": 5.0}));
+        let params = [
+            TurnParams::default(),
+            TurnParams {
+                temperature: Some(0.7),
+                max_tokens: Some(7),
+                stop: vec!["\n\n".to_owned()],
+                tools: vec![llm_host_plugin_api::ToolSpec {
+                    name: "search".to_owned(),
+                    description: "Searches.".to_owned(),
+                    parameters: serde_json::json!({"type": "object"}),
+                }],
+                extra,
+                ..TurnParams::default()
+            },
+        ];
+        for params in &params {
+            // The history as turns build it, from empty to the whole of it.
+            let mut json = MessagesJson::new(&[]).expect("serializes");
+            for len in 0..=history.len() {
+                if len > 0 {
+                    json.push(&history[len - 1]);
+                }
+                let request = RequestRef {
+                    session_id: "session-\"x\"",
+                    interaction_id: "turn-3",
+                    backend: "echo",
+                    messages: &history[..len],
+                    params,
+                };
+                assert_eq!(
+                    request.to_json(&mut json).expect("writes"),
+                    serde_json::to_string(&request).expect("serializes")
+                );
+                // A text not known yet is written from the messages.
+                assert_eq!(
+                    request
+                        .to_json(&mut MessagesJson::default())
+                        .expect("writes"),
+                    serde_json::to_string(&request).expect("serializes")
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The host's running state: the active set of adapters, the loader, reload
+//! bookkeeping, connection slots, shutdown; and the reload itself (two
+//! phases, see [`crate::plugins::reload`]) with the file watcher that
+//! triggers it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError};
+use crate::core::locks::SessionLocks;
+use crate::core::TurnSettings;
+use crate::limits::{ConnectionSlots, TurnRate};
+use crate::metrics::metrics;
+use crate::plugins::loader::Loader;
+use crate::plugins::reload::{absolute, describe, relevant, Fingerprint, Outcome, Reloader};
+use crate::plugins::runtime::Active;
+use crate::protocol::now_ms;
+
+/// Everything the host serves from. One per process, shared by every
+/// connection through an `Arc`; lives until the process ends.
+pub struct HostState {
+    /// The active adapters and config; a turn takes one snapshot and keeps it.
+    pub active: ArcSwap<Active>,
+    /// Per-session turn locks.
+    pub locks: SessionLocks,
+    /// Loads plugin libraries (and remembers every one it loaded).
+    pub loader: Loader,
+    /// Reload bookkeeping and the channel that tells sessions about reloads.
+    pub reloader: Reloader,
+    /// The config file the host was started with.
+    pub config_path: PathBuf,
+    /// This process's id among hosts sharing a store (in turn leases).
+    pub instance: String,
+    /// Open connections, against `server.max_connections`.
+    pub connections: ConnectionSlots,
+    /// Turns per minute per API key.
+    pub turn_rate: TurnRate,
+    /// Becomes true when the host starts shutting down.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The address the host listens on, once bound.
+    pub listening: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The default store's last readiness check.
+    pub readiness: Readiness,
+}
+
+/// The default store's readiness. However often `/readyz` is asked, one
+/// ping is in flight at a time, and a store that answered is not asked
+/// again for [`Readiness::FRESH`]: the unauthenticated route cannot make
+/// the host hammer its store. A failure is not kept, so readiness comes
+/// back with the store.
+#[derive(Default)]
+pub struct Readiness {
+    /// The store checked, when, and what it answered.
+    last: tokio::sync::Mutex<Option<Checked>>,
+}
+
+/// A store's name, when it was checked, and what it answered.
+type Checked = (String, tokio::time::Instant, Result<(), String>);
+
+impl Readiness {
+    /// How long an answer is reused.
+    pub const FRESH: Duration = Duration::from_secs(1);
+
+    /// Whether store `name` answers, asking `ping` unless a fresh answer
+    /// for it is kept.
+    pub async fn check<F, Fut>(&self, name: &str, ping: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), crate::core::ports::StoreError>>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((store, at, answer)) = last.as_ref() {
+            if store == name && answer.is_ok() && at.elapsed() < Self::FRESH {
+                return answer.clone();
+            }
+        }
+        let answer = ping().await.map_err(|err| err.to_string());
+        *last = Some((name.to_owned(), tokio::time::Instant::now(), answer.clone()));
+        answer
+    }
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// config.toml is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The config, plugins or adapters have problems; every one is listed.
+    #[error("{}", .0.join("\n"))]
+    Problems(Vec<String>),
+}
+
+impl HostState {
+    /// Reads the config at `path`, loads the plugin directory and builds every
+    /// configured adapter. Reports every problem at once.
+    pub fn boot(path: &Path) -> Result<Arc<HostState>, BootError> {
+        // The staging directory comes from the config; read it first (a
+        // config that does not even parse fails here, alone).
+        let config = match Config::load_checked(path) {
+            Ok((config, _)) => config,
+            Err(err) => return Err(BootError::Config(err)),
+        };
+        let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
+        let (catalog, active) =
+            Active::assemble(path, &loader, None).map_err(BootError::Problems)?;
+        let reloader = Reloader::new(&active.config, &catalog);
+        Ok(Arc::new(HostState {
+            active: ArcSwap::from_pointee(active),
+            locks: SessionLocks::default(),
+            loader,
+            reloader,
+            config_path: path.to_owned(),
+            instance: format!("host-{}", uuid::Uuid::new_v4()),
+            connections: ConnectionSlots::default(),
+            turn_rate: TurnRate::default(),
+            shutdown: tokio::sync::watch::channel(false).0,
+            listening: std::sync::OnceLock::new(),
+            readiness: Readiness::default(),
+        }))
+    }
+
+    /// How turns run under the active config.
+    pub fn turn_settings(&self) -> TurnSettings {
+        self.active.load().config.server.turn_settings()
+    }
+
+    /// Whether the host is shutting down.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Reloads config.toml and the plugin directory now. `why` is logged.
+pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String> {
+    let _one_at_a_time = host.reloader.lock.lock().await;
+    let prepared = {
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || prepare(&host))
+            .await
+            .map_err(|err| format!("reload task failed: {err}"))?
+    };
+    let reloader = &host.reloader;
+    match prepared {
+        Ok(None) => {
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "unchanged")])
+                .inc();
+            tracing::debug!(trigger = why, "reload: nothing changed");
+            Ok(Outcome::Unchanged)
+        }
+        Ok(Some((active, notice))) => {
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "applied")])
+                .inc();
+            host.active.store(Arc::new(active));
+            {
+                let mut status = reloader.status();
+                status.reloads += 1;
+                status.last_reload_ms = Some(now_ms());
+            }
+            for change in &notice.changes {
+                tracing::info!(trigger = why, "reloaded: {change}");
+            }
+            let changes = notice.changes.clone();
+            let _ = reloader.notices.send(Arc::new(notice));
+            Ok(Outcome::Reloaded(changes))
+        }
+        Err(message) => {
+            metrics()
+                .reloads
+                .get_or_create(&[("result", "failed")])
+                .inc();
+            tracing::error!(
+                trigger = why,
+                "reload refused, the running set keeps serving:\n{message}"
+            );
+            reloader.status().last_error = Some((now_ms(), message.clone()));
+            Err(message)
+        }
+    }
+}
+
+type Prepared = Option<(Active, crate::plugins::reload::Notice)>;
+
+fn prepare(host: &HostState) -> Result<Prepared, String> {
+    let old = host.active.load_full();
+    let assembled = Active::assemble(&host.config_path, &host.loader, Some(&old));
+    let (catalog, active) = match assembled {
+        Ok(done) => done,
+        Err(problems) => return Err(problems.join("\n")),
+    };
+    if let Some(addr) = host.listening.get() {
+        if let Some(problem) = active.config.auth.exposure_problem(*addr) {
+            return Err(problem);
+        }
+    }
+    host.reloader.status().record_scan(&catalog);
+    let fingerprint = Fingerprint::of(&active.config, &catalog);
+    let mut current = host
+        .reloader
+        .fingerprint
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if *current == fingerprint {
+        return Ok(None);
+    }
+    *current = fingerprint;
+    drop(current);
+    let notice = describe(&old, &active);
+    Ok(Some((active, notice)))
+}
+
+/// Watches config.toml and the plugin directory, and reloads after changes
+/// settle (no event for `debounce`). Runs until the host stops.
+pub fn watch(host: Arc<HostState>, debounce: Duration) -> Result<(), String> {
+    let config_path = absolute(&host.config_path);
+    let config_dir = config_path
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let plugin_dir = Arc::new(Mutex::new(absolute(&host.active.load().config.plugins.dir)));
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watched_dir = plugin_dir.clone();
+    let watched_config = config_path.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let dir = watched_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if relevant(&event, &watched_config, &dir) {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|err| format!("cannot watch files: {err}"))?;
+    watcher
+        .watch(&config_dir, RecursiveMode::NonRecursive)
+        .map_err(|err| format!("cannot watch {}: {err}", config_dir.display()))?;
+    let initial_dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if initial_dir != config_dir {
+        watcher
+            .watch(&initial_dir, RecursiveMode::NonRecursive)
+            .map_err(|err| format!("cannot watch {}: {err}", initial_dir.display()))?;
+    }
+    tracing::info!(
+        config = %config_path.display(),
+        plugins = %initial_dir.display(),
+        "watching for changes"
+    );
+
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Wait until the files have been quiet for the whole window: a
+            // library still being copied keeps producing events.
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let _ = reload(&host, "file change").await;
+            let now_dir = absolute(&host.active.load().config.plugins.dir);
+            let mut dir = plugin_dir.lock().unwrap_or_else(|p| p.into_inner());
+            if *dir != now_dir {
+                if *dir != config_dir {
+                    let _ = watcher.unwatch(&dir);
+                }
+                if let Err(err) = watcher.watch(&now_dir, RecursiveMode::NonRecursive) {
+                    tracing::error!(dir = %now_dir.display(), error = %err, "cannot watch the new plugin directory");
+                }
+                *dir = now_dir;
+            }
+        }
+    });
+    Ok(())
+}

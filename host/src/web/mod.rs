@@ -1,0 +1,24 @@
+//! The network edge: HTTP routes, the WebSocket upgrade, one task per
+//! socket. It turns client frames into prompts for the turn core and hands
+//! the core an [`outbox::Outbox`] to write frames into.
+//!
+//! - [`server`]: the listener, the routes, the WebSocket upgrade.
+//! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
+//! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
+//! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
+//! - [`auth`]: API keys and who may do what.
+
+pub mod admin;
+pub mod auth;
+pub mod connection;
+pub mod outbox;
+pub mod server;
+
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+/// A JSON error body: `{"error":{"code","message"}}`.
+pub fn error_reply(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
