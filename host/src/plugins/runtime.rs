@@ -95,11 +95,27 @@ impl Active {
             let Some(plugin) = find(catalog, &key, entry, Kinds::STORE, &mut problems) else {
                 continue;
             };
-            let kept = previous
-                .and_then(|p| p.stores.get(name))
-                .filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
+            let before = previous.and_then(|p| p.stores.get(name));
+            let kept =
+                before.filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
             if let Some(store) = kept {
                 stores.insert(name.clone(), store.clone());
+                continue;
+            }
+            if let Some(before) = before.filter(|b| b.in_process) {
+                // A new adapter would start empty, and turns in flight would
+                // save into the one dropped.
+                let what = if before.plugin.hash == plugin.hash {
+                    "its settings"
+                } else {
+                    "its library"
+                };
+                problems.push(format!(
+                    "{key}: store `{name}` keeps its sessions in this process's memory; \
+                     changing {what} at runtime would drop every session. Restart the host \
+                     to apply it, or configure the change as a store of another name"
+                ));
+                stores.insert(name.clone(), before.clone());
                 continue;
             }
             match plugin.new_store(&entry.settings) {

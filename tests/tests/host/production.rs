@@ -409,3 +409,52 @@ async fn a_client_that_takes_nothing_is_dropped_and_its_turn_saved() {
     assert_eq!(turn.status(), "completed", "{}", turn.dump());
     drop(stuck);
 }
+
+// Bob connects to `user-42` before it exists; Alice then creates it and talks. Bob's
+// next prompt is refused as if the session did not exist: nothing of either reaches
+// the other.
+#[tokio::test]
+async fn a_key_that_connected_first_does_not_join_a_session_another_key_created() {
+    let host = Host::start(&with_keys());
+    let mut bob = host
+        .connect(&format!("/v1/ws?session=user-42&token={BOB}"))
+        .await;
+    bob.next_json().await;
+    let mut alice = host
+        .connect(&format!("/v1/ws?session=user-42&token={ALICE}"))
+        .await;
+    alice.next_json().await;
+    alice.send_text("alice secret").await;
+    assert_eq!(alice.read_turn().await.status(), "completed");
+
+    bob.send_text("bob here").await;
+    let refused = bob.read_turn().await;
+    assert_eq!(refused.status(), "failed", "{}", refused.dump());
+    let codes: Vec<&str> = refused
+        .diagnostics()
+        .iter()
+        .map(|d| d.diagnostic_code())
+        .collect();
+    assert_eq!(codes, ["session_not_found"], "{}", refused.dump());
+    assert!(!refused.dump().contains("alice secret"));
+
+    let reply = http(
+        host.addr(),
+        "GET",
+        &format!("/v1/sessions/user-42?token={ALICE}"),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let messages = reply.json()["messages"].to_string();
+    assert!(
+        messages.contains("alice secret") && !messages.contains("bob here"),
+        "{messages}"
+    );
+    let reply = http(
+        host.addr(),
+        "GET",
+        &format!("/v1/sessions/user-42?token={BOB}"),
+    )
+    .await;
+    assert_eq!(reply.status, 404);
+}

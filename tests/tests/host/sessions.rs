@@ -150,9 +150,10 @@ async fn a_session_expired_while_connected_starts_over() {
     );
 }
 
-// A reload that replaces the store (new settings: a new, empty memory store) leaves the old copy behind.
+// A reload that would replace the in-process store (new settings: a new, empty memory
+// store) is refused and named: the sessions in memory, and the turn in flight, are kept.
 #[tokio::test]
-async fn a_session_in_a_replaced_store_starts_over() {
+async fn a_reload_never_empties_the_memory_store() {
     let host = Host::start_default();
     let mut client = host.connect("/v1/ws?session=replaced-1").await;
     client.next_json().await;
@@ -164,14 +165,29 @@ async fn a_session_in_a_replaced_store_starts_over() {
         "[stores.memory]\nplugin = \"memory\"\nsettings = { ttl_secs = 3600 }\n",
     );
     host.workdir().write_config(&text);
-    let notice = client.next_json().await;
-    assert_eq!(notice.diagnostic_code(), "reloaded", "{}", notice.text);
+    let refused = loop {
+        let status = http(host.addr(), "GET", "/v1/plugins").await.json();
+        if let Some(message) = status["lastError"]["message"].as_str() {
+            break message.to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    assert!(
+        refused.contains("stores.memory") && refused.contains("Restart the host"),
+        "{refused}"
+    );
 
     client.send_text("four").await;
-    assert_echo_turn(&client.read_turn().await, "four", 1, "turn-2");
+    let history = words("one two three echo: one two three four");
+    assert_echo_turn(&client.read_turn().await, "four", history, "turn-2");
     assert_eq!(
         stored_messages(&host, "replaced-1").await,
-        ["user: four", "assistant: echo: four"]
+        [
+            "user: one two three",
+            "assistant: echo: one two three",
+            "user: four",
+            "assistant: echo: four"
+        ]
     );
 }
 

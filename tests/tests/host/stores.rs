@@ -460,3 +460,60 @@ async fn sigterm_mid_turn_saves_the_turn() {
         ]
     );
 }
+
+// Two hosts on Redis; the first is killed (SIGKILL) four frames into a turn. The client
+// resumes on the second and is told at once why it waits; the session is served again
+// within 10 s, and no sequence number it already saw is sent again.
+#[tokio::test]
+async fn a_session_whose_host_was_killed_is_served_again_without_repeating_a_number() {
+    let shared = tempfile::tempdir().expect("a scratch directory");
+    let Some(settings) = store_settings(Kind::Redis, shared.path()) else {
+        return;
+    };
+    let config = config_with_store(&settings);
+    let mut first = start_host(Kind::Redis, &config);
+    let second = start_host(Kind::Redis, &config);
+    let mut client = first
+        .connect("/v1/ws?session=killed-1&model=slow_echo")
+        .await;
+    client.next_json().await;
+    client.send_text("a b c d e f g h i j k l m n o p").await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let frame = client.next_json().await;
+        seen.push(frame.meta()["sequence"].as_u64().expect("a sequence"));
+    }
+    first.signal("KILL");
+    first
+        .wait_exit(Duration::from_secs(10))
+        .expect("the host died");
+
+    let mut resumed = second
+        .connect("/v1/ws?session=killed-1&model=slow_echo")
+        .await;
+    resumed.next_json().await;
+    let asked = Instant::now();
+    resumed.send_text("still there").await;
+    let busy = resumed.next_json().await;
+    assert_eq!(busy.diagnostic_code(), "session_busy", "{}", busy.text);
+    assert!(asked.elapsed() < Duration::from_secs(2), "told at once");
+    let turn = resumed.read_turn().await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10) + Duration::from_secs(2),
+        "served again after {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    assert_eq!(turn.text(), "echo: still there");
+    let highest = seen.iter().max().copied().unwrap_or(0);
+    assert!(
+        turn.sequences().iter().all(|s| *s > highest),
+        "{:?} repeats one of {seen:?}",
+        turn.sequences()
+    );
+    let session = stored(&second, "killed-1").await;
+    assert!(
+        session["lastSequence"].as_u64() > Some(highest),
+        "{session}"
+    );
+}
