@@ -28,6 +28,8 @@ pub mod turn;
 #[cfg(test)]
 mod fakes;
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -98,6 +98,15 @@ pub struct PostgresSettings {
     /// milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// The server cancels any statement that runs longer (PostgreSQL's
+    /// `statement_timeout`), in milliseconds: a lock held elsewhere or a
+    /// stalled server fails the call instead of holding it.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+}
+
+fn default_statement_timeout_ms() -> u64 {
+    5000
 }
 
 fn default_url() -> String {
@@ -124,6 +133,7 @@ impl Default for PostgresSettings {
             ttl_secs: None,
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            statement_timeout_ms: default_statement_timeout_ms(),
         }
     }
 }
@@ -482,8 +492,23 @@ impl PostgresStore {
                 }
                 Some(secs) => Some(secs as i64 * 1000),
             };
+        if !(1..=3_600_000).contains(&settings.statement_timeout_ms) {
+            return Err(PluginError::invalid_settings(format!(
+                "statement_timeout_ms: must be between 1 and 3600000, got {}",
+                settings.statement_timeout_ms
+            )));
+        }
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
         config.connect_timeout(timeout);
+        let statement_timeout = format!("-c statement_timeout={}", settings.statement_timeout_ms);
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {statement_timeout}"),
+            _ => statement_timeout,
+        };
+        config.options(&options);
+        // A connection that stops answering altogether (a frozen server or
+        // network) fails once unacknowledged data waits this long.
+        config.tcp_user_timeout(Duration::from_millis(settings.statement_timeout_ms) + timeout);
         if config.get_application_name().is_none() {
             config.application_name("llm-host");
         }

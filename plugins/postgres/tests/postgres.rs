@@ -351,3 +351,33 @@ fn a_nul_character_is_refused_as_input() {
         "the connection is still good"
     );
 }
+
+#[test]
+fn a_statement_blocked_by_a_lock_fails_within_the_statement_timeout() {
+    let Some(mut server) = Server::connect() else {
+        return;
+    };
+    let store = server.adapter(r#""statement_timeout_ms": 300"#);
+    assert!(matches!(
+        save(&store, "locked", 0, ""),
+        SaveOutcome::Saved { .. }
+    ));
+    // Another session holds the table for longer than any call may wait.
+    let table = server.table.clone();
+    server
+        .client
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE \"{table}\" IN ACCESS EXCLUSIVE MODE"
+        ))
+        .expect("lock the table");
+    let started = std::time::Instant::now();
+    let err = load(&store, "locked").expect_err("the table is locked");
+    let waited = started.elapsed();
+    server.client.batch_execute("ROLLBACK").expect("unlock");
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    assert!(
+        err.message.contains("statement timeout") || err.message.contains("canceling"),
+        "{err}"
+    );
+    assert_eq!(load(&store, "locked").expect("unlocked"), Some(1));
+}
