@@ -15,14 +15,13 @@
 //! Beside them: [`protocol`] (commands in, frames out: the wire format both
 //! the core and the edge write), [`config`] (config.toml, parsed strictly and
 //! validated), [`state`] (the running host: active set, reload, watcher),
-//! [`limits`] and [`metrics`]. [`check`] runs a plugin against the
-//! conformance suites for `llm-host check`.
+//! [`limits`] and [`metrics`]. `llm-host check` is a binary of its own
+//! (`src/bin/llm-host-check`), so the serving binary carries no test suite.
 //!
 //! Imports point one way: `core` uses only `protocol` and `metrics`;
 //! `plugins` uses `core` and `config`; `state` uses `plugins`; `web` uses all
 //! of those; [`serve`] starts `state` and `web`.
 
-pub mod check;
 pub mod config;
 pub mod core;
 pub mod limits;

@@ -63,21 +63,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().is_some_and(|arg| arg == "check") {
-        args.next();
-        match llm_host::check::Options::parse(args) {
-            Ok(Some(options)) => {
-                init_logging();
-                return llm_host::check::main(&options);
-            }
-            Ok(None) => {
-                println!("{}", llm_host::check::USAGE);
-                return ExitCode::SUCCESS;
-            }
-            Err(message) => {
-                eprintln!("llm-host check: {message}\n\n{}", llm_host::check::USAGE);
-                return ExitCode::from(2);
-            }
-        }
+        return check(args);
     }
     let command = match parse_args(args) {
         Ok(command) => command,
@@ -102,5 +88,30 @@ fn main() -> ExitCode {
         }
         Command::Plugins { config } => llm_host::list_plugins(&config),
         Command::Serve { config, listen } => llm_host::run(&config, listen),
+    }
+}
+
+/// `llm-host check ...` runs `llm-host-check`, installed beside this binary
+/// (`cargo build` builds both), with the same arguments.
+fn check(args: impl Iterator<Item = String>) -> ExitCode {
+    let checker = std::env::current_exe()
+        .map(|exe| exe.with_file_name("llm-host-check"))
+        .unwrap_or_else(|_| PathBuf::from("llm-host-check"));
+    match std::process::Command::new(&checker).args(args).status() {
+        Ok(status) => match status.code() {
+            Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            // Killed by a signal (a plugin that aborted): a failure.
+            None => {
+                eprintln!("llm-host check: {status}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(err) => {
+            eprintln!(
+                "llm-host check: cannot run {}: {err} (it is built with llm-host: cargo build)",
+                checker.display()
+            );
+            ExitCode::from(2)
+        }
     }
 }

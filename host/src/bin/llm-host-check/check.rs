@@ -37,7 +37,7 @@ use llm_host_conformance::{model, store};
 use llm_host_plugin_api::{Kinds, PluginError};
 use serde_json::Value;
 
-use crate::plugins::loader::{LoadedPlugin, Loader};
+use llm_host::plugins::loader::{LoadedPlugin, Loader};
 
 /// The usage of the subcommand.
 pub const USAGE: &str = "\

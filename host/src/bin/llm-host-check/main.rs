@@ -1,0 +1,29 @@
+//! `llm-host-check`: the conformance suites against a plugin library, as
+//! `llm-host check` runs them. A binary of its own, so the serving binary
+//! does not carry the test suites; `llm-host check ...` runs this one.
+
+mod check;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    // Run as `llm-host check ...` or as `llm-host-check check ...`.
+    if args.peek().is_some_and(|arg| arg == "check") {
+        args.next();
+    }
+    match check::Options::parse(args) {
+        Ok(Some(options)) => {
+            llm_host::init_logging();
+            check::main(&options)
+        }
+        Ok(None) => {
+            println!("{}", check::USAGE);
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("llm-host check: {message}\n\n{}", check::USAGE);
+            ExitCode::from(2)
+        }
+    }
+}
