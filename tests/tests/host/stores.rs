@@ -353,6 +353,18 @@ impl PrivateRedis {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
     fn restart(&mut self) {
         self.stop();
         let mut again = PrivateRedis::start(&self.dir, self.port).expect("redis-server restarts");
@@ -516,4 +528,124 @@ async fn a_session_whose_host_was_killed_is_served_again_without_repeating_a_num
         session["lastSequence"].as_u64() > Some(highest),
         "{session}"
     );
+}
+
+// Redis freezes mid-turn (SIGSTOP: its connections stay open, nothing answers). The
+// turn ends failed within a few seconds instead of hanging, and once Redis answers
+// again the session goes on, with no number sent twice.
+#[tokio::test]
+async fn a_frozen_store_fails_the_turn_in_time_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().expect("a directory for redis");
+    let port = free_port();
+    let Some(redis) = PrivateRedis::start(dir.path(), port) else {
+        return;
+    };
+    let mut config = config_with_store(&format!("{{ url = \"redis://127.0.0.1:{port}\" }}"));
+    config.server_extra =
+        "store_timeout_ms = 500\nlease_ms = 2000\nlease_renew_ms = 500\n".to_owned();
+    let host = start_host(Kind::Redis, &config);
+    let mut client = host
+        .connect("/v1/ws?session=frozen-1&model=slow_echo")
+        .await;
+    client.next_json().await;
+    client.send_text("before the freeze").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
+
+    client.send_text("during the freeze a b c d e f g h").await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    redis.freeze(true);
+    let frozen = Instant::now();
+    frames.extend(client.read_turn().await.frames);
+    let failed = Turn { frames };
+    let waited = frozen.elapsed();
+    redis.freeze(false);
+    assert_eq!(failed.status(), "failed", "{}", failed.dump());
+    assert!(
+        waited < Duration::from_secs(8),
+        "the turn hung for {waited:?}"
+    );
+    assert!(
+        failed
+            .diagnostics()
+            .iter()
+            .any(|d| d.diagnostic_code() == "store_unavailable"),
+        "{}",
+        failed.dump()
+    );
+
+    client.send_text("after the freeze").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+    assert_eq!(turn.text(), "echo: after the freeze");
+    let before: HashSet<u64> = failed.sequences().into_iter().collect();
+    assert!(turn.sequences().iter().all(|s| !before.contains(s)));
+    let messages = contents(&stored(&host, "frozen-1").await);
+    assert_eq!(
+        messages.first().map(String::as_str),
+        Some("user: before the freeze")
+    );
+    assert_eq!(
+        messages.last().map(String::as_str),
+        Some("assistant: echo: after the freeze"),
+        "{messages:#?}"
+    );
+}
+
+// A session whose stored document does not parse is reported (close 1011, code
+// `session_unreadable`), never retried, and can be deleted; the id then starts over.
+#[tokio::test]
+async fn an_unreadable_session_is_reported_and_can_be_deleted() {
+    let shared = tempfile::tempdir().expect("a scratch directory");
+    let Some(settings) = store_settings(Kind::Redis, shared.path()) else {
+        return;
+    };
+    let prefix = settings
+        .split("prefix = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the settings name a prefix")
+        .to_owned();
+    let url = env_or("LLM_HOST_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let host = start_host(Kind::Redis, &config_with_store(&settings));
+    let mut client = host.connect("/v1/ws?session=garbled-1").await;
+    client.next_json().await;
+    client.send_text("hello").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
+    drop(client);
+    let garbled = Command::new("redis-cli")
+        .args([
+            "-u",
+            &url,
+            "HSET",
+            &format!("{prefix}session:garbled-1"),
+            "data",
+            "{not json",
+        ])
+        .output()
+        .expect("run redis-cli");
+    assert!(garbled.status.success(), "{garbled:?}");
+
+    let mut client = host.connect("/v1/ws?session=garbled-1").await;
+    let told = client.next_json().await;
+    assert_eq!(
+        told.diagnostic_code(),
+        "session_unreadable",
+        "{}",
+        told.text
+    );
+    match client.expect_end().await {
+        llm_host_tests::Ending::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1011),
+        other => panic!("expected close 1011, got {other:?}"),
+    }
+    let reply = http(host.addr(), "GET", "/v1/sessions/garbled-1").await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "session_unreadable");
+    let reply = http(host.addr(), "DELETE", "/v1/sessions/garbled-1").await;
+    assert_eq!(reply.status, 204, "{}", reply.body);
+
+    let mut client = host.connect("/v1/ws?session=garbled-1").await;
+    let open = client.next_json().await;
+    assert_eq!(open.event()["resumed"], false, "{}", open.text);
+    client.send_text("again").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
 }
