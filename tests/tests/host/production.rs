@@ -361,6 +361,40 @@ async fn sigterm_lets_the_running_turn_finish_then_closes_with_1001() {
     assert!(host.log().contains("stopped"), "{}", host.log());
 }
 
+// A socket that finishes connecting after SIGTERM (it waited for another socket's turn on
+// its session) still hears the shutdown: it is closed with 1001 and runs no turn, and
+// the host exits without waiting out the grace period.
+#[tokio::test]
+async fn a_socket_that_connects_during_shutdown_is_closed_with_1001() {
+    let mut host = Host::start_default();
+    let mut first = host.connect("/v1/ws?session=late-1&model=slow_echo").await;
+    first.next_json().await;
+    first.send_text("one two three four five six").await;
+    first.read_until("interaction.model", "delta").await;
+    // Waits for the running turn of its session before it is announced.
+    let mut late = host.connect("/v1/ws?session=late-1").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    host.signal("TERM");
+    let started = Instant::now();
+    assert_eq!(first.read_turn().await.status(), "completed");
+    let open = late.next_json().await;
+    assert_eq!(open.name(), "interaction.session", "{}", open.text);
+    late.send_text("too late").await;
+    match late.expect_end().await {
+        Ending::Close(Some(close)) => assert_eq!(u16::from(close.code), 1001, "{close:?}"),
+        other => panic!("expected a close frame with 1001, got {other:?}"),
+    }
+    let status = host
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the host did not exit; log:\n{}", host.log()));
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 // A client that stops reading while its turn streams is dropped after
 // server.write_timeout_secs: its turn is cancelled and saved with what it
 // had, and the host goes on serving everyone else.
