@@ -370,3 +370,31 @@ async fn a_disconnect_mid_turn_cancels_it_and_the_session_resumes_after_it() {
         "inputTokens {input} should count the first prompt, the partial answer and this prompt:\n{dump}"
     );
 }
+
+// A session deleted while its turn runs is not recreated by the turn's save: the turn
+// ends failed with `session_deleted`, and the session stays gone.
+#[tokio::test]
+async fn a_session_deleted_during_its_turn_stays_deleted() {
+    let host = Host::start_default();
+    let mut client = host
+        .connect("/v1/ws?session=doomed-1&model=slow_echo")
+        .await;
+    client.next_json().await;
+    client.send_text("first").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
+    client.send_text("a b c d e f").await;
+    let mut frames = client.read_until("interaction.model", "delta").await;
+    let reply = http(host.addr(), "DELETE", "/v1/sessions/doomed-1").await;
+    assert_eq!(reply.status, 204, "{}", reply.body);
+    frames.extend(client.read_turn().await.frames);
+    let turn = Turn { frames };
+    assert_eq!(turn.status(), "failed", "{}", turn.dump());
+    let codes: Vec<&str> = turn
+        .diagnostics()
+        .iter()
+        .map(|d| d.diagnostic_code())
+        .collect();
+    assert_eq!(codes, ["session_deleted"], "{}", turn.dump());
+    let reply = http(host.addr(), "GET", "/v1/sessions/doomed-1").await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+}
