@@ -11,10 +11,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::locks::SessionLocks;
 use super::ports::{
     Frames, Model, ModelError, Next, SaveOutcome, SessionStore, Stepper, StoreError, Stored, Wake,
 };
-use super::sink::TurnSink;
+use super::sink::{Status, TurnControl, TurnSink};
+use super::{turn, Attachment, Party, Prompt, Scope, TurnSettings};
+use crate::protocol::{Envelope, Framer};
 
 /// The sessions a fake store holds: id to (version, owner, data).
 pub type Sessions = Arc<Mutex<HashMap<String, (u64, String, String)>>>;
@@ -356,5 +359,68 @@ impl Frames for FakeFrames {
         }
         self.push(&frame);
         true
+    }
+}
+
+/// One client of one host: its session and what it was sent.
+pub struct Client {
+    pub host: String,
+    pub attachment: Attachment,
+    pub frames: FakeFrames,
+    pub store: FakeStore,
+}
+
+impl Client {
+    pub fn new(host: &str, store: &FakeStore, session: &str, owner: &str) -> Self {
+        let frames = FakeFrames::default();
+        let party = Party {
+            owner: owner.to_owned(),
+            sees_all: false,
+        };
+        Self {
+            host: host.to_owned(),
+            attachment: Attachment::new(session.to_owned(), party, frames.last.clone()),
+            frames,
+            store: store.clone(),
+        }
+    }
+
+    pub fn scope(&self) -> Scope<'_, FakeStore, FakeFrames> {
+        Scope {
+            host: &self.host,
+            attachment: &self.attachment,
+            store: &self.store,
+            frames: &self.frames,
+            framer: Framer {
+                envelope: Envelope::Flat,
+            },
+            settings: TurnSettings::default(),
+        }
+    }
+
+    pub async fn prompt(&self, locks: &SessionLocks, model: &FakeModel, text: &str) -> Status {
+        self.prompt_with(locks, model, text, Arc::default()).await
+    }
+
+    pub async fn prompt_with(
+        &self,
+        locks: &SessionLocks,
+        model: &FakeModel,
+        text: &str,
+        control: Arc<TurnControl>,
+    ) -> Status {
+        let prompt = Prompt {
+            text: text.to_owned(),
+            model: None,
+            params: Box::default(),
+        };
+        turn::run(
+            &self.scope(),
+            locks,
+            Arc::new(model.clone()),
+            prompt,
+            control,
+        )
+        .await
     }
 }

@@ -5,74 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::fakes::{FakeFrames, FakeModel, FakeStore};
+use super::fakes::{Client, FakeModel, FakeStore};
 use super::locks::SessionLocks;
-use super::sink::{Status, TurnControl};
-use super::{turn, Attachment, Party, Prompt, Scope, TurnSettings};
-use crate::protocol::{Envelope, Framer};
-
-/// One client of one host: its session and what it was sent.
-struct Client {
-    host: String,
-    attachment: Attachment,
-    frames: FakeFrames,
-    store: FakeStore,
-}
-
-impl Client {
-    fn new(host: &str, store: &FakeStore, session: &str, owner: &str) -> Self {
-        let frames = FakeFrames::default();
-        let party = Party {
-            owner: owner.to_owned(),
-            sees_all: false,
-        };
-        Self {
-            host: host.to_owned(),
-            attachment: Attachment::new(session.to_owned(), party, frames.last.clone()),
-            frames,
-            store: store.clone(),
-        }
-    }
-
-    fn scope(&self) -> Scope<'_, FakeStore, FakeFrames> {
-        Scope {
-            host: &self.host,
-            attachment: &self.attachment,
-            store: &self.store,
-            frames: &self.frames,
-            framer: Framer {
-                envelope: Envelope::Flat,
-            },
-            settings: TurnSettings::default(),
-        }
-    }
-
-    async fn prompt(&self, locks: &SessionLocks, model: &FakeModel, text: &str) -> Status {
-        self.prompt_with(locks, model, text, Arc::default()).await
-    }
-
-    async fn prompt_with(
-        &self,
-        locks: &SessionLocks,
-        model: &FakeModel,
-        text: &str,
-        control: Arc<TurnControl>,
-    ) -> Status {
-        let prompt = Prompt {
-            text: text.to_owned(),
-            model: None,
-            params: Box::default(),
-        };
-        turn::run(
-            &self.scope(),
-            locks,
-            Arc::new(model.clone()),
-            prompt,
-            control,
-        )
-        .await
-    }
-}
+use super::sink::Status;
+use super::{turn, Prompt, TurnSettings};
 
 fn pairs(messages: &[(&str, &str)]) -> Vec<(String, String)> {
     messages
