@@ -51,7 +51,7 @@ pub async fn commit<S: SessionStore, F: Frames>(
     end_sequence: u64,
 ) -> Result<Loaded, CommitError> {
     let turns = claimed.doc.turns;
-    let mut current = claimed.clone();
+    let mut current = claimed;
     for _ in 0..8 {
         let Claimed {
             doc,
@@ -92,7 +92,7 @@ pub async fn commit<S: SessionStore, F: Frames>(
                 );
                 match scope.load().await? {
                     None => return Err(CommitError::Deleted),
-                    Some(stored) if claimed.holds(&stored.doc) => {
+                    Some(stored) if current.holds(&stored.doc) => {
                         // Our lease, renewed by a save that was reported
                         // failed: save over it.
                         current.version = stored.version;
