@@ -649,3 +649,148 @@ async fn an_unreadable_session_is_reported_and_can_be_deleted() {
     client.send_text("again").await;
     assert_eq!(client.read_turn().await.status(), "completed");
 }
+
+/// A TCP proxy to `target` whose traffic can be stopped: while stalled it
+/// keeps its connections open and forwards nothing, as a network partition
+/// between one host and the store would.
+struct StallingProxy {
+    addr: SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingProxy {
+    async fn start(target: SocketAddr) -> StallingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let stalled = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
+                {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            let n = match from.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            if to.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        StallingProxy { addr, stalled }
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+// Two hosts on one Redis; the first is cut off from Redis mid-turn (its connections
+// stall, as in a network partition). The second takes the session once the first's
+// lease has run out, and the first stops streaming first (`lease_lost`). When the
+// first reaches Redis again its save is refused: the history does not fork, and no
+// sequence number went to both clients.
+#[tokio::test]
+async fn a_host_cut_off_from_the_store_stops_and_its_save_is_fenced() {
+    let dir = tempfile::tempdir().expect("a directory for redis");
+    let port = free_port();
+    let Some(_redis) = PrivateRedis::start(dir.path(), port) else {
+        return;
+    };
+    let proxy =
+        StallingProxy::start(format!("127.0.0.1:{port}").parse().expect("an address")).await;
+    let server = "lease_ms = 2000\nlease_renew_ms = 500\nstore_timeout_ms = 1000\n";
+    let mut cut_off = config_with_store(&format!("{{ url = \"redis://{}\" }}", proxy.addr));
+    cut_off.server_extra = server.to_owned();
+    let mut direct = config_with_store(&format!("{{ url = \"redis://127.0.0.1:{port}\" }}"));
+    direct.server_extra = server.to_owned();
+    let first = start_host(Kind::Redis, &cut_off);
+    let second = start_host(Kind::Redis, &direct);
+
+    let mut early = first
+        .connect("/v1/ws?session=fenced-1&model=slow_echo")
+        .await;
+    early.next_json().await;
+    let long: String = (0..60).map(|i| format!("w{i} ")).collect();
+    early.send_text(long.trim_end()).await;
+    let mut frames = early.read_until("interaction.model", "delta").await;
+    proxy.stall(true);
+
+    let mut late = second
+        .connect("/v1/ws?session=fenced-1&model=slow_echo")
+        .await;
+    late.next_json().await;
+    late.send_text("mine now").await;
+    let taken = late.read_turn().await;
+    assert_eq!(taken.status(), "completed", "{}", taken.dump());
+    assert_eq!(taken.text(), "echo: mine now");
+
+    // The first host stopped its turn when it could not renew its lease.
+    frames.extend(early.read_turn().await.frames);
+    let stopped = Turn { frames };
+    assert_eq!(stopped.status(), "failed", "{}", stopped.dump());
+    assert!(stopped.dump().contains("lease_lost"), "{}", stopped.dump());
+    let stopped_at = stopped
+        .frames
+        .iter()
+        .filter(|f| f.name() == "interaction.model")
+        .filter_map(|f| f.meta()["timestamp"].as_u64())
+        .max()
+        .expect("model frames");
+    let taken_from = taken
+        .frames
+        .iter()
+        .filter(|f| f.name() == "interaction.model")
+        .filter_map(|f| f.meta()["timestamp"].as_u64())
+        .min()
+        .expect("model frames");
+    assert!(
+        stopped_at <= taken_from,
+        "the first host streamed until {stopped_at}, the second from {taken_from}"
+    );
+    proxy.stall(false);
+
+    let first_numbers: HashSet<u64> = stopped.sequences().into_iter().collect();
+    assert!(
+        taken.sequences().iter().all(|s| !first_numbers.contains(s)),
+        "{:?} / {:?}",
+        stopped.sequences(),
+        taken.sequences()
+    );
+    // Give the first host's save the time to be tried and refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = contents(&stored(&second, "fenced-1").await);
+    let answers: Vec<&String> = messages
+        .iter()
+        .filter(|m| m.starts_with("assistant:"))
+        .collect();
+    assert_eq!(answers, ["assistant: echo: mine now"], "{messages:#?}");
+    assert_eq!(
+        messages.last().map(String::as_str),
+        Some("assistant: echo: mine now"),
+        "{messages:#?}"
+    );
+}
