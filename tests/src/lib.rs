@@ -547,11 +547,18 @@ impl Host {
     /// Starts `llm-host --config <workdir's config> EXTRA_ARGS` and waits for
     /// its `listening on` line.
     pub fn start_in(workdir: Workdir, extra_args: &[&str]) -> Self {
+        Self::start_with_env(workdir, extra_args, &[])
+    }
+
+    /// [`Host::start_in`] with more environment variables for the process.
+    pub fn start_with_env(workdir: Workdir, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let config = workdir.config_path();
         let config = config.to_str().expect("temporary paths are UTF-8");
         let mut args = vec!["--config", config];
         args.extend_from_slice(extra_args);
-        let mut child = workdir.command(&args).spawn().expect("spawn llm-host");
+        let mut command = workdir.command(&args);
+        command.envs(env.iter().copied());
+        let mut child = command.spawn().expect("spawn llm-host");
 
         let log = Arc::new(Mutex::new(String::new()));
         let (found, listening) = mpsc::channel::<Option<SocketAddr>>();

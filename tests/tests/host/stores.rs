@@ -86,6 +86,11 @@ fn config_with_store(settings: &str) -> Config {
 
 /// A host whose plugin directory also holds `kind`'s library, on `config`.
 fn start_host(kind: Kind, config: &Config) -> Host {
+    start_host_with_env(kind, config, &[])
+}
+
+/// [`start_host`] with more environment variables for the host's process.
+fn start_host_with_env(kind: Kind, config: &Config, env: &[(&str, &str)]) -> Host {
     let workdir = Workdir::with_config(config);
     let library = artifacts()
         .host
@@ -109,7 +114,7 @@ fn start_host(kind: Kind, config: &Config) -> Host {
         ),
     );
     workdir.write_config(&text);
-    Host::start_in(workdir, &[])
+    Host::start_with_env(workdir, &[], env)
 }
 
 async fn stored(host: &Host, id: &str) -> Value {
@@ -792,5 +797,66 @@ async fn a_host_cut_off_from_the_store_stops_and_its_save_is_fenced() {
         messages.last().map(String::as_str),
         Some("assistant: echo: mine now"),
         "{messages:#?}"
+    );
+}
+
+/// libfaketime, which shifts the wall clock of a process it is preloaded
+/// into, or None (skipped; a failure under CI) when it is not installed.
+fn libfaketime() -> Option<&'static str> {
+    const LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    if Path::new(LIBRARY).exists() {
+        Some(LIBRARY)
+    } else {
+        skip_or_fail("libfaketime is not installed (apt-get install faketime)");
+        None
+    }
+}
+
+// Two hosts on one Redis whose wall clocks disagree by an hour. The one ahead does not
+// take the other's live lease for expired: its prompt waits for the running turn, and
+// the history stays in turn order.
+#[tokio::test]
+async fn hosts_whose_clocks_disagree_never_share_a_session() {
+    let shared = tempfile::tempdir().expect("a scratch directory");
+    let Some(settings) = store_settings(Kind::Redis, shared.path()) else {
+        return;
+    };
+    let Some(faketime) = libfaketime() else {
+        return;
+    };
+    let config = config_with_store(&settings);
+    let first = start_host(Kind::Redis, &config);
+    let ahead = start_host_with_env(
+        Kind::Redis,
+        &config,
+        &[
+            ("LD_PRELOAD", faketime),
+            ("FAKETIME", "+1h"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let mut running = first
+        .connect("/v1/ws?session=skewed-1&model=slow_echo")
+        .await;
+    running.next_json().await;
+    running.send_text("one two three four five six").await;
+    running.read_until("interaction.model", "delta").await;
+    let mut waiting = ahead
+        .connect("/v1/ws?session=skewed-1&model=slow_echo")
+        .await;
+    waiting.next_json().await;
+    waiting.send_text("second").await;
+    let busy = waiting.next_json().await;
+    assert_eq!(busy.diagnostic_code(), "session_busy", "{}", busy.text);
+    assert_eq!(running.read_turn().await.status(), "completed");
+    assert_eq!(waiting.read_turn().await.status(), "completed");
+    assert_eq!(
+        contents(&stored(&first, "skewed-1").await),
+        [
+            "user: one two three four five six",
+            "assistant: echo: one two three four five six",
+            "user: second",
+            "assistant: echo: second"
+        ]
     );
 }
