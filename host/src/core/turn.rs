@@ -128,7 +128,9 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         generated
     };
     let (generated, kept) = if claimed.token.is_some() {
-        let keeping = claim::keep(scope, claimed, &control, finished);
+        // Boxed: a turn on an in-process store (most turns) does not carry
+        // the keeper's state in its own future.
+        let keeping = Box::pin(claim::keep(scope, claimed, &control, finished));
         tokio::join!(generating, keeping)
     } else {
         (generating.await, claimed)

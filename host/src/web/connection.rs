@@ -24,6 +24,7 @@ use crate::core::sink::{Status, TurnControl};
 use crate::core::{self, Attachment, Party, Prompt, Scope};
 use crate::metrics::metrics;
 use crate::plugins::reload::Notice;
+use crate::plugins::runtime::Active;
 use crate::protocol::{
     now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, TurnEvent,
     SOURCE_HOST,
@@ -183,98 +184,19 @@ where
         ),
     });
 
-    let Some(store) = active.store().cloned() else {
-        close(&conn, CloseCode::Error, "no store is configured").await;
-        return;
-    };
-    let settings = active.config.server.turn_settings();
-    // A turn of this session may still be finishing (a client that just
-    // reconnected after a disconnect mid-turn): announce what it saved. When
-    // none is, what the upgrade loaded is current.
-    let lock = host.locks.get(&opening.session_id);
-    let loaded = match (opening.found, lock.try_lock()) {
-        (Some(found), Ok(_free)) => Ok(found),
-        (_, busy) => {
-            drop(busy);
-            let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
-            let loaded = core::load(&store, &opening.session_id, settings.store_timeout).await;
-            drop(finishing);
-            loaded
-        }
-    };
-    let refused = match &loaded {
-        Ok(Some(found)) if !conn.attachment.party.may_use(&found.owner) => Some((
-            "session_not_found",
-            format!("no session `{}`", opening.session_id),
-            CloseCode::Policy,
-            "no such session",
-        )),
-        Ok(_) => None,
-        Err(err @ StoreError::Unreadable { .. }) => {
-            tracing::error!(session = %opening.session_id, error = %err, "unreadable session");
-            Some((
-                "session_unreadable",
-                "the stored session is not readable; it can be deleted \
-                 (DELETE /v1/sessions/{id})"
-                    .to_owned(),
-                CloseCode::Error,
-                "session unreadable",
-            ))
-        }
-        Err(err) => {
-            tracing::error!(session = %opening.session_id, error = %err, "cannot load session");
-            Some((
-                "store_unavailable",
-                format!("the session could not be loaded: {err}"),
-                CloseCode::Again,
-                "store unavailable, try again later",
-            ))
-        }
-    };
-    if let Some((code, message, close_code, reason)) = refused {
-        let kind = if code == "session_not_found" {
-            "host"
-        } else {
-            "store"
-        };
-        conn.send_entry(&DiagnosticEntry {
-            level: "error",
-            kind,
-            message: &message,
-            data: Some(serde_json::json!({ "code": code })),
-        })
-        .await;
-        close(&conn, close_code, reason).await;
-        conn.out.finish().await;
-        return;
-    }
-    let loaded = loaded.ok().flatten();
-    let resumed = loaded.is_some();
-    let (last_sequence, turns) = loaded
-        .as_ref()
-        .map_or((0, 0), |found| (found.doc.last_sequence, found.doc.turns));
-    if let Some(found) = loaded {
-        conn.attachment.remember(&store.name, found);
-    }
-    conn.attachment
-        .last_sequence
-        .store(last_sequence, Ordering::Relaxed);
-    conn.attachment.turns.store(turns, Ordering::Relaxed);
-    let model = opening
-        .model
-        .clone()
-        .unwrap_or_else(|| active.config.default_model.clone());
-    tracing::debug!(session = %opening.session_id, resumed, model = %model, "connected");
-    conn.send(framer.session(
-        &SessionEvent::Open {
-            session_id: &opening.session_id,
-            resumed,
-            model: &model,
-            last_sequence,
-        },
-        &Meta::now(last_sequence, SOURCE_HOST, None),
+    // Boxed: what connecting holds is freed once the session is announced,
+    // instead of staying in every idle connection's task.
+    if !Box::pin(announce(
+        &conn,
+        &active,
+        opening.session_id.clone(),
+        opening.found,
+        opening.model.as_deref(),
     ))
-    .await;
+    .await
+    {
+        return;
+    }
 
     let current: CurrentTurn = Arc::default();
     let closed = Arc::new(AtomicBool::new(false));
@@ -318,6 +240,108 @@ where
     }
     conn.out.finish().await;
     tracing::debug!(session = %opening.session_id, "disconnected");
+}
+
+/// Loads the session (after any turn of it still finishing) and announces
+/// it; answers false when the connection was refused and closed instead.
+async fn announce(
+    conn: &Connection,
+    active: &Active,
+    session_id: String,
+    found: Option<Option<Loaded>>,
+    model: Option<&str>,
+) -> bool {
+    let framer = conn.framer;
+    let Some(store) = active.store().cloned() else {
+        close(conn, CloseCode::Error, "no store is configured").await;
+        return false;
+    };
+    let settings = active.config.server.turn_settings();
+    // A turn of this session may still be finishing (a client that just
+    // reconnected after a disconnect mid-turn): announce what it saved. When
+    // none is, what the upgrade loaded is current.
+    let lock = conn.host.locks.get(&session_id);
+    let loaded = match (found, lock.try_lock()) {
+        (Some(found), Ok(_free)) => Ok(found),
+        (_, busy) => {
+            drop(busy);
+            let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
+            let loaded = core::load(&store, &session_id, settings.store_timeout).await;
+            drop(finishing);
+            loaded
+        }
+    };
+    let refused = match &loaded {
+        Ok(Some(found)) if !conn.attachment.party.may_use(&found.owner) => Some((
+            "session_not_found",
+            format!("no session `{}`", session_id),
+            CloseCode::Policy,
+            "no such session",
+        )),
+        Ok(_) => None,
+        Err(err @ StoreError::Unreadable { .. }) => {
+            tracing::error!(session = %session_id, error = %err, "unreadable session");
+            Some((
+                "session_unreadable",
+                "the stored session is not readable; it can be deleted \
+                 (DELETE /v1/sessions/{id})"
+                    .to_owned(),
+                CloseCode::Error,
+                "session unreadable",
+            ))
+        }
+        Err(err) => {
+            tracing::error!(session = %session_id, error = %err, "cannot load session");
+            Some((
+                "store_unavailable",
+                format!("the session could not be loaded: {err}"),
+                CloseCode::Again,
+                "store unavailable, try again later",
+            ))
+        }
+    };
+    if let Some((code, message, close_code, reason)) = refused {
+        let kind = if code == "session_not_found" {
+            "host"
+        } else {
+            "store"
+        };
+        conn.send_entry(&DiagnosticEntry {
+            level: "error",
+            kind,
+            message: &message,
+            data: Some(serde_json::json!({ "code": code })),
+        })
+        .await;
+        close(conn, close_code, reason).await;
+        conn.out.finish().await;
+        return false;
+    }
+    let loaded = loaded.ok().flatten();
+    let resumed = loaded.is_some();
+    let (last_sequence, turns) = loaded
+        .as_ref()
+        .map_or((0, 0), |found| (found.doc.last_sequence, found.doc.turns));
+    if let Some(found) = loaded {
+        conn.attachment.remember(&store.name, found);
+    }
+    conn.attachment
+        .last_sequence
+        .store(last_sequence, Ordering::Relaxed);
+    conn.attachment.turns.store(turns, Ordering::Relaxed);
+    let model = model.map_or_else(|| active.config.default_model.clone(), str::to_owned);
+    tracing::debug!(session = %session_id, resumed, model = %model, "connected");
+    conn.send(framer.session(
+        &SessionEvent::Open {
+            session_id: &session_id,
+            resumed,
+            model: &model,
+            last_sequence,
+        },
+        &Meta::now(last_sequence, SOURCE_HOST, None),
+    ))
+    .await;
+    true
 }
 
 /// What the read loop works with besides the socket.
