@@ -492,3 +492,41 @@ async fn a_key_that_connected_first_does_not_join_a_session_another_key_created(
     .await;
     assert_eq!(reply.status, 404);
 }
+
+// An upgrade whose headers finish after SIGTERM is refused with 503 `shutting_down`,
+// not switched to a socket the host is about to close.
+#[tokio::test]
+async fn an_upgrade_finished_after_sigterm_gets_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut host = Host::start_default();
+    let mut stream = tokio::net::TcpStream::connect(host.addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v1/ws HTTP/1.1\r\nHost: llm-host\r\nUpgrade: websocket\r\n")
+        .await
+        .expect("send half the headers");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    host.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+        .write_all(
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("send the rest");
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("shutting_down"), "{answer}");
+    drop(stream);
+    let status = host
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the host did not exit; log:\n{}", host.log()));
+    assert!(status.success(), "{status}");
+}
