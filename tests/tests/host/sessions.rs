@@ -165,11 +165,16 @@ async fn a_reload_never_empties_the_memory_store() {
         "[stores.memory]\nplugin = \"memory\"\nsettings = { ttl_secs = 3600 }\n",
     );
     host.workdir().write_config(&text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let refused = loop {
         let status = http(host.addr(), "GET", "/v1/plugins").await.json();
         if let Some(message) = status["lastError"]["message"].as_str() {
             break message.to_owned();
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload was not refused; /v1/plugins: {status:#}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     };
     assert!(
