@@ -53,6 +53,7 @@ struct RawServer {
     lease_renew_ms: u64,
     store_timeout_ms: u64,
     max_turn_events: u64,
+    allowed_origins: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -74,6 +75,7 @@ impl Default for RawServer {
             lease_renew_ms: 2_000,
             store_timeout_ms: 5_000,
             max_turn_events: 1_000_000,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -173,6 +175,11 @@ pub struct ServerConfig {
     pub store_timeout_ms: u64,
     /// Sequence numbers each turn reserves: the most events a turn may send.
     pub max_turn_events: u64,
+    /// Browser origins (`scheme://host[:port]`, `null`, or `*` for any)
+    /// allowed besides pages served from this machine's loopback names; a
+    /// request whose `Origin` is none of them is refused (see
+    /// [`crate::origins`]).
+    pub allowed_origins: Vec<String>,
 }
 
 impl ServerConfig {
@@ -362,6 +369,11 @@ impl Config {
                 raw.server.lease_renew_ms, raw.server.lease_ms
             ));
         }
+        for origin in &raw.server.allowed_origins {
+            if let Err(why) = crate::origins::check_entry(origin) {
+                problems.push(format!("server.allowed_origins: `{origin}` {why}"));
+            }
+        }
         let auth = auth(raw.auth, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
@@ -403,6 +415,7 @@ impl Config {
                 lease_renew_ms: raw.server.lease_renew_ms,
                 store_timeout_ms: raw.server.store_timeout_ms,
                 max_turn_events: raw.server.max_turn_events,
+                allowed_origins: raw.server.allowed_origins,
             },
             auth,
             plugins: PluginsConfig {
@@ -561,5 +574,25 @@ mod tests {
         let text = GOOD.replace("\"nested\"", "\"deep\"");
         let err = Config::parse(&text, Path::new(".")).expect_err("bad enum");
         assert!(err.contains("deep"), "{err}");
+    }
+
+    #[test]
+    fn lease_and_origin_settings_are_checked() {
+        let text = GOOD.replace(
+            "envelope = \"nested\"",
+            "envelope = \"nested\"\nlease_ms = 1000\nlease_renew_ms = 800\n\
+             store_timeout_ms = 0\nallowed_origins = [\"chat.example.com\", \"*\"]",
+        );
+        let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+        assert!(err.contains("server.lease_renew_ms: 800"), "{err}");
+        assert!(
+            err.contains("server.store_timeout_ms: 0 is out of range"),
+            "{err}"
+        );
+        assert!(
+            err.contains("server.allowed_origins: `chat.example.com`"),
+            "{err}"
+        );
+        assert!(!err.contains("server.allowed_origins: `*`"), "{err}");
     }
 }

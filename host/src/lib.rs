@@ -15,7 +15,8 @@
 //! Beside them: [`protocol`] (commands in, frames out: the wire format both
 //! the core and the edge write), [`config`] (config.toml, parsed strictly and
 //! validated), [`state`] (the running host: active set, reload, watcher),
-//! [`limits`] and [`metrics`]. `llm-host check` is a binary of its own
+//! [`origins`] (which browser pages may use the host), [`limits`] and
+//! [`metrics`]. `llm-host check` is a binary of its own
 //! (`src/bin/llm-host-check`), so the serving binary carries no test suite.
 //!
 //! Imports point one way: `core` uses only `protocol` and `metrics`;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod core;
 pub mod limits;
 pub mod metrics;
+pub mod origins;
 pub mod plugins;
 pub mod protocol;
 pub mod state;

@@ -1,10 +1,11 @@
 //! The HTTP API beside the sockets: plugins, config, reload, sessions.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
@@ -57,14 +58,43 @@ fn with_caller(
     with_host(host)
         .and(warp::header::headers_cloned())
         .and(warp::query::<HashMap<String, String>>())
-        .map(|host: Arc<HostState>, headers, query| {
-            let caller = authenticate(&host.active.load().config.auth, &headers, &query);
-            if caller.is_err() {
-                metrics().refuse("unauthorized");
-            }
-            (host, caller)
-        })
+        .and(warp::addr::remote())
+        .map(
+            |host: Arc<HostState>, headers: HeaderMap, query, peer: Option<SocketAddr>| {
+                let caller = authenticate(&host.active.load().config.auth, &headers, &query)
+                    .and_then(|caller| match caller {
+                        // Open mode trusts this machine only: a client on a
+                        // loopback address that is not a page of another origin.
+                        Caller::Open if !on_this_machine(peer, &headers) => Err(NOT_THIS_MACHINE),
+                        caller => Ok(caller),
+                    });
+                if caller.is_err() {
+                    metrics().refuse("unauthorized");
+                }
+                (host, caller)
+            },
+        )
         .untuple_one()
+}
+
+/// Refusal in open mode for a caller that is not on this machine.
+const NOT_THIS_MACHINE: Refusal = Refusal {
+    status: StatusCode::FORBIDDEN,
+    code: "admin_only",
+    message: "with no API keys configured, the HTTP API answers clients on this machine only \
+              (a loopback address, no page of another origin); configure API keys to use it \
+              from elsewhere",
+};
+
+/// Whether a request comes from this machine: a loopback peer, and no
+/// browser page of an origin other than a loopback name.
+fn on_this_machine(peer: Option<SocketAddr>, headers: &HeaderMap) -> bool {
+    let loopback = peer.is_some_and(|peer| peer.ip().is_loopback());
+    let page_of_this_machine = headers
+        .get(warp::http::header::ORIGIN)
+        .map(|origin| origin.to_str().is_ok_and(crate::origins::is_loopback_page))
+        .unwrap_or(true);
+    loopback && page_of_this_machine
 }
 
 /// The admin caller, or the answer that refuses the request.

@@ -62,10 +62,24 @@ pub async fn serve(
 pub fn routes(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    websocket(host.clone())
-        .or(super::admin::routes(host))
-        .unify()
+    allowed_origin(host.clone())
+        .and(
+            websocket(host.clone())
+                .or(super::admin::routes(host))
+                .unify(),
+        )
         .recover(|rejection: warp::Rejection| async move {
+            if let Some(OriginRefused(origin)) = rejection.find::<OriginRefused>() {
+                metrics().refuse("origin_not_allowed");
+                return Ok::<_, std::convert::Infallible>(error_reply(
+                    StatusCode::FORBIDDEN,
+                    "origin_not_allowed",
+                    &format!(
+                        "pages of origin `{origin}` may not use this host \
+                         (server.allowed_origins)"
+                    ),
+                ));
+            }
             let (status, code, message) = if rejection.is_not_found() {
                 (
                     StatusCode::NOT_FOUND,
@@ -88,6 +102,38 @@ pub fn routes(
             Ok::<_, std::convert::Infallible>(error_reply(status, code, &message))
         })
         .unify()
+}
+
+/// A request from a browser page whose origin may not use the host.
+#[derive(Debug)]
+struct OriginRefused(String);
+
+impl warp::reject::Reject for OriginRefused {}
+
+/// Passes requests without an `Origin` header (clients that are not
+/// browsers) and those from allowed origins ([`crate::origins`]); refuses
+/// the rest before any route runs.
+fn allowed_origin(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("origin")
+        .and_then(move |origin: Option<String>| {
+            let host = host.clone();
+            async move {
+                match origin {
+                    Some(origin)
+                        if !crate::origins::allowed(
+                            &origin,
+                            &host.active.load().config.server.allowed_origins,
+                        ) =>
+                    {
+                        Err(warp::reject::custom(OriginRefused(origin)))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        })
+        .untuple_one()
 }
 
 /// `GET /v1/ws` and `GET /`: upgrade to a session socket.

@@ -530,3 +530,79 @@ async fn an_upgrade_finished_after_sigterm_gets_503() {
         .unwrap_or_else(|| panic!("the host did not exit; log:\n{}", host.log()));
     assert!(status.success(), "{status}");
 }
+
+/// The status line the host answers a WebSocket upgrade sent with `Origin: origin`.
+async fn upgrade_status(host: &Host, origin: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(host.addr())
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Origin: {origin}\r\n\r\n",
+        host.addr()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+// On the shipped (open, loopback) config, a page of another origin can neither open a
+// session nor read the HTTP API; pages of this machine's loopback names and clients
+// that send no Origin (not browsers) are served as before.
+#[tokio::test]
+async fn pages_of_other_origins_cannot_drive_a_local_host() {
+    let host = Host::start_default();
+    let refused = upgrade_status(&host, "http://evil.example").await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("origin_not_allowed"), "{refused}");
+    // DNS rebinding: a hostile name that resolves to 127.0.0.1.
+    let rebound = upgrade_status(
+        &host,
+        &format!("http://rebind.example:{}", host.addr().port()),
+    )
+    .await;
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    let local = upgrade_status(&host, "http://localhost:8080").await;
+    assert!(local.starts_with("HTTP/1.1 101"), "{local}");
+
+    for path in ["/v1/config", "/v1/sessions", "/v1/plugins"] {
+        let reply = http_with(
+            host.addr(),
+            "GET",
+            path,
+            &[("Origin", "http://evil.example")],
+        )
+        .await;
+        assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "origin_not_allowed");
+        assert_eq!(http(host.addr(), "GET", path).await.status, 200, "{path}");
+    }
+}
+
+// An origin the operator allows may open sessions; in open mode it still gets no
+// admin API, which answers this machine only.
+#[tokio::test]
+async fn an_allowed_origin_opens_sessions_but_gets_no_admin_in_open_mode() {
+    let host = Host::start(&with_server(
+        "allowed_origins = [\"https://chat.example.com\"]",
+    ));
+    let allowed = upgrade_status(&host, "https://chat.example.com").await;
+    assert!(allowed.starts_with("HTTP/1.1 101"), "{allowed}");
+    let other = upgrade_status(&host, "https://other.example.com").await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    let reply = http_with(
+        host.addr(),
+        "GET",
+        "/v1/config",
+        &[("Origin", "https://chat.example.com")],
+    )
+    .await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "admin_only");
+}
