@@ -330,14 +330,44 @@ impl Config {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
-        for (key, value, least) in [
-            ("max_frame_bytes", raw.server.max_frame_bytes, 16),
-            ("max_queued_prompts", raw.server.max_queued_prompts, 1),
-            ("max_prompt_bytes", raw.server.max_prompt_bytes, 1),
-            ("max_connections", raw.server.max_connections, 1),
+        // Sizes and counts: a frame up to 64 MiB, a queue and a connection
+        // count that fit in memory.
+        for (key, value, range) in [
+            ("max_frame_bytes", raw.server.max_frame_bytes, 16..=64 << 20),
+            (
+                "max_queued_prompts",
+                raw.server.max_queued_prompts,
+                1..=1024,
+            ),
+            (
+                "max_prompt_bytes",
+                raw.server.max_prompt_bytes,
+                1..=64 << 20,
+            ),
+            ("max_connections", raw.server.max_connections, 1..=1_000_000),
         ] {
-            if value < least {
-                problems.push(format!("server.{key}: must be at least {least}"));
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "server.{key}: {value} is out of range ({}-{})",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+        // Durations in seconds: at most a year (and so no overflow when the
+        // host counts them in milliseconds).
+        const YEAR_SECS: u64 = 365 * 24 * 3600;
+        for (key, value) in [
+            ("idle_timeout_secs", raw.server.idle_timeout_secs),
+            ("ping_interval_secs", raw.server.ping_interval_secs),
+            ("turn_timeout_secs", raw.server.turn_timeout_secs),
+            ("shutdown_grace_secs", raw.server.shutdown_grace_secs),
+            ("write_timeout_secs", raw.server.write_timeout_secs),
+        ] {
+            if value > YEAR_SECS {
+                problems.push(format!(
+                    "server.{key}: {value} is more than a year ({YEAR_SECS} s)"
+                ));
             }
         }
         for (key, value, range) in [
@@ -574,6 +604,24 @@ mod tests {
         let text = GOOD.replace("\"nested\"", "\"deep\"");
         let err = Config::parse(&text, Path::new(".")).expect_err("bad enum");
         assert!(err.contains("deep"), "{err}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_named() {
+        let text = GOOD.replace(
+            "envelope = \"nested\"",
+            "envelope = \"nested\"\nidle_timeout_secs = 18446744073709552\n\
+             max_queued_prompts = 100000000",
+        );
+        let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+        assert!(
+            err.contains("server.idle_timeout_secs: 18446744073709552 is more than a year"),
+            "{err}"
+        );
+        assert!(
+            err.contains("server.max_queued_prompts: 100000000 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

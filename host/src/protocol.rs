@@ -53,7 +53,18 @@ impl Command {
         let value: Value = serde_json::from_str(text)
             .map_err(|err| ("bad_frame", format!("the frame is not JSON: {err}")))?;
         match value.get("type").and_then(Value::as_str) {
-            Some("prompt" | "cancel") => {}
+            Some("cancel") => {
+                if let Some(extra) = value
+                    .as_object()
+                    .and_then(|fields| fields.keys().find(|key| *key != "type"))
+                {
+                    return Err((
+                        "bad_frame",
+                        format!("bad command: unknown field `{extra}` (a cancel has none)"),
+                    ));
+                }
+            }
+            Some("prompt") => {}
             Some(other) => {
                 return Err((
                     "unknown_command",
@@ -67,7 +78,9 @@ impl Command {
                 ))
             }
         }
-        serde_json::from_value(value).map_err(|err| ("bad_frame", format!("bad command: {err}")))
+        // From the text again, so that a key given twice (`type` included)
+        // is an error rather than a silent pick of the last.
+        serde_json::from_str(text).map_err(|err| ("bad_frame", format!("bad command: {err}")))
     }
 }
 
@@ -561,5 +574,19 @@ mod tests {
             Command::parse(r#"{"type":"prompt"}"#).map_err(|e| e.0),
             Err("bad_frame")
         );
+    }
+
+    #[test]
+    fn commands_are_parsed_strictly() {
+        for frame in [
+            r#"{"type":"cancel","x":1}"#,
+            r#"{"type":"prompt","type":"cancel"}"#,
+            r#"{"type":"cancel","type":"prompt","text":"hi"}"#,
+            r#"{"type":"prompt","text":"a","text":"b"}"#,
+            r#"{"type":"prompt","text":"hi","extra":true}"#,
+        ] {
+            let err = Command::parse(frame).expect_err(frame);
+            assert_eq!(err.0, "bad_frame", "{frame}: {}", err.1);
+        }
     }
 }

@@ -229,6 +229,7 @@ fn get_session(
         .and(warp::get())
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
+            let id = decoded(&id);
             let (store, loaded) = match owned_session(&host, caller, &id).await {
                 Ok((store, Some(loaded))) => (store, loaded),
                 Ok((_, None)) => {
@@ -262,6 +263,7 @@ fn delete_session(
         .and(warp::delete())
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
+            let id = decoded(&id);
             let store = match owned_session(&host, caller, &id).await {
                 Ok((store, _)) => store,
                 Err(answer) => return answer,
@@ -273,6 +275,14 @@ fn delete_session(
                 Err(err) => unavailable(&err),
             }
         })
+}
+
+/// A path segment percent-decoded (`del%2Drace` is `del-race`); as it is
+/// when it does not decode to UTF-8 (then it is no valid id either).
+fn decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map_or_else(|_| segment.to_owned(), |id| id.into_owned())
 }
 
 /// Session `id` from the default store, if the caller may see it (none: its

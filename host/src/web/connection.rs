@@ -447,6 +447,7 @@ where
                         "no prompt for {} s (server.idle_timeout_secs); closing",
                         server.idle_timeout_secs
                     );
+                    metrics().refuse("idle_timeout");
                     conn.send_entry(&protocol_diagnostic("warn", "idle_timeout", &message)).await;
                     close(conn, CloseCode::Normal, "idle timeout").await;
                     return Ended::Closed;
@@ -535,6 +536,7 @@ where
                 let message = format!(
                     "a frame of {size} bytes is over the limit of {max_size} (server.max_frame_bytes)"
                 );
+                metrics().refuse("frame_too_large");
                 conn.send_entry(&protocol_diagnostic("error", "frame_too_large", &message))
                     .await;
                 close(conn, CloseCode::Size, "frame too large").await;
@@ -595,11 +597,26 @@ async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
             .await;
         return;
     }
+    // A place in the queue first: a prompt refused for a full queue does not
+    // spend one of the key's turns.
+    let prompts = queue.sender();
+    let Ok(place) = prompts.try_reserve() else {
+        metrics().refuse("queue_full");
+        let message = format!(
+            "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
+             this one was not run",
+            prompts.max_capacity()
+        );
+        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
+            .await;
+        return;
+    };
     if !conn
         .host
         .turn_rate
         .allow(conn.caller.id(), server.turns_per_minute)
     {
+        drop(place);
         metrics().refuse("rate_limited");
         let message = format!(
             "more than {} turns a minute for this API key (server.turns_per_minute); \
@@ -610,17 +627,7 @@ async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
             .await;
         return;
     }
-    let prompts = queue.sender();
-    if prompts.try_send(prompt).is_err() {
-        metrics().refuse("queue_full");
-        let message = format!(
-            "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
-             this one was not run",
-            prompts.max_capacity()
-        );
-        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
-            .await;
-    }
+    place.send(prompt);
 }
 
 /// Runs queued prompts one after another until the connection closes.

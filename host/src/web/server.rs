@@ -204,8 +204,19 @@ async fn upgrade_session(
 
     let key = match websocket_key(headers) {
         Ok(key) => key,
-        Err(message) => {
-            return error_reply(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)
+        Err((status, message)) => {
+            let code = if status == StatusCode::UPGRADE_REQUIRED {
+                "upgrade_required"
+            } else {
+                "bad_handshake"
+            };
+            let mut reply = error_reply(status, code, message);
+            // RFC 6455 4.4: the version this server speaks.
+            reply.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return reply;
         }
     };
     let Some(upgrade) = upgrade else {
@@ -296,8 +307,10 @@ async fn upgrade_session(
     response
 }
 
-/// The client's `Sec-WebSocket-Key`, after checking the upgrade headers.
-fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
+/// The client's `Sec-WebSocket-Key`, after checking the upgrade headers: the
+/// status and message to refuse it with otherwise (426 for a request that is
+/// no upgrade or another protocol version, 400 for a malformed key).
+fn websocket_key(headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value
@@ -307,20 +320,44 @@ fn websocket_key(headers: &HeaderMap) -> Result<String, &'static str> {
         })
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return Err("this endpoint speaks WebSocket only (Upgrade: websocket)");
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only (Upgrade: websocket)",
+        ));
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .and_then(|v| v.to_str().ok())
         != Some("13")
     {
-        return Err("Sec-WebSocket-Version must be 13");
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "Sec-WebSocket-Version must be 13",
+        ));
     }
-    headers
+    let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .ok_or("Sec-WebSocket-Key is missing")
+        .ok_or((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing"))?;
+    if !is_handshake_key(key) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455)",
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// Whether `key` is the base64 of 16 bytes: 22 characters of the alphabet,
+/// the last of which carries 2 bits (so one of `AQgw`), then `==`.
+fn is_handshake_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    bytes.len() == 24
+        && key.ends_with("==")
+        && bytes[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+        && matches!(bytes[21], b'A' | b'Q' | b'g' | b'w')
 }
 
 fn requested_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -338,4 +375,32 @@ fn not_found(id: &str) -> Response {
         "session_not_found",
         &format!("no session `{id}`"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_handshake_key;
+
+    #[test]
+    fn handshake_keys_are_16_bytes_of_base64() {
+        // RFC 6455's example key, and one of every last character allowed.
+        for good in [
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "/////////////////////w==",
+            "+++++++++++++++++++++g==",
+        ] {
+            assert!(is_handshake_key(good), "{good}");
+        }
+        for bad in [
+            "!",
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25j!Q==",
+        ] {
+            assert!(!is_handshake_key(bad), "{bad}");
+        }
+    }
 }

@@ -606,3 +606,98 @@ async fn an_allowed_origin_opens_sessions_but_gets_no_admin_in_open_mode() {
     assert_eq!(reply.status, 403, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "admin_only");
 }
+
+// The handshake is checked: a key that is not 16 bytes of base64 gets 400, and a 426
+// names the protocol version the host speaks.
+#[tokio::test]
+async fn malformed_handshakes_are_refused() {
+    let host = Host::start_default();
+    let upgrade = |key: &str, version: &str| {
+        vec![
+            ("Upgrade", "websocket".to_owned()),
+            ("Connection", "Upgrade".to_owned()),
+            ("Sec-WebSocket-Key", key.to_owned()),
+            ("Sec-WebSocket-Version", version.to_owned()),
+        ]
+    };
+    let send = |headers: Vec<(&'static str, String)>| {
+        let addr = host.addr();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            http_with(addr, "GET", "/v1/ws", &headers).await
+        }
+    };
+    let reply = send(upgrade("!", "13")).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "bad_handshake");
+    let reply = send(upgrade("dGhlIHNhbXBsZSBub25jZQ==", "8")).await;
+    assert_eq!(reply.status, 426, "{}", reply.body);
+    assert!(
+        reply
+            .headers
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{}",
+        reply.headers
+    );
+}
+
+// A prompt refused for a full queue does not spend one of the key's turns a minute;
+// `frame_too_large` is counted among the refusals.
+#[tokio::test]
+async fn a_full_queue_spends_no_turn_and_refusals_are_counted() {
+    let mut config = with_server("turns_per_minute = 3");
+    config.max_queued_prompts = 1;
+    config.max_frame_bytes = 64;
+    let host = Host::start(&config);
+    let mut client = host.connect("/v1/ws?model=slow_echo").await;
+    client.next_json().await;
+    // One turn runs, one waits; the third is refused for the queue.
+    for prompt in ["one two", "three", "four"] {
+        client.send_text(prompt).await;
+    }
+    let mut codes = Vec::new();
+    let mut ended = 0;
+    while ended < 2 {
+        let frame = client.next_json().await;
+        if frame.is_turn_end() {
+            ended += 1;
+        } else if frame.name() == "interaction.diagnostic" {
+            codes.push(frame.diagnostic_code().to_owned());
+        }
+    }
+    assert_eq!(codes, ["queue_full"]);
+    // Two turns spent; the third of the minute is still there.
+    client.send_text("five").await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed", "{}", turn.dump());
+
+    client.send_text("x".repeat(100)).await;
+    let refused = client.next_json().await;
+    assert_eq!(refused.diagnostic_code(), "frame_too_large");
+    let metrics = http(host.addr(), "GET", "/metrics").await.body;
+    assert_eq!(
+        metric(
+            &metrics,
+            "llm_host_refused_total{reason=\"frame_too_large\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+// A session id percent-encoded in the path is the id it encodes.
+#[tokio::test]
+async fn session_paths_are_percent_decoded() {
+    let host = Host::start_default();
+    let mut client = host.connect("/v1/ws?session=del-race").await;
+    client.next_json().await;
+    client.send_text("hello").await;
+    client.read_turn().await;
+    let reply = http(host.addr(), "GET", "/v1/sessions/del%2Drace").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["id"], "del-race");
+    let reply = http(host.addr(), "DELETE", "/v1/sessions/del%2Drace").await;
+    assert_eq!(reply.status, 204, "{}", reply.body);
+}
