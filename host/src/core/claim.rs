@@ -93,7 +93,15 @@ pub async fn claim<S: SessionStore, F: Frames>(
             Some(loaded) if shared => Some(loaded),
             // An in-process claim saves nothing that would catch a stale
             // copy: the store must still hold exactly this one.
-            Some(loaded) => refresh(scope, loaded).await?,
+            Some(loaded) => {
+                super::refresh(
+                    scope.store,
+                    &attachment.session_id,
+                    settings.store_timeout,
+                    Some(loaded),
+                )
+                .await?
+            }
             None => scope.load().await?,
         };
         let Loaded {
@@ -228,28 +236,6 @@ pub async fn claim<S: SessionStore, F: Frames>(
     }
 }
 
-/// The session as the store holds it: `cached` as it is, unparsed, if the
-/// store holds exactly it.
-async fn refresh<S: SessionStore, F: Frames>(
-    scope: &Scope<'_, S, F>,
-    cached: Loaded,
-) -> Result<Option<Loaded>, StoreError> {
-    let store = scope.store;
-    let id = &scope.attachment.session_id;
-    let found = super::within(
-        store.name(),
-        "load",
-        scope.settings.store_timeout,
-        store.load(id),
-    )
-    .await?;
-    match found {
-        None => Ok(None),
-        Some(stored) if cached.is_stored(&stored) => Ok(Some(cached)),
-        Some(stored) => Loaded::parse(store.name(), id, stored).map(Some),
-    }
-}
-
 /// Renews the claim's lease every `renew` until `done` fires, and answers
 /// the claim at its latest version. When the lease cannot be kept (another
 /// host took the session, it was deleted, or no renewal was taken for
@@ -280,19 +266,15 @@ pub async fn keep<S: SessionStore, F: Frames>(
             saved = scope.save(claimed.version, &claimed.owner, &claimed.doc, &mut messages_json) => Round::Answered(saved),
         };
         claimed.messages_json = messages_json;
-        let outcome = match outcome {
-            Round::Done => return claimed,
-            Round::Late => None,
-            Round::Answered(saved) => Some(saved),
-        };
         match outcome {
-            None => {}
-            Some(Ok(SaveOutcome::Saved { version })) => {
+            Round::Done => return claimed,
+            Round::Late => {}
+            Round::Answered(Ok(SaveOutcome::Saved { version })) => {
                 claimed.version = version;
                 claimed.renewed_at = sent;
                 continue;
             }
-            Some(Ok(SaveOutcome::Conflict { current })) => match scope.load().await {
+            Round::Answered(Ok(SaveOutcome::Conflict { current })) => match scope.load().await {
                 // A renewal that failed was applied: go on from it.
                 Ok(Some(found)) if claimed.holds(&found.doc) => {
                     claimed.version = found.version;
@@ -317,7 +299,7 @@ pub async fn keep<S: SessionStore, F: Frames>(
                     tracing::warn!(session = %id, error = %err, "cannot check the turn lease")
                 }
             },
-            Some(Err(err)) => {
+            Round::Answered(Err(err)) => {
                 tracing::warn!(session = %id, error = %err, "cannot renew the turn lease")
             }
         }

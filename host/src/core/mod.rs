@@ -176,9 +176,23 @@ pub async fn load(
     id: &str,
     limit: Duration,
 ) -> Result<Option<Loaded>, ports::StoreError> {
+    refresh(store, id, limit, None).await
+}
+
+/// Loads session `id` like [`load`], but answers `cached` as it is, unparsed,
+/// if the store holds exactly it ([`Loaded::is_stored`]).
+pub async fn refresh(
+    store: &impl ports::SessionStore,
+    id: &str,
+    limit: Duration,
+    cached: Option<Loaded>,
+) -> Result<Option<Loaded>, ports::StoreError> {
     match within(store.name(), "load", limit, store.load(id)).await? {
-        Some(stored) => Loaded::parse(store.name(), id, stored).map(Some),
         None => Ok(None),
+        Some(stored) => match cached {
+            Some(cached) if cached.is_stored(&stored) => Ok(Some(cached)),
+            _ => Loaded::parse(store.name(), id, stored).map(Some),
+        },
     }
 }
 

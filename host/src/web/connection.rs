@@ -319,16 +319,13 @@ async fn announce(
     }
     let loaded = loaded.ok().flatten();
     let resumed = loaded.is_some();
-    let (last_sequence, turns) = loaded
-        .as_ref()
-        .map_or((0, 0), |found| (found.doc.last_sequence, found.doc.turns));
+    let last_sequence = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
     if let Some(found) = loaded {
         conn.attachment.remember(&store.name, found);
     }
     conn.attachment
         .last_sequence
         .store(last_sequence, Ordering::Relaxed);
-    conn.attachment.turns.store(turns, Ordering::Relaxed);
     let model = model.map_or_else(|| active.config.default_model.clone(), str::to_owned);
     tracing::debug!(session = %session_id, resumed, model = %model, "connected");
     conn.send(framer.session(
