@@ -54,6 +54,12 @@ struct RawServer {
     store_timeout_ms: u64,
     max_turn_events: u64,
     allowed_origins: Vec<String>,
+    header_read_timeout_secs: u64,
+    max_pending_connections: usize,
+    max_pending_per_address: usize,
+    max_connections_per_key: usize,
+    max_queued_prompts_per_key: usize,
+    max_history_bytes: usize,
 }
 
 impl Default for RawServer {
@@ -76,6 +82,12 @@ impl Default for RawServer {
             store_timeout_ms: 5_000,
             max_turn_events: 1_000_000,
             allowed_origins: Vec::new(),
+            header_read_timeout_secs: 10,
+            max_pending_connections: 1_024,
+            max_pending_per_address: 64,
+            max_connections_per_key: 1_000,
+            max_queued_prompts_per_key: 256,
+            max_history_bytes: 16 << 20,
         }
     }
 }
@@ -116,6 +128,29 @@ fn default_watch() -> bool {
     true
 }
 
+/// `plugins.staging_dir` when the config sets none: the same path for every
+/// run of this user, and one no other user shares.
+/// `$XDG_RUNTIME_DIR/llm-host-staging` when `XDG_RUNTIME_DIR` is an absolute
+/// path to a directory owned by this user that grants others no access (as
+/// systemd makes `/run/user/UID`); otherwise
+/// `<temporary directory>/llm-host-staging-<effective uid>`. That path is
+/// predictable, so another user may create it first: the loader then refuses
+/// it (it must be owned by this user with mode 0700) rather than use it.
+pub fn default_staging_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    if let Some(runtime) = runtime.filter(|dir| dir.is_absolute()) {
+        let private = std::fs::metadata(&runtime)
+            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o077 == 0);
+        if private {
+            return runtime.join("llm-host-staging");
+        }
+    }
+    std::env::temp_dir().join(format!("llm-host-staging-{euid}"))
+}
+
 fn default_debounce_ms() -> u64 {
     500
 }
@@ -133,6 +168,8 @@ struct RawAdapter {
     plugin: String,
     #[serde(default)]
     settings: Option<toml::Table>,
+    #[serde(default)]
+    max_tokens_limit: Option<u64>,
 }
 
 /// `[server]`.
@@ -180,6 +217,22 @@ pub struct ServerConfig {
     /// request whose `Origin` is none of them is refused (see
     /// [`crate::origins`]).
     pub allowed_origins: Vec<String>,
+    /// How long a client may take to send a request's headers (and an
+    /// idle keep-alive connection may wait for its next request).
+    pub header_read_timeout_secs: u64,
+    /// Most connections accepted and not (yet) upgraded to a session socket.
+    pub max_pending_connections: usize,
+    /// Most such connections from one IP address.
+    pub max_pending_per_address: usize,
+    /// Most session sockets one API key (in open mode: one client address)
+    /// may hold open.
+    pub max_connections_per_key: usize,
+    /// Most prompts one API key (in open mode: one client address) may have
+    /// waiting behind running turns, over all its connections.
+    pub max_queued_prompts_per_key: usize,
+    /// Largest a session's history may grow, in bytes of its messages as
+    /// JSON; a prompt that would pass it is refused (`history_full`).
+    pub max_history_bytes: usize,
 }
 
 impl ServerConfig {
@@ -193,6 +246,7 @@ impl ServerConfig {
             turn_timeout: (self.turn_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.turn_timeout_secs)),
             max_turn_events: self.max_turn_events,
+            max_history_bytes: self.max_history_bytes,
         }
     }
 }
@@ -237,7 +291,10 @@ impl AuthConfig {
 pub struct PluginsConfig {
     /// Where `lib*.so` plugins are found.
     pub dir: PathBuf,
-    /// Where staged copies go.
+    /// Where the content-hashed copies of plugin libraries that the host
+    /// loads are written. Must be private to the host's user (owned by it,
+    /// mode 0700): the loader refuses it otherwise. Default: see
+    /// [`default_staging_dir`].
     pub staging_dir: PathBuf,
     /// Whether to reload when config.toml or a plugin library changes.
     pub watch: bool,
@@ -252,6 +309,10 @@ pub struct AdapterConfig {
     pub plugin: String,
     /// The adapter's settings as a JSON object.
     pub settings: serde_json::Value,
+    /// Models only: the most output tokens a client may ask for a turn
+    /// (`maxTokens`); a prompt asking more is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens_limit: Option<u64>,
 }
 
 /// A validated config.
@@ -345,6 +406,31 @@ impl Config {
                 1..=64 << 20,
             ),
             ("max_connections", raw.server.max_connections, 1..=1_000_000),
+            (
+                "max_pending_connections",
+                raw.server.max_pending_connections,
+                1..=1_000_000,
+            ),
+            (
+                "max_pending_per_address",
+                raw.server.max_pending_per_address,
+                1..=1_000_000,
+            ),
+            (
+                "max_connections_per_key",
+                raw.server.max_connections_per_key,
+                1..=1_000_000,
+            ),
+            (
+                "max_queued_prompts_per_key",
+                raw.server.max_queued_prompts_per_key,
+                1..=1_000_000,
+            ),
+            (
+                "max_history_bytes",
+                raw.server.max_history_bytes,
+                1024..=1 << 30,
+            ),
         ] {
             if !range.contains(&value) {
                 problems.push(format!(
@@ -363,6 +449,10 @@ impl Config {
             ("turn_timeout_secs", raw.server.turn_timeout_secs),
             ("shutdown_grace_secs", raw.server.shutdown_grace_secs),
             ("write_timeout_secs", raw.server.write_timeout_secs),
+            (
+                "header_read_timeout_secs",
+                raw.server.header_read_timeout_secs,
+            ),
         ] {
             if value > YEAR_SECS {
                 problems.push(format!(
@@ -391,6 +481,13 @@ impl Config {
                     range.end()
                 ));
             }
+        }
+        if raw.server.header_read_timeout_secs == 0 {
+            problems.push(
+                "server.header_read_timeout_secs: must be at least 1 (a client that never \
+                 finishes its headers would hold its connection forever)"
+                    .to_owned(),
+            );
         }
         if raw.server.lease_renew_ms * 2 > raw.server.lease_ms {
             problems.push(format!(
@@ -424,7 +521,7 @@ impl Config {
         let dir = base.join(raw.plugins.dir);
         let staging_dir = match raw.plugins.staging_dir {
             Some(dir) => base.join(dir),
-            None => std::env::temp_dir().join("llm-host-staging"),
+            None => default_staging_dir(),
         };
         let config = Config {
             base_dir: base.to_owned(),
@@ -446,6 +543,12 @@ impl Config {
                 store_timeout_ms: raw.server.store_timeout_ms,
                 max_turn_events: raw.server.max_turn_events,
                 allowed_origins: raw.server.allowed_origins,
+                header_read_timeout_secs: raw.server.header_read_timeout_secs,
+                max_pending_connections: raw.server.max_pending_connections,
+                max_pending_per_address: raw.server.max_pending_per_address,
+                max_connections_per_key: raw.server.max_connections_per_key,
+                max_queued_prompts_per_key: raw.server.max_queued_prompts_per_key,
+                max_history_bytes: raw.server.max_history_bytes,
             },
             auth,
             plugins: PluginsConfig {
@@ -529,6 +632,16 @@ fn adapters(
                 ));
                 return None;
             }
+            if section != "models" && adapter.max_tokens_limit.is_some() {
+                problems.push(format!(
+                    "{section}.{name}.max_tokens_limit: only model backends take a token limit"
+                ));
+            }
+            if adapter.max_tokens_limit == Some(0) {
+                problems.push(format!(
+                    "{section}.{name}.max_tokens_limit: must be at least 1"
+                ));
+            }
             let settings = adapter.settings.unwrap_or_default();
             let settings = serde_json::to_value(settings).unwrap_or_else(|err| {
                 problems.push(format!("{section}.{name}.settings: {err}"));
@@ -539,6 +652,7 @@ fn adapters(
                 AdapterConfig {
                     plugin: adapter.plugin,
                     settings,
+                    max_tokens_limit: adapter.max_tokens_limit,
                 },
             ))
         })

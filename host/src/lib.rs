@@ -202,7 +202,9 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// `llm-host plugins`: what the plugin directory provides.
+/// `llm-host plugins`: what the plugin directory provides. Every library is
+/// probed in a child process (see [`plugins::probe`]), none is loaded into
+/// this one; each line says whether the config uses the plugin.
 pub fn list_plugins(config: &Path) -> ExitCode {
     let config = match config::Config::load(config) {
         Ok(config) => config,
@@ -213,23 +215,50 @@ pub fn list_plugins(config: &Path) -> ExitCode {
     };
     let loader =
         plugins::loader::Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
-    let catalog = loader.scan(&config.plugins.dir);
+    let catalog = match loader.scan(&config.plugins.dir, &Default::default()) {
+        Ok(catalog) => catalog,
+        Err(err) => {
+            eprintln!("llm-host: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let used: std::collections::BTreeSet<&str> = config
+        .models
+        .values()
+        .chain(config.stores.values())
+        .map(|entry| entry.plugin.as_str())
+        .collect();
     println!("plugin directory: {}", config.plugins.dir.display());
-    let mut plugins: Vec<_> = catalog.plugins.values().collect();
-    plugins.sort_by(|a, b| a.name.cmp(&b.name));
-    if plugins.is_empty() {
-        println!("no plugins loaded");
+    if catalog.found.is_empty() {
+        println!("no plugins found");
     }
-    for plugin in plugins {
+    for found in &catalog.found {
+        let facts = &found.facts;
+        let conflict = catalog.conflicts.contains_key(&facts.name);
         println!(
-            "{:<12} {:<8} {:<12} plugin-api {:<7} {}  {}  {}",
-            plugin.name,
-            plugin.version,
-            plugin.kinds.names().join("+"),
-            plugin.api_version,
-            plugin.short_hash(),
-            plugin.file.display(),
-            plugin.description
+            "{:<12} {:<8} {:<12} plugin-api {:<7} {}  {:<9} {}  {}",
+            facts.name,
+            facts.version,
+            facts.kinds().names().join("+"),
+            facts.api_version,
+            found.short_hash(),
+            match (conflict, used.contains(facts.name.as_str())) {
+                (true, _) => "CONFLICT",
+                (false, true) => "used",
+                (false, false) => "unused",
+            },
+            found.file.display(),
+            facts.description
+        );
+    }
+    if catalog
+        .found
+        .iter()
+        .any(|f| !used.contains(f.facts.name.as_str()))
+    {
+        println!(
+            "\n(unused plugins are not loaded by the host: name one in a [models.*] or \
+             [stores.*] entry, plugin = \"NAME\", to use it)"
         );
     }
     if !catalog.errors.is_empty() {

@@ -65,6 +65,15 @@ fn main() -> ExitCode {
     if args.peek().is_some_and(|arg| arg == "check") {
         return check(args);
     }
+    // Hidden: the host runs itself this way to learn what a library is
+    // without loading it into its own process.
+    if args
+        .peek()
+        .is_some_and(|arg| arg == llm_host::plugins::probe::ARG)
+    {
+        args.next();
+        return llm_host::plugins::probe::main(args);
+    }
     let command = match parse_args(args) {
         Ok(command) => command,
         Err(message) => {

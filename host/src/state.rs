@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConfigError};
 use crate::core::locks::SessionLocks;
 use crate::core::TurnSettings;
-use crate::limits::{ConnectionSlots, TurnRate};
+use crate::limits::{ConnectionSlots, Tally, TurnRate};
 use crate::metrics::metrics;
 use crate::plugins::loader::Loader;
 use crate::plugins::reload::{absolute, describe, relevant, Fingerprint, Outcome, Reloader};
@@ -38,6 +38,13 @@ pub struct HostState {
     pub instance: String,
     /// Open connections, against `server.max_connections`.
     pub connections: ConnectionSlots,
+    /// Connections accepted and not upgraded, by client address.
+    pub pending: Tally,
+    /// Open session sockets by API key id (in open mode: client address).
+    pub key_connections: Tally,
+    /// Prompts waiting behind running turns, by API key id (in open mode:
+    /// client address).
+    pub key_queued: Tally,
     /// Turns per minute per API key.
     pub turn_rate: TurnRate,
     /// Becomes true when the host starts shutting down.
@@ -52,15 +59,16 @@ pub struct HostState {
 /// ping is in flight at a time, and a store that answered is not asked
 /// again for [`Readiness::FRESH`]: the unauthenticated route cannot make
 /// the host hammer its store. A failure is not kept, so readiness comes
-/// back with the store.
+/// back with the store. The store's error goes to the log when readiness is
+/// lost (and a line when it comes back), not on every failed check.
 #[derive(Default)]
 pub struct Readiness {
-    /// The store checked, when, and what it answered.
+    /// The store checked, when, and whether it answered.
     last: tokio::sync::Mutex<Option<Checked>>,
 }
 
-/// A store's name, when it was checked, and what it answered.
-type Checked = (String, tokio::time::Instant, Result<(), String>);
+/// A store's name, when it was checked, and whether it answered.
+type Checked = (String, tokio::time::Instant, bool);
 
 impl Readiness {
     /// How long an answer is reused.
@@ -68,20 +76,40 @@ impl Readiness {
 
     /// Whether store `name` answers, asking `ping` unless a fresh answer
     /// for it is kept.
-    pub async fn check<F, Fut>(&self, name: &str, ping: F) -> Result<(), String>
+    pub async fn check<F, Fut>(&self, name: &str, ping: F) -> bool
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<(), crate::core::ports::StoreError>>,
     {
         let mut last = self.last.lock().await;
-        if let Some((store, at, answer)) = last.as_ref() {
-            if store == name && answer.is_ok() && at.elapsed() < Self::FRESH {
-                return answer.clone();
+        if let Some((store, at, answered)) = last.as_ref() {
+            if store == name && *answered && at.elapsed() < Self::FRESH {
+                return true;
             }
         }
-        let answer = ping().await.map_err(|err| err.to_string());
-        *last = Some((name.to_owned(), tokio::time::Instant::now(), answer.clone()));
-        answer
+        let was_failing = last
+            .as_ref()
+            .is_some_and(|(store, _, answered)| store == name && !answered);
+        let answered = match ping().await {
+            Ok(()) => {
+                if was_failing {
+                    tracing::info!(store = name, "ready again: the default store answers");
+                }
+                true
+            }
+            Err(err) => {
+                if !was_failing {
+                    tracing::warn!(
+                        store = name,
+                        error = %err,
+                        "not ready: the default store does not answer"
+                    );
+                }
+                false
+            }
+        };
+        *last = Some((name.to_owned(), tokio::time::Instant::now(), answered));
+        answered
     }
 }
 
@@ -119,6 +147,9 @@ impl HostState {
             instance: format!("host-{}", uuid::Uuid::new_v4()),
             connections: ConnectionSlots::default(),
             turn_rate: TurnRate::default(),
+            pending: Tally::default(),
+            key_connections: Tally::default(),
+            key_queued: Tally::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             listening: std::sync::OnceLock::new(),
             readiness: Readiness::default(),

@@ -973,6 +973,35 @@ impl Client {
         }
     }
 
+    /// Opens a WebSocket to `url` over `stream`, a TCP connection the test
+    /// made (from a chosen source address, say).
+    pub async fn over(stream: TcpStream, url: &str, subprotocol: Option<&str>) -> Self {
+        let mut request = url
+            .into_client_request()
+            .unwrap_or_else(|err| panic!("bad test URL {url}: {err}"));
+        if let Some(subprotocol) = subprotocol {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_str(subprotocol).expect("a valid header value"),
+            );
+        }
+        let connecting = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream));
+        let (socket, response) = tokio::time::timeout(FRAME_TIMEOUT, connecting)
+            .await
+            .unwrap_or_else(|_| panic!("connecting to {url} took over {FRAME_TIMEOUT:?}"))
+            .unwrap_or_else(|err| panic!("connecting to {url} failed: {err}"));
+        let protocol = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        Self {
+            socket,
+            url: url.to_owned(),
+            protocol,
+        }
+    }
+
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: impl Into<String>) {
         let text: String = text.into();

@@ -4,6 +4,8 @@
 //! Every test starts its own host (see `llm_host_tests::Host`), so tests are
 //! independent and run in parallel.
 
+#[path = "host/attack.rs"]
+mod attack;
 #[path = "host/backends.rs"]
 mod backends;
 #[path = "host/check.rs"]

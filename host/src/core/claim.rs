@@ -65,6 +65,14 @@ pub enum ClaimError {
     /// The session belongs to another key: answered as if it did not exist.
     #[error("no session `{0}`")]
     NotYours(String),
+    /// The prompt would take the session's history past its limit.
+    #[error("the history is {bytes} bytes; the limit is {limit}")]
+    HistoryFull {
+        /// The history's size with the prompt, in bytes of JSON.
+        bytes: usize,
+        /// `server.max_history_bytes`.
+        limit: usize,
+    },
     /// The turn was cancelled while another host's turn held the session.
     #[error("cancelled while waiting for the session")]
     Cancelled,
@@ -120,6 +128,13 @@ pub async fn claim<S: SessionStore, F: Frames>(
                 ..Loaded::default()
             },
         };
+        let bytes = messages_json.bytes(&doc.messages) + user.content.len();
+        if bytes > settings.max_history_bytes {
+            return Err(ClaimError::HistoryFull {
+                bytes,
+                limit: settings.max_history_bytes,
+            });
+        }
         let foreign = doc
             .lease
             .as_ref()

@@ -155,6 +155,16 @@ impl MessagesJson {
         })
     }
 
+    /// The size of `messages` as JSON: this text's length when it is known,
+    /// else the sum of the messages' contents (a close lower bound).
+    pub fn bytes(&self, messages: &[Message]) -> usize {
+        if !self.text.is_empty() && self.count == messages.len() {
+            self.text.len()
+        } else {
+            messages.iter().map(|m| m.content.len()).sum()
+        }
+    }
+
     /// Appends `message`, just appended to the messages this text describes.
     /// An unknown text stays unknown.
     pub fn push(&mut self, message: &Message) {

@@ -65,6 +65,8 @@ pub struct TurnSettings {
     pub turn_timeout: Option<Duration>,
     /// Sequence numbers a turn reserves: the most events it may send.
     pub max_turn_events: u64,
+    /// Largest a session's messages may grow, in bytes of JSON.
+    pub max_history_bytes: usize,
 }
 
 impl Default for TurnSettings {
@@ -75,6 +77,7 @@ impl Default for TurnSettings {
             store_timeout: Duration::from_secs(5),
             turn_timeout: Some(Duration::from_secs(600)),
             max_turn_events: 1_000_000,
+            max_history_bytes: 16 << 20,
         }
     }
 }
@@ -131,10 +134,19 @@ impl Attachment {
         self.last_sequence.load(Ordering::Relaxed)
     }
 
-    /// Remembers `loaded` (in store `store`) as the session's latest state.
+    /// The largest session a client keeps between its turns, in bytes of
+    /// its messages as JSON. A larger one is loaded again for each turn:
+    /// clients resuming one large session on many sockets must not hold a
+    /// copy each.
+    pub const KEEP_AT_MOST: usize = 256 << 10;
+
+    /// Remembers `loaded` (in store `store`) as the session's latest state,
+    /// if it is no larger than [`Attachment::KEEP_AT_MOST`].
     pub fn remember(&self, store: &str, loaded: Loaded) {
         self.turns.fetch_max(loaded.doc.turns, Ordering::Relaxed);
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((store.to_owned(), loaded));
+        let keep = loaded.messages_json.bytes(&loaded.doc.messages) <= Self::KEEP_AT_MOST;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+            keep.then(|| (store.to_owned(), loaded));
     }
 
     /// Takes the remembered state if it is of `store`.

@@ -80,6 +80,19 @@ pub enum StoreError {
     Contended(String),
 }
 
+impl StoreError {
+    /// What a client is told: the kind of failure, without the store's own
+    /// words (file paths, database hosts), which go to the log only.
+    pub fn public(&self) -> &'static str {
+        match self {
+            StoreError::Failed { .. } | StoreError::Lost(_) => "the session store failed",
+            StoreError::TimedOut { .. } => "the session store did not answer in time",
+            StoreError::Unreadable { .. } => "the stored session is not readable",
+            StoreError::Contended(_) => "the session kept changing under this save",
+        }
+    }
+}
+
 /// Where sessions live. Versions make saves safe under concurrency: a save
 /// names the version it loaded and writes only if the store still holds it
 /// (0: only if absent).

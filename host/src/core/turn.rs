@@ -85,6 +85,16 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
                         .await;
                     Status::Failed
                 }
+                ClaimError::HistoryFull { bytes, limit } => {
+                    let message = format!(
+                        "the session's history is {bytes} bytes and this prompt would take it \
+                         past {limit} (server.max_history_bytes); start a new session"
+                    );
+                    scope
+                        .diagnostic("error", "host", "history_full", &message)
+                        .await;
+                    Status::Failed
+                }
                 ClaimError::Store(err) => {
                     store_failed(
                         scope,
@@ -197,7 +207,7 @@ async fn store_failed<S: SessionStore, F: Frames>(
     what: &str,
 ) {
     tracing::error!(session = %scope.attachment.session_id, error = %err, "{what}");
-    let message = format!("{what}: {err}");
+    let message = format!("{what}: {}", err.public());
     scope
         .diagnostic("error", "store", "store_unavailable", &message)
         .await;

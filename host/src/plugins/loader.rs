@@ -1,15 +1,31 @@
 //! Finding, staging and loading plugin libraries.
 //!
-//! The host never maps the file an operator writes: each `lib*.so` in the
-//! plugin directory is copied to a private staging path named by its content
-//! hash (written to `.tmp`, then renamed), and that copy is loaded. Identical
-//! bytes hash the same, so a library is loaded once per content, and a new
-//! build of a plugin loads beside the old one instead of replacing it in
-//! place (FACTS.md: `dlopen` of the same path returns the old library, and
-//! writing over a mapped file crashes the process). Libraries are never
-//! unloaded.
+//! A scan of the plugin directory ([`Loader::scan`]):
+//!
+//! 1. checks the staging directory ([`super::staging`]: private to the
+//!    host's user, or refused) and warns when others may write the plugin
+//!    directory;
+//! 2. reads each `lib*.so` ([`super::library`]): refused if anyone but the
+//!    host's user or root could have written it (a symlink is judged by the
+//!    file it points to), checked to be a whole ELF library that exports the
+//!    plugin root module, and hashed;
+//! 3. stages a copy named by its content hash, and learns which plugin it is
+//!    (name, version, kinds) in a probe process ([`super::probe`]), once per
+//!    distinct content: no code of a library runs in the host before the
+//!    config is known to name it;
+//! 4. refuses a plugin name that two libraries provide, naming both files
+//!    (neither is loaded);
+//! 5. loads into this process only the plugins the config names: the staged
+//!    copy is verified against its hash once more, mapped, ABI-checked, and
+//!    its `init` called.
+//!
+//! The host never maps the file an operator writes. Identical bytes are
+//! loaded once, and a new build of a plugin is staged under another name and
+//! loads beside the old one instead of replacing it in place: `dlopen` of a
+//! path already loaded returns the library loaded before, and writing over a
+//! mapped file crashes the process. Libraries are never unloaded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,10 +40,10 @@ use llm_host_plugin_api::{
     HostApi, HostApi_TO, Kinds, LogLevel, ModelAdapterBox, PluginError, PluginModRef,
     StoreAdapterBox, API_VERSION,
 };
-use sha2::{Digest, Sha256};
 
-/// The symbol every plugin library exports (the root module's header).
-const ROOT_SYMBOL: &[u8] = b"_1as_0lib_1header_0root_bmodule_bloader";
+use super::library;
+use super::probe::{Facts, Prober};
+use super::staging::{sha256_hex, Staging};
 
 /// A plugin library loaded into the process. Lives as long as the process:
 /// libraries are never unloaded.
@@ -81,6 +97,17 @@ impl LoadedPlugin {
     pub fn short_hash(&self) -> &str {
         &self.hash[..12]
     }
+
+    /// What it says it is.
+    pub fn facts(&self) -> Facts {
+        Facts {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            description: self.description.clone(),
+            kinds: self.kinds.0,
+            api_version: self.api_version.clone(),
+        }
+    }
 }
 
 /// A library in the plugin directory that could not be loaded.
@@ -101,92 +128,272 @@ impl std::fmt::Display for LoadError {
 /// What a scan of the plugin directory found.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// Loaded plugins, by name.
+    /// The plugins loaded into this process, by name: those the config
+    /// names (and no other).
     pub plugins: HashMap<String, Arc<LoadedPlugin>>,
-    /// Libraries that failed to load.
+    /// Every plugin library found, loaded or not, in file name order.
+    pub found: Vec<Found>,
+    /// Plugin names that more than one library provides, with their files;
+    /// none of those libraries is loaded.
+    pub conflicts: BTreeMap<String, Vec<PathBuf>>,
+    /// Libraries that were refused or failed to load.
     pub errors: Vec<LoadError>,
+}
+
+impl Catalog {
+    fn fail(&mut self, file: PathBuf, message: String) {
+        crate::metrics::metrics().plugin_failures.inc();
+        self.errors.push(LoadError { file, message });
+    }
+}
+
+/// A plugin library found in the plugin directory.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// The file in the plugin directory.
+    pub file: PathBuf,
+    /// SHA-256 of its bytes, hex.
+    pub hash: String,
+    /// What it says it is (asked in a probe process, or when it was loaded).
+    pub facts: Facts,
+    /// Whether it is loaded into this process.
+    pub loaded: bool,
+}
+
+impl Found {
+    /// The first 12 hex digits of the content hash.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+/// A library of this scan: its file, its hash, and its staged copy if one
+/// was made for it (see [`Loader::examine`]).
+struct Entry {
+    file: PathBuf,
+    hash: String,
+    staged: Option<PathBuf>,
 }
 
 /// Loads plugin libraries, once per distinct content. Owned by the host for
 /// its whole life.
 pub struct Loader {
-    staging_dir: PathBuf,
+    staging: Staging,
     base_dir: PathBuf,
+    prober: Prober,
     /// Libraries loaded so far, by content hash. Never shrinks: a loaded
     /// library stays mapped until the process ends.
     loaded: Mutex<HashMap<String, Arc<LoadedPlugin>>>,
+    /// What probes answered, by content hash.
+    probed: Mutex<HashMap<String, Result<Facts, String>>>,
 }
 
 impl Loader {
-    /// A loader that stages copies under `staging_dir`; plugins resolve
-    /// relative paths in their settings against `base_dir`.
+    /// A loader that stages copies under `staging_dir` and probes libraries
+    /// with this process's own executable (which must answer
+    /// [`super::probe::ARG`] as `llm-host` does); plugins resolve relative
+    /// paths in their settings against `base_dir`.
     pub fn new(staging_dir: PathBuf, base_dir: PathBuf) -> Self {
         Self {
-            staging_dir,
+            staging: Staging::new(staging_dir),
             base_dir,
+            prober: Prober::current_exe(),
             loaded: Mutex::new(HashMap::new()),
+            probed: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Scans `dir` for `lib*.so` plugins and loads each. Files that are not
-    /// llm-host plugins (no root module symbol) are skipped; every other
-    /// failure is collected, so the operator sees them all at once.
-    pub fn scan(&self, dir: &Path) -> Catalog {
+    /// The same loader, probing with `prober`.
+    pub fn with_prober(mut self, prober: Prober) -> Self {
+        self.prober = prober;
+        self
+    }
+
+    /// Scans `dir` for `lib*.so` plugins (see the module's doc) and loads
+    /// into this process those whose plugin name `wanted` holds. Files that
+    /// are not llm-host plugins (no root module symbol) are skipped; every
+    /// other problem of a file is collected, so the operator sees them all at
+    /// once. Fails only when the staging directory cannot be used.
+    pub fn scan(&self, dir: &Path, wanted: &BTreeSet<String>) -> Result<Catalog, String> {
+        self.staging.prepare()?;
+        library::check_dir(dir);
         let mut catalog = Catalog::default();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
+        let files = match library::list(dir) {
+            Ok(files) => files,
             Err(err) => {
-                catalog.errors.push(LoadError {
-                    file: dir.to_owned(),
-                    message: format!("cannot read the plugin directory: {err}"),
-                });
-                return catalog;
+                catalog.fail(
+                    dir.to_owned(),
+                    format!("cannot read the plugin directory: {err}"),
+                );
+                return Ok(catalog);
             }
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| is_library_name(path))
-            .collect();
-        files.sort();
+        let mut entries = Vec::new();
         for file in files {
-            match self.load(&file) {
-                Ok(Some(plugin)) => {
-                    if let Some(other) = catalog.plugins.get(&plugin.name) {
-                        catalog.errors.push(LoadError {
-                            file: file.clone(),
-                            message: format!(
-                                "plugin `{}` is also provided by {}; using that one",
-                                plugin.name,
-                                other.file.display()
-                            ),
-                        });
-                    } else {
-                        catalog.plugins.insert(plugin.name.clone(), plugin);
-                    }
-                }
+            match self.examine(&file, wanted) {
+                Ok(Some(entry)) => entries.push(entry),
                 Ok(None) => tracing::debug!(file = %file.display(), "not an llm-host plugin"),
-                Err(message) => {
-                    crate::metrics::metrics().plugin_failures.inc();
-                    catalog.errors.push(LoadError { file, message })
-                }
+                Err(message) => catalog.fail(file, message),
             }
         }
-        catalog
+        let facts = self.facts_of(&entries);
+
+        let mut by_name: BTreeMap<&str, Vec<(&Entry, &Facts)>> = BTreeMap::new();
+        for entry in &entries {
+            match facts.get(&entry.hash) {
+                Some(Ok(facts)) => by_name.entry(&facts.name).or_default().push((entry, facts)),
+                Some(Err(message)) => catalog.fail(entry.file.clone(), message.clone()),
+                None => {}
+            }
+        }
+        for (name, providers) in by_name {
+            let mut loaded = false;
+            if let [(first, _), others @ ..] = providers.as_slice() {
+                if !others.is_empty() {
+                    let files: Vec<PathBuf> =
+                        providers.iter().map(|(e, _)| e.file.clone()).collect();
+                    let others: Vec<String> =
+                        files[1..].iter().map(|f| f.display().to_string()).collect();
+                    catalog.fail(
+                        first.file.clone(),
+                        format!(
+                            "plugin `{name}` is also provided by {}; a plugin name must come \
+                             from one library, so none of them is loaded: remove all but one",
+                            others.join(" and ")
+                        ),
+                    );
+                    catalog.conflicts.insert(name.to_owned(), files);
+                } else if wanted.contains(name) {
+                    match self.load_entry(first, name) {
+                        Ok(plugin) => {
+                            catalog.plugins.insert(name.to_owned(), plugin);
+                            loaded = true;
+                        }
+                        Err(message) => catalog.fail(first.file.clone(), message),
+                    }
+                }
+            }
+            for (entry, facts) in providers {
+                catalog.found.push(Found {
+                    file: entry.file.clone(),
+                    hash: entry.hash.clone(),
+                    facts: facts.clone(),
+                    loaded,
+                });
+            }
+        }
+        catalog.found.sort_by(|a, b| a.file.cmp(&b.file));
+        Ok(catalog)
     }
 
-    /// Loads one library. `Ok(None)`: not an llm-host plugin.
-    pub fn load(&self, file: &Path) -> Result<Option<Arc<LoadedPlugin>>, String> {
-        let bytes = std::fs::read(file).map_err(|err| format!("cannot read: {err}"))?;
-        if !exports_root_module(&bytes)? {
+    /// Reads and checks `file`; stages it unless its plugin is known and not
+    /// wanted, or already loaded. `Ok(None)`: not an llm-host plugin.
+    fn examine(&self, file: &Path, wanted: &BTreeSet<String>) -> Result<Option<Entry>, String> {
+        let library = library::read(file)?;
+        if !library::exports_root_module(&library.bytes)? {
             return Ok(None);
         }
-        let hash = hex(&Sha256::digest(&bytes));
+        let stage = if self.lock().contains_key(&library.hash) {
+            false
+        } else {
+            match self.probes().get(&library.hash) {
+                Some(Ok(facts)) => wanted.contains(&facts.name),
+                Some(Err(_)) => false,
+                None => true,
+            }
+        };
+        let staged = if stage {
+            Some(self.staging.stage(file, &library.hash, &library.bytes)?)
+        } else {
+            None
+        };
+        Ok(Some(Entry {
+            file: file.to_owned(),
+            hash: library.hash,
+            staged,
+        }))
+    }
+
+    /// What each entry's library is: from the libraries loaded, the probes
+    /// answered before, or new probes (each distinct content once).
+    fn facts_of(&self, entries: &[Entry]) -> HashMap<String, Result<Facts, String>> {
+        let mut facts = HashMap::new();
+        let mut unknown: Vec<(&str, PathBuf)> = Vec::new();
+        for entry in entries {
+            if facts.contains_key(&entry.hash) || unknown.iter().any(|(h, _)| *h == entry.hash) {
+                continue;
+            }
+            if let Some(plugin) = self.lock().get(&entry.hash) {
+                facts.insert(entry.hash.clone(), Ok(plugin.facts()));
+            } else if let Some(known) = self.probes().get(&entry.hash) {
+                facts.insert(entry.hash.clone(), known.clone());
+            } else if let Some(staged) = &entry.staged {
+                unknown.push((&entry.hash, staged.clone()));
+            }
+        }
+        let staged: Vec<PathBuf> = unknown.iter().map(|(_, s)| s.clone()).collect();
+        let answers = self.prober.probe_all(&staged);
+        let mut probes = self.probes();
+        for ((hash, staged), probed) in unknown.into_iter().zip(answers) {
+            match &probed.result {
+                Ok(f) => tracing::debug!(plugin = %f.name, staged = %staged.display(), "probed"),
+                Err(why) => tracing::debug!(staged = %staged.display(), "probe: {why}"),
+            }
+            if probed.lasting {
+                probes.insert(hash.to_owned(), probed.result.clone());
+            }
+            facts.insert(hash.to_owned(), probed.result);
+        }
+        facts
+    }
+
+    /// Loads `entry`, whose probe said it is plugin `name`, into this process.
+    fn load_entry(&self, entry: &Entry, name: &str) -> Result<Arc<LoadedPlugin>, String> {
+        if let Some(plugin) = self.lock().get(&entry.hash) {
+            return Ok(plugin.clone());
+        }
+        let staged = entry
+            .staged
+            .as_deref()
+            .ok_or_else(|| "no staged copy was made for it".to_owned())?;
+        self.map(&entry.file, staged, &entry.hash, Some(name))
+    }
+
+    /// Loads one library into this process, as `llm-host check` does with
+    /// the file the operator names: no ownership checks and no probe (the
+    /// operator chose this file to run). `Ok(None)`: not an llm-host plugin.
+    pub fn load(&self, file: &Path) -> Result<Option<Arc<LoadedPlugin>>, String> {
+        let bytes = std::fs::read(file).map_err(|err| format!("cannot read: {err}"))?;
+        if !library::exports_root_module(&bytes)? {
+            return Ok(None);
+        }
+        let hash = sha256_hex(&bytes);
         if let Some(plugin) = self.lock().get(&hash) {
             return Ok(Some(plugin.clone()));
         }
-        let staged = self.stage(file, &hash, &bytes)?;
+        self.staging.prepare()?;
+        let staged = self.staging.stage(file, &hash, &bytes)?;
         drop(bytes);
-        let plugin = Arc::new(open(file, &staged, hash.clone(), &self.base_dir)?);
+        self.map(file, &staged, &hash, None).map(Some)
+    }
+
+    /// Verifies the staged copy, maps it and initialises the plugin;
+    /// `expected` is the name its probe reported.
+    fn map(
+        &self,
+        file: &Path,
+        staged: &Path,
+        hash: &str,
+        expected: Option<&str>,
+    ) -> Result<Arc<LoadedPlugin>, String> {
+        self.staging.verify(staged, hash)?;
+        let plugin = Arc::new(open(
+            file,
+            staged,
+            hash.to_owned(),
+            &self.base_dir,
+            expected,
+        )?);
         crate::metrics::metrics().plugin_loads.inc();
         tracing::info!(
             plugin = %plugin.name,
@@ -195,7 +402,7 @@ impl Loader {
             file = %file.display(),
             "plugin loaded"
         );
-        Ok(Some(self.lock().entry(hash).or_insert(plugin).clone()))
+        Ok(self.lock().entry(hash.to_owned()).or_insert(plugin).clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoadedPlugin>>> {
@@ -203,45 +410,40 @@ impl Loader {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn stage(&self, file: &Path, hash: &str, bytes: &[u8]) -> Result<PathBuf, String> {
-        std::fs::create_dir_all(&self.staging_dir).map_err(|err| {
-            format!(
-                "cannot create the staging directory {}: {err}",
-                self.staging_dir.display()
-            )
-        })?;
-        let stem = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plugin".to_owned());
-        let staged = self.staging_dir.join(format!("{stem}-{}.so", &hash[..16]));
-        if staged.exists() {
-            return Ok(staged);
-        }
-        let tmp =
-            self.staging_dir
-                .join(format!("{stem}-{}.{}.tmp", &hash[..16], std::process::id()));
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &staged))
-            .map_err(|err| {
-                let _ = std::fs::remove_file(&tmp);
-                format!(
-                    "cannot stage a copy in {}: {err}",
-                    self.staging_dir.display()
-                )
-            })?;
-        Ok(staged)
+    fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Result<Facts, String>>> {
+        self.probed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn open(file: &Path, staged: &Path, hash: String, base_dir: &Path) -> Result<LoadedPlugin, String> {
+/// Maps `staged` and checks its plugin-api version and the layout of its
+/// root module: the root module and the plugin-api version it was built
+/// against. Runs the library's code (its constructors and root module
+/// loader); the probe process runs exactly this.
+pub(crate) fn read_root(staged: &Path) -> Result<(PluginModRef, String), String> {
     let header = lib_header_from_path(staged).map_err(|err| describe(&err))?;
     let api_version = header.version_strings().to_string();
     let module = header
         .init_root_module::<PluginModRef>()
         .map_err(|err| describe(&err))?;
+    Ok((module, api_version))
+}
+
+fn open(
+    file: &Path,
+    staged: &Path,
+    hash: String,
+    base_dir: &Path,
+    expected: Option<&str>,
+) -> Result<LoadedPlugin, String> {
+    let (module, api_version) = read_root(staged)?;
     let info = (module.info())();
     let name = info.name.to_string();
+    if let Some(expected) = expected.filter(|e| *e != name) {
+        return Err(format!(
+            "loaded into the host it says it is plugin `{name}`, but its probe said \
+             `{expected}`; not initialised"
+        ));
+    }
     let logger = HostApi_TO::from_value(
         PluginLogger {
             plugin: name.clone(),
@@ -301,58 +503,6 @@ fn describe(err: &LibraryError) -> String {
         LibraryError::OpenError { err, .. } => format!("cannot be loaded: {err}"),
         other => other.to_string(),
     }
-}
-
-fn is_library_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    name.starts_with("lib") && name.ends_with(".so") && path.is_file()
-}
-
-/// Checks that `bytes` is a whole ELF shared library (every segment and
-/// section lies inside the file: a half-copied library passes `dlopen` and
-/// crashes on first call) and answers whether it exports the plugin root
-/// module.
-fn exports_root_module(bytes: &[u8]) -> Result<bool, String> {
-    use object::read::elf::ElfFile64;
-    use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
-
-    if !bytes.starts_with(b"\x7fELF") {
-        return Err("not an ELF shared library".to_owned());
-    }
-    let elf = ElfFile64::<object::Endianness>::parse(bytes)
-        .map_err(|err| format!("not a readable 64-bit ELF library ({err}); truncated?"))?;
-    let len = bytes.len() as u64;
-    let inside =
-        |(offset, size): (u64, u64)| offset.checked_add(size).is_some_and(|end| end <= len);
-    if let Some(segment) = elf.segments().find(|s| !inside(s.file_range())) {
-        let (offset, size) = segment.file_range();
-        return Err(format!(
-            "truncated: a segment ends at byte {} but the file has {len} bytes \
-             (still being written? copy to a temporary name, then mv)",
-            offset + size
-        ));
-    }
-    if elf
-        .sections()
-        .filter_map(|s| s.file_range())
-        .any(|range| !inside(range))
-    {
-        return Err(format!(
-            "truncated: a section lies past the end of the file ({len} bytes)"
-        ));
-    }
-    Ok(elf
-        .dynamic_symbols()
-        .any(|symbol| symbol.name_bytes().is_ok_and(|name| name == ROOT_SYMBOL)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// The host API a plugin gets at init: its log lines go through the host's

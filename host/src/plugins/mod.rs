@@ -1,13 +1,22 @@
 //! The plugin side of the host: everything that knows the plugin ABI.
 //!
-//! - [`loader`]: finding, staging (content-hashed copies) and loading plugin
-//!   libraries; ABI and version checks with readable errors.
+//! - [`loader`]: scanning the plugin directory, loading the configured
+//!   plugins; ABI and version checks with readable errors.
+//! - [`library`]: reading a library file: who could have written it, and
+//!   whether it is a whole plugin library.
+//! - [`staging`]: the private staging directory and the content-hashed,
+//!   verified copies that are loaded.
+//! - [`probe`]: learning what a library is in a child process, so that no
+//!   library the config does not name runs in the host.
 //! - [`runtime`]: the active set of adapters built from config and plugins,
 //!   swapped whole.
 //! - [`ports`]: the turn core's store and model ports over the FFI adapters.
 //! - [`reload`]: what a reload changed, and what sessions are told.
 
+pub mod library;
 pub mod loader;
 pub mod ports;
+pub mod probe;
 pub mod reload;
 pub mod runtime;
+pub mod staging;

@@ -4,7 +4,7 @@
 //! A turn takes one snapshot ([`Active`]) and keeps it to the end, so it never
 //! sees half an old set and half a new one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -143,7 +143,8 @@ impl Active {
     }
 
     /// Reads the config at `path`, scans its plugin directory with `loader`
-    /// and builds the set, reusing what `previous` has. Every problem of the
+    /// (loading into this process only the plugins the config names) and
+    /// builds the set, reusing what `previous` has. Every problem of the
     /// config, the libraries and the adapters is reported together.
     pub fn assemble(
         path: &Path,
@@ -155,7 +156,20 @@ impl Active {
             .into_iter()
             .map(|p| format!("{}: {p}", path.display()))
             .collect();
-        let catalog = loader.scan(&config.plugins.dir);
+        // Only the plugins some entry names are loaded into this process.
+        let wanted: BTreeSet<String> = config
+            .models
+            .values()
+            .chain(config.stores.values())
+            .map(|entry| entry.plugin.clone())
+            .collect();
+        let catalog = match loader.scan(&config.plugins.dir, &wanted) {
+            Ok(catalog) => catalog,
+            Err(problem) => {
+                problems.push(problem);
+                return Err(problems);
+            }
+        };
         for error in &catalog.errors {
             tracing::warn!("plugin not loaded: {error}");
         }
@@ -194,20 +208,45 @@ fn find(
     kind: Kinds,
     problems: &mut Vec<String>,
 ) -> Option<Arc<LoadedPlugin>> {
+    if let Some(files) = catalog.conflicts.get(&entry.plugin) {
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        problems.push(format!(
+            "{key}: plugin `{}` is provided by more than one library ({}), so none of them \
+             is loaded; remove all but one from the plugin directory",
+            entry.plugin,
+            files.join(" and ")
+        ));
+        return None;
+    }
     let Some(plugin) = catalog.plugins.get(&entry.plugin) else {
-        let mut message = format!(
-            "{key}: no library in the plugin directory provides plugin `{}`",
-            entry.plugin
-        );
-        let mut available: Vec<&str> = catalog.plugins.keys().map(String::as_str).collect();
-        available.sort_unstable();
-        if available.is_empty() {
-            message.push_str(" (no plugin loaded)");
-        } else {
-            let _ = write!(message, " (loaded: {})", available.join(", "));
+        let provider = catalog.found.iter().find(|f| f.facts.name == entry.plugin);
+        let mut message = match provider {
+            Some(found) => format!(
+                "{key}: plugin `{}` ({}) could not be loaded",
+                entry.plugin,
+                found.file.display()
+            ),
+            None => format!(
+                "{key}: no library in the plugin directory provides plugin `{}`",
+                entry.plugin
+            ),
+        };
+        if provider.is_none() {
+            let mut available: Vec<&str> = catalog
+                .found
+                .iter()
+                .map(|found| found.facts.name.as_str())
+                .collect();
+            available.sort_unstable();
+            available.dedup();
+            if available.is_empty() {
+                message.push_str(" (no plugin found)");
+            } else {
+                let _ = write!(message, " (found: {})", available.join(", "));
+            }
         }
         if !catalog.errors.is_empty() {
-            message.push_str("; libraries that failed to load:");
+            message.push_str("; libraries that were refused or failed to load:");
             for error in &catalog.errors {
                 let _ = write!(message, "\n  {error}");
             }

@@ -11,6 +11,7 @@ use warp::Filter;
 
 use super::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
 use super::error_reply;
+use super::redact::redact;
 use crate::core::document::{valid_name, Loaded};
 use crate::core::ports::{SessionStore, StoreError};
 use crate::core::within;
@@ -58,7 +59,7 @@ fn with_caller(
     with_host(host)
         .and(warp::header::headers_cloned())
         .and(warp::query::<HashMap<String, String>>())
-        .and(warp::addr::remote())
+        .and(super::listener::peer())
         .map(
             |host: Arc<HostState>, headers: HeaderMap, query, peer: Option<SocketAddr>| {
                 let caller = authenticate(&host.active.load().config.auth, &headers, &query)
@@ -175,7 +176,7 @@ fn plugins(
         })
 }
 
-/// `GET /v1/config`: the active config, secrets redacted.
+/// `GET /v1/config`: the active config, secrets redacted (see [`super::redact`]).
 fn config(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -230,7 +231,12 @@ fn get_session(
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
             let id = decoded(&id);
-            let (store, loaded) = match owned_session(&host, caller, &id).await {
+            let caller = match caller {
+                Ok(caller) => caller,
+                Err(refused) => return refusal(&refused),
+            };
+            let route = "GET /v1/sessions/{id}";
+            let (store, loaded) = match owned_session(&host, &caller, route, &id).await {
                 Ok((store, Some(loaded))) => (store, loaded),
                 Ok((_, None)) => {
                     return error_reply(
@@ -264,7 +270,12 @@ fn delete_session(
         .and(with_caller(host))
         .then(|id: String, host: Arc<HostState>, caller| async move {
             let id = decoded(&id);
-            let store = match owned_session(&host, caller, &id).await {
+            let caller = match caller {
+                Ok(caller) => caller,
+                Err(refused) => return refusal(&refused),
+            };
+            let route = "DELETE /v1/sessions/{id}";
+            let store = match owned_session(&host, &caller, route, &id).await {
                 Ok((store, _)) => store,
                 Err(answer) => return answer,
             };
@@ -272,7 +283,7 @@ fn delete_session(
             match within(&store.name, "delete", timeout, store.delete(&id)).await {
                 Ok(true) => StatusCode::NO_CONTENT.into_response(),
                 Ok(false) => not_found(&id),
-                Err(err) => unavailable(&err),
+                Err(err) => unavailable(&caller, route, Some(&id), &err),
             }
         })
 }
@@ -290,10 +301,10 @@ fn decoded(segment: &str) -> String {
 /// session is 404, as if absent).
 async fn owned_session(
     host: &HostState,
-    caller: Result<Caller, Refusal>,
+    caller: &Caller,
+    route: &str,
     id: &str,
 ) -> Result<(Arc<StoreBackend>, Option<Loaded>), Response> {
-    let caller = caller.map_err(|refused| refusal(&refused))?;
     if !valid_name(id) {
         return Err(bad_id());
     }
@@ -304,15 +315,30 @@ async fn owned_session(
         Ok(_) => Err(not_found(id)),
         Err(StoreError::Unreadable { owner, .. }) if caller.may_access(&owner) => Ok((store, None)),
         Err(StoreError::Unreadable { .. }) => Err(not_found(id)),
-        Err(err) => Err(unavailable(&err)),
+        Err(err) => Err(unavailable(caller, route, Some(id), &err)),
     }
 }
 
-fn unavailable(err: &StoreError) -> Response {
+/// 503 `store_unavailable` for a failed store call on `route` (for session
+/// `id`). The store's own words (file paths, database hosts) go to the log,
+/// and to an admin caller; any other caller is told the kind of failure only.
+fn unavailable(caller: &Caller, route: &str, id: Option<&str>, err: &StoreError) -> Response {
+    tracing::warn!(
+        route,
+        session = id.unwrap_or_default(),
+        caller = caller.id(),
+        error = %err,
+        "a session store call failed"
+    );
+    let message = if caller.is_admin() {
+        err.to_string()
+    } else {
+        err.public().to_owned()
+    };
     error_reply(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
-        &err.to_string(),
+        &message,
     )
 }
 
@@ -358,11 +384,7 @@ fn list_sessions(
                         "next": page.next,
                     }))
                     .into_response(),
-                    Err(err) => error_reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "store_unavailable",
-                        &err.to_string(),
-                    ),
+                    Err(err) => unavailable(&caller, "GET /v1/sessions", None, &err),
                 }
             },
         )
@@ -395,7 +417,9 @@ fn healthz() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Cl
         .map(|| warp::reply::json(&json!({ "status": "ok" })).into_response())
 }
 
-/// `GET /readyz`: plugins are loaded and the default store answers.
+/// `GET /readyz`: plugins are loaded and the default store answers. The
+/// route is open, so a failure says only its code; the store's own words go
+/// to the log when readiness changes (see [`state::Readiness`]).
 fn readyz(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -418,22 +442,27 @@ fn readyz(
                     "no default backend or store",
                 );
             };
-            match host
+            let ready = host
                 .readiness
                 .check(&store.name, || {
                     let timeout = host.turn_settings().store_timeout;
                     let store = store.clone();
                     async move { within(&store.name, "ping", timeout, ping(&store)).await }
                 })
-                .await
-            {
-                Ok(()) => warp::reply::json(&json!({
+                .await;
+            if ready {
+                warp::reply::json(&json!({
                     "status": "ready",
                     "store": active.config.default_store,
                     "models": active.models.keys().collect::<Vec<_>>(),
                 }))
-                .into_response(),
-                Err(err) => error_reply(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &err),
+                .into_response()
+            } else {
+                error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the session store does not answer",
+                )
             }
         })
 }
@@ -466,67 +495,4 @@ fn millis(at: std::time::SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_else(|_| now_ms())
-}
-
-/// Replaces secrets in a config value: settings whose key names a secret
-/// (`key`, `secret`, `token`, `password`; not `*_env`, which names a variable)
-/// and passwords inside URLs.
-pub fn redact(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, value) in map.iter_mut() {
-                let lower = key.to_ascii_lowercase();
-                let secret = ["key", "secret", "token", "password", "passwd", "credential"]
-                    .iter()
-                    .any(|word| lower.contains(word))
-                    && !lower.ends_with("_env");
-                if secret && !value.is_null() {
-                    *value = Value::String("[redacted]".to_owned());
-                } else {
-                    redact(value);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        Value::String(text) => {
-            if let Some(clean) = redact_url(text) {
-                *text = clean;
-            }
-        }
-        _ => {}
-    }
-}
-
-/// `scheme://user:password@host...` with the password replaced.
-fn redact_url(text: &str) -> Option<String> {
-    let (scheme, rest) = text.split_once("://")?;
-    let (userinfo, host) = rest.split_once('@')?;
-    if host.contains('@') || userinfo.contains('/') {
-        return None;
-    }
-    let (user, _password) = userinfo.split_once(':')?;
-    Some(format!("{scheme}://{user}:[redacted]@{host}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_are_redacted_and_the_rest_kept() {
-        let mut value = json!({
-            "models": {"a": {"settings": {
-                "api_key": "sk-123", "api_key_env": "OPENAI_API_KEY",
-                "headers": {"X-Token": "t"}, "model": "gpt",
-                "url": "postgres://me:hunter2@db:5432/x"
-            }}}
-        });
-        redact(&mut value);
-        let settings = &value["models"]["a"]["settings"];
-        assert_eq!(settings["api_key"], "[redacted]");
-        assert_eq!(settings["api_key_env"], "OPENAI_API_KEY");
-        assert_eq!(settings["headers"]["X-Token"], "[redacted]");
-        assert_eq!(settings["model"], "gpt");
-        assert_eq!(settings["url"], "postgres://me:[redacted]@db:5432/x");
-    }
 }

@@ -70,6 +70,35 @@ impl Caller {
     }
 }
 
+/// What `caller` was admitted with under `auth`: a digest of its key's
+/// secret, so that a reload can tell whether that key still stands.
+pub fn credential(auth: &AuthConfig, caller: &Caller) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    match caller {
+        Caller::Open => None,
+        Caller::Key { id, .. } => auth
+            .keys
+            .iter()
+            .find(|key| &key.id == id)
+            .map(|key| Sha256::digest(key.secret.as_bytes()).into()),
+    }
+}
+
+/// Whether a caller admitted as `caller` with `credential` is still
+/// admitted under `auth` (after a reload): its key is there with the same
+/// secret and rights; or, open, no keys are configured.
+pub fn still_admitted(auth: &AuthConfig, caller: &Caller, credential: Option<[u8; 32]>) -> bool {
+    match caller {
+        Caller::Open => auth.keys.is_empty(),
+        Caller::Key { id, admin } => {
+            let now = auth.keys.iter().find(|key| &key.id == id);
+            now.is_some_and(|key| key.admin == *admin)
+                && credential.is_some()
+                && credential == self::credential(auth, caller)
+        }
+    }
+}
+
 /// Why a caller was refused, as an HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -135,6 +164,43 @@ pub const ADMIN_ONLY: Refusal = Refusal {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_key_removed_changed_or_demoted_is_no_longer_admitted() {
+        use crate::config::ApiKey;
+        let key = |id: &str, secret: &str, admin: bool| ApiKey {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            admin,
+        };
+        let before = AuthConfig {
+            open: false,
+            keys: vec![key("a", "s1", true), key("b", "s2", false)],
+        };
+        let a = Caller::Key {
+            id: "a".to_owned(),
+            admin: true,
+        };
+        let admitted = super::credential(&before, &a);
+        assert!(super::still_admitted(&before, &a, admitted));
+        for after in [
+            vec![key("b", "s2", false)],
+            vec![key("a", "other", true)],
+            vec![key("a", "s1", false)],
+        ] {
+            let after = AuthConfig {
+                open: false,
+                keys: after,
+            };
+            assert!(!super::still_admitted(&after, &a, admitted), "{after:?}");
+        }
+        assert!(super::still_admitted(
+            &AuthConfig::default(),
+            &Caller::Open,
+            None
+        ));
+        assert!(!super::still_admitted(&before, &Caller::Open, None));
+    }
+
     use super::*;
     use crate::config::ApiKey;
 

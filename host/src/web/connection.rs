@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::{
     error::{CapacityError, Error as WsError},
     protocol::{frame::coding::CloseCode, CloseFrame},
@@ -18,16 +18,15 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::auth::Caller;
 use super::outbox::Outbox;
+use super::queue::{cancel_current, enqueue, over_token_limit, turn_running, CurrentTurn, Queue};
 use crate::core::document::Loaded;
 use crate::core::ports::StoreError;
-use crate::core::sink::{Status, TurnControl};
-use crate::core::{self, Attachment, Party, Prompt, Scope};
+use crate::core::{self, Attachment, Party, Prompt};
 use crate::metrics::metrics;
 use crate::plugins::reload::Notice;
 use crate::plugins::runtime::Active;
 use crate::protocol::{
-    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, TurnEvent,
-    SOURCE_HOST,
+    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
 };
 use crate::state::HostState;
 
@@ -49,6 +48,11 @@ pub struct Opening {
     pub caller: Caller,
     /// The session as the upgrade loaded it (to check its owner), if it did.
     pub found: Option<Option<Loaded>>,
+    /// The name per-key limits count this connection under: its key, or
+    /// in open mode its client's address.
+    pub limit_name: String,
+    /// What the caller was admitted with (see [`super::auth::credential`]).
+    pub credential: Option<[u8; 32]>,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -60,6 +64,10 @@ pub struct Connection {
     pub attachment: Attachment,
     /// Who opened it.
     pub caller: Caller,
+    /// The name per-key limits count it under (see [`Opening::limit_name`]).
+    pub limit_name: String,
+    /// What the caller was admitted with.
+    pub credential: Option<[u8; 32]>,
     /// When the client last sent a frame or a turn ended, Unix ms.
     pub active_at: AtomicU64,
     /// The backend the client chose, if any; a reload that removes it makes
@@ -107,36 +115,13 @@ impl Connection {
         self.send_entry(&entry).await;
     }
 
-    async fn send_entry(&self, entry: &DiagnosticEntry<'_>) {
+    pub(super) async fn send_entry(&self, entry: &DiagnosticEntry<'_>) {
         self.out
             .write_stamped(|sequence| {
                 let meta = Meta::now(sequence, SOURCE_HOST, None);
                 WsMessage::text(self.framer.diagnostic(entry, &meta))
             })
             .await;
-    }
-}
-
-/// The running turn's control, if a turn runs.
-type CurrentTurn = Arc<Mutex<Option<Arc<TurnControl>>>>;
-
-fn set_current(current: &CurrentTurn, control: Option<Arc<TurnControl>>) {
-    *current.lock().unwrap_or_else(|p| p.into_inner()) = control;
-}
-
-fn turn_running(current: &CurrentTurn) -> bool {
-    current.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-}
-
-/// Cancels the running turn; answers whether there was one.
-fn cancel_current(current: &CurrentTurn) -> bool {
-    let guard = current.lock().unwrap_or_else(|p| p.into_inner());
-    match guard.as_ref() {
-        Some(control) => {
-            control.cancel();
-            true
-        }
-        None => false,
     }
 }
 
@@ -173,6 +158,8 @@ where
         host: host.clone(),
         attachment: Attachment::new(opening.session_id.clone(), party, last_sequence.clone()),
         caller: opening.caller.clone(),
+        limit_name: opening.limit_name.clone(),
+        credential: opening.credential,
         active_at: AtomicU64::new(now_ms()),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
@@ -294,7 +281,7 @@ async fn announce(
             tracing::error!(session = %session_id, error = %err, "cannot load session");
             Some((
                 "store_unavailable",
-                format!("the session could not be loaded: {err}"),
+                format!("the session could not be loaded: {}", err.public()),
                 CloseCode::Again,
                 "store unavailable, try again later",
             ))
@@ -350,42 +337,6 @@ struct Reading<'a> {
     command_mode: bool,
 }
 
-/// The connection's prompt queue and the task that runs its turns, both
-/// made on the first prompt: an idle connection pays for neither.
-struct Queue {
-    started: Option<(mpsc::Sender<Prompt>, tokio::task::JoinHandle<()>)>,
-    max: usize,
-    conn: Arc<Connection>,
-    current: CurrentTurn,
-    closed: Arc<AtomicBool>,
-}
-
-impl Queue {
-    fn sender(&mut self) -> &mpsc::Sender<Prompt> {
-        let (conn, current, closed, max) = (&self.conn, &self.current, &self.closed, self.max);
-        &self
-            .started
-            .get_or_insert_with(|| {
-                let (prompts, receiver) = mpsc::channel(max);
-                let worker = tokio::spawn(run_turns(
-                    conn.clone(),
-                    receiver,
-                    current.clone(),
-                    closed.clone(),
-                ));
-                (prompts, worker)
-            })
-            .0
-    }
-
-    /// Whether prompts wait in the queue.
-    fn waiting(&self) -> bool {
-        self.started
-            .as_ref()
-            .is_some_and(|(prompts, _)| prompts.capacity() < prompts.max_capacity())
-    }
-}
-
 /// How often the read loop wakes to ping and to check idleness.
 fn tick_period(server: &crate::config::ServerConfig) -> Option<Duration> {
     [server.ping_interval_secs, server.idle_timeout_secs]
@@ -418,6 +369,19 @@ where
         let frame = tokio::select! {
             frame = frames.next() => frame,
             notice = notices.recv() => {
+                let auth = &conn.host.active.load().config.auth;
+                if !super::auth::still_admitted(auth, &conn.caller, conn.credential) {
+                    tracing::info!(
+                        session = %conn.session_id(),
+                        key = conn.caller.id(),
+                        "closing: its key was removed or changed by a reload"
+                    );
+                    let message = "this connection's API key was removed or changed by a reload; \
+                                   reconnect with a valid key";
+                    conn.send_entry(&protocol_diagnostic("error", "key_revoked", message)).await;
+                    close(conn, CloseCode::Policy, "key revoked").await;
+                    return Ended::Closed;
+                }
                 match notice {
                     Ok(notice) => reloaded(conn, &notice).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -485,6 +449,12 @@ where
                             continue;
                         }
                     }
+                    if let Some(message) = over_token_limit(conn, model.as_deref(), &params) {
+                        metrics().refuse("max_tokens_too_large");
+                        let entry = protocol_diagnostic("error", "max_tokens_too_large", &message);
+                        conn.send_entry(&entry).await;
+                        continue;
+                    }
                     enqueue(
                         conn,
                         queue,
@@ -539,6 +509,26 @@ where
                 close(conn, CloseCode::Size, "frame too large").await;
                 return Ended::Closed;
             }
+            // RFC 6455 7.4.1: 1007 for a text frame that is not UTF-8, 1002
+            // for any other protocol violation (an unmasked or reserved
+            // frame, RSV bits, a lone continuation, a control frame over
+            // 125 bytes).
+            Err(WsError::Utf8(err)) => {
+                tracing::debug!(session = %conn.session_id(), error = %err, "not UTF-8");
+                metrics().refuse("protocol_violation");
+                close(conn, CloseCode::Invalid, "text frame is not UTF-8").await;
+                return Ended::Closed;
+            }
+            Err(WsError::Protocol(err)) => {
+                tracing::debug!(session = %conn.session_id(), error = %err, "protocol violation");
+                metrics().refuse("protocol_violation");
+                let reason = match err.to_string() {
+                    reason if reason.len() <= 100 => reason,
+                    _ => "protocol violation".to_owned(),
+                };
+                close(conn, CloseCode::Protocol, &reason).await;
+                return Ended::Closed;
+            }
             Err(err) => {
                 tracing::debug!(session = %conn.session_id(), error = %err, "read failed");
                 return Ended::ClientGone;
@@ -579,118 +569,6 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
         data: Some(serde_json::json!({ "code": "reloaded", "changes": lines })),
     };
     conn.send_entry(&entry).await;
-}
-
-async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
-    let server = conn.host.active.load().config.server.clone();
-    if prompt.text.len() > server.max_prompt_bytes {
-        metrics().refuse("prompt_too_long");
-        let message = format!(
-            "the prompt has {} bytes, over server.max_prompt_bytes = {}; it was not run",
-            prompt.text.len(),
-            server.max_prompt_bytes
-        );
-        conn.send_entry(&protocol_diagnostic("error", "prompt_too_long", &message))
-            .await;
-        return;
-    }
-    // A place in the queue first: a prompt refused for a full queue does not
-    // spend one of the key's turns.
-    let prompts = queue.sender();
-    let Ok(place) = prompts.try_reserve() else {
-        metrics().refuse("queue_full");
-        let message = format!(
-            "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
-             this one was not run",
-            prompts.max_capacity()
-        );
-        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
-            .await;
-        return;
-    };
-    if !conn
-        .host
-        .turn_rate
-        .allow(conn.caller.id(), server.turns_per_minute)
-    {
-        drop(place);
-        metrics().refuse("rate_limited");
-        let message = format!(
-            "more than {} turns a minute for this API key (server.turns_per_minute); \
-             this prompt was not run",
-            server.turns_per_minute
-        );
-        conn.send_entry(&protocol_diagnostic("error", "rate_limited", &message))
-            .await;
-        return;
-    }
-    place.send(prompt);
-}
-
-/// Runs queued prompts one after another until the connection closes.
-async fn run_turns(
-    conn: Arc<Connection>,
-    mut prompts: mpsc::Receiver<Prompt>,
-    current: CurrentTurn,
-    closed: Arc<AtomicBool>,
-) {
-    while let Some(prompt) = prompts.recv().await {
-        let control = Arc::new(TurnControl::default());
-        set_current(&current, Some(control.clone()));
-        if closed.load(Ordering::Relaxed) {
-            break;
-        }
-        run_turn(&conn, prompt, control).await;
-        set_current(&current, None);
-        conn.active_at.store(now_ms(), Ordering::Relaxed);
-    }
-}
-
-/// Runs one turn through the turn core, on the backend and store the
-/// connection uses under the active config.
-async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) -> Status {
-    let active = conn.host.active.load_full();
-    let backend = prompt
-        .model
-        .clone()
-        .or_else(|| conn.model())
-        .and_then(|name| active.models.get(&name))
-        .or_else(|| active.default_model())
-        .cloned();
-    let store = active
-        .stores
-        .get(&conn.store())
-        .or_else(|| active.store())
-        .cloned();
-    let (Some(backend), Some(store)) = (backend, store) else {
-        conn.diagnostic(
-            "error",
-            "host",
-            "no_backend",
-            "no model backend or store is configured",
-        )
-        .await;
-        let turn = conn.attachment.next_turn_id();
-        let sequence = conn.attachment.sequence();
-        let frame = conn.framer.turn(
-            &TurnEvent::End {
-                status: Status::Failed.as_str(),
-                interaction_id: &turn,
-            },
-            &Meta::now(sequence, SOURCE_HOST, Some(&turn)),
-        );
-        conn.send(frame).await;
-        return Status::Failed;
-    };
-    let scope = Scope {
-        host: &conn.host.instance,
-        attachment: &conn.attachment,
-        store: &store,
-        frames: &conn.out,
-        framer: conn.framer,
-        settings: active.config.server.turn_settings(),
-    };
-    core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await
 }
 
 async fn close(conn: &Connection, code: CloseCode, reason: &str) {

@@ -2,16 +2,22 @@
 //! socket. It turns client frames into prompts for the turn core and hands
 //! the core an [`outbox::Outbox`] to write frames into.
 //!
-//! - [`server`]: the listener, the routes, the WebSocket upgrade.
+//! - [`listener`]: accepting connections, header timeouts, pending caps.
+//! - [`server`]: the routes and the WebSocket upgrade.
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
+//! - [`queue`]: a connection's prompt queue, its limits, its turns.
 //! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
 //! - [`auth`]: API keys and who may do what.
+//! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
 
 pub mod admin;
 pub mod auth;
 pub mod connection;
+pub mod listener;
 pub mod outbox;
+pub mod queue;
+pub mod redact;
 pub mod server;
 
 use warp::http::StatusCode;

@@ -1,4 +1,4 @@
-//! The listener and the HTTP routes: WebSocket upgrades on `/v1/ws` and `/`.
+//! The HTTP routes: WebSocket upgrades on `/v1/ws` and `/`.
 //!
 //! The upgrade is answered here rather than with `warp::ws()`, so that each
 //! socket gets a 2 KiB read buffer instead of tungstenite's 128 KiB (FACTS.md:
@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
@@ -25,6 +26,7 @@ use warp::Filter;
 use super::auth::{authenticate, Caller};
 use super::connection::{self, Opening};
 use super::error_reply;
+use super::listener::Accepted;
 use crate::core::document::{new_session_id, valid_name};
 use crate::core::ports::StoreError;
 use crate::metrics::metrics;
@@ -51,11 +53,8 @@ pub async fn serve(
     host: Arc<HostState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    warp::serve(routes(host))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    let grace = Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
+    super::listener::serve(listener, host.clone(), routes(host), shutdown, grace).await;
 }
 
 /// Every route of the host.
@@ -146,10 +145,11 @@ fn websocket(
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
+        .and(warp::ext::optional::<Arc<Accepted>>())
         .then(
-            move |params: HashMap<String, String>, headers: HeaderMap, upgrade| {
+            move |params: HashMap<String, String>, headers: HeaderMap, upgrade, accepted| {
                 let host = host.clone();
-                async move { upgrade_session(&host, &params, &headers, upgrade).await }
+                async move { upgrade_session(&host, &params, &headers, upgrade, accepted).await }
             },
         )
 }
@@ -159,6 +159,7 @@ async fn upgrade_session(
     params: &HashMap<String, String>,
     headers: &HeaderMap,
     upgrade: Option<OnUpgrade>,
+    accepted: Option<Arc<Accepted>>,
 ) -> Response {
     if host.stopping() {
         return error_reply(
@@ -263,6 +264,27 @@ async fn upgrade_session(
             "the host serves as many connections as server.max_connections allows; try again later",
         );
     };
+    // Per key; in open mode, per client address.
+    let limit_name = match (&caller, &accepted) {
+        (Caller::Open, Some(accepted)) => format!("address {}", accepted.peer.ip()),
+        _ => format!("key {}", caller.id()),
+    };
+    let per_key = active.config.server.max_connections_per_key;
+    let Some(key_slot) = host
+        .key_connections
+        .try_take(&limit_name, per_key, usize::MAX)
+    else {
+        metrics().refuse("too_many_key_connections");
+        return error_reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_key_connections",
+            &format!(
+                "this key (in open mode: this address) has server.max_connections_per_key = \
+                 {per_key} sockets open; close one first"
+            ),
+        );
+    };
+    let credential = super::auth::credential(&active.config.auth, &caller);
     let command_mode = requested_protocols(headers).any(|p| p == COMMAND_SUBPROTOCOL);
     let opening = Opening {
         session_id,
@@ -270,6 +292,8 @@ async fn upgrade_session(
         command_mode,
         caller,
         found,
+        limit_name,
+        credential,
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()
@@ -279,7 +303,7 @@ async fn upgrade_session(
         .max_frame_size(Some(max_frame));
     let host = host.clone();
     tokio::spawn(async move {
-        let _slot = slot;
+        let _slots = (slot, key_slot);
         match upgrade.await {
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
@@ -290,6 +314,9 @@ async fn upgrade_session(
         }
     });
 
+    if let Some(accepted) = &accepted {
+        accepted.upgraded();
+    }
     let mut response = Response::default();
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();

@@ -1,7 +1,9 @@
 //! `memory`: sessions kept in the host process, lost when it stops.
 //!
 //! For demos, tests and single-process setups. Saves are conditional on the
-//! version like every store's; `ttl_secs` forgets sessions idle that long.
+//! version like every store's; `ttl_secs` (a day unless set) forgets
+//! sessions idle that long, so a long-running host does not keep every
+//! session it ever served.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -18,9 +20,16 @@ use serde::Deserialize;
 #[derive(Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MemorySettings {
-    /// Forget sessions not saved or loaded for this many seconds.
+    /// Forget sessions not saved or loaded for this many seconds; a day
+    /// ([`DEFAULT_TTL_SECS`]) when not set.
     pub ttl_secs: Option<u64>,
 }
+
+/// How long an idle session is kept when `ttl_secs` is not set.
+pub const DEFAULT_TTL_SECS: u64 = 24 * 3600;
+
+/// The longest between two sweeps of expired sessions.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 struct Entry {
     session: StoredSession,
@@ -29,25 +38,43 @@ struct Entry {
 
 /// The memory store.
 pub struct MemoryStore {
-    ttl: Option<Duration>,
-    sessions: Mutex<BTreeMap<String, Entry>>,
+    ttl: Duration,
+    sessions: Mutex<Sessions>,
+}
+
+/// The sessions, and when expired ones were last swept out.
+struct Sessions {
+    by_id: BTreeMap<String, Entry>,
+    swept: Instant,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new(settings: MemorySettings) -> Self {
         Self {
-            ttl: settings.ttl_secs.map(Duration::from_secs),
-            sessions: Mutex::new(BTreeMap::new()),
+            ttl: Duration::from_secs(settings.ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+            sessions: Mutex::new(Sessions {
+                by_id: BTreeMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
     fn expired(&self, entry: &Entry, now: Instant) -> bool {
-        self.ttl
-            .is_some_and(|ttl| now.duration_since(entry.touched) >= ttl)
+        now.duration_since(entry.touched) >= self.ttl
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+    /// Drops every expired session, at most once per `ttl` (and per
+    /// minute): sessions nobody calls about again go too.
+    fn sweep(&self, sessions: &mut Sessions, now: Instant) {
+        if now.duration_since(sessions.swept) < self.ttl.min(SWEEP_EVERY) {
+            return;
+        }
+        sessions.swept = now;
+        sessions.by_id.retain(|_, entry| !self.expired(entry, now));
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         // A panic while holding the lock cannot leave an entry half-written
         // (entries are replaced whole), so a poisoned map is still sound.
         self.sessions
@@ -67,9 +94,9 @@ impl Store for MemoryStore {
     fn load(&self, id: &str) -> Result<Option<StoredSession>, PluginError> {
         let now = Instant::now();
         let mut sessions = self.sessions();
-        match sessions.get_mut(id) {
+        match sessions.by_id.get_mut(id) {
             Some(entry) if self.expired(entry, now) => {
-                sessions.remove(id);
+                sessions.by_id.remove(id);
                 Ok(None)
             }
             Some(entry) => {
@@ -89,7 +116,8 @@ impl Store for MemoryStore {
     ) -> Result<SaveOutcome, PluginError> {
         let now = Instant::now();
         let mut sessions = self.sessions();
-        let current = match sessions.get(id) {
+        self.sweep(&mut sessions, now);
+        let current = match sessions.by_id.get(id) {
             Some(entry) if !self.expired(entry, now) => entry.session.version,
             _ => 0,
         };
@@ -97,7 +125,7 @@ impl Store for MemoryStore {
             return Ok(SaveOutcome::Conflict { current });
         }
         let version = expected_version + 1;
-        sessions.insert(
+        sessions.by_id.insert(
             id.to_owned(),
             Entry {
                 session: StoredSession {
@@ -114,7 +142,7 @@ impl Store for MemoryStore {
 
     fn delete(&self, id: &str) -> Result<bool, PluginError> {
         let now = Instant::now();
-        let removed = self.sessions().remove(id);
+        let removed = self.sessions().by_id.remove(id);
         Ok(removed.is_some_and(|entry| !self.expired(&entry, now)))
     }
 
@@ -132,6 +160,7 @@ impl Store for MemoryStore {
         };
         let limit = limit.max(1) as usize;
         let mut ids: Vec<String> = sessions
+            .by_id
             .range::<str, _>((start, Bound::Unbounded))
             .filter(|(_, entry)| !self.expired(entry, now))
             .filter(|(_, entry)| owner.is_empty() || entry.session.owner == owner)
@@ -217,6 +246,19 @@ mod tests {
         );
         assert!(page.next.is_none());
         assert_eq!(store.list("", "", 10).expect("list").ids.len(), 4);
+    }
+
+    #[test]
+    fn sessions_nobody_asks_for_again_are_swept_out_and_a_day_is_the_default() {
+        let store = MemoryStore::new(MemorySettings { ttl_secs: Some(0) });
+        for id in ["a", "b", "c"] {
+            store.save(id, 0, "", "{}").expect("save");
+        }
+        // The next save sweeps (a TTL of 0 sweeps on every save).
+        store.save("d", 0, "", "{}").expect("save");
+        assert_eq!(store.sessions().by_id.len(), 1);
+        let default = MemoryStore::new(MemorySettings::default());
+        assert_eq!(default.ttl, Duration::from_secs(DEFAULT_TTL_SECS));
     }
 
     #[test]

@@ -112,6 +112,42 @@ async fn a_running_turn_keeps_its_plugin_and_the_next_turn_gets_the_new_one() {
     assert_eq!(second.text(), "echo v2: omega", "{}", second.dump());
 }
 
+// A new build under another file name replaces the old one once the old file is removed: the new file is probed, found to be `echo`, and loaded.
+#[tokio::test]
+async fn a_new_build_under_another_file_name_replaces_the_old_one() {
+    let host = Host::start_default();
+    let plugin_dir = host.workdir().path().join("plugins");
+    let mut client = host.connect("/v1/ws").await;
+    client.next_json().await;
+    client.send_text("before").await;
+    assert_eq!(client.read_turn().await.text(), "echo: before");
+
+    move_in(
+        Plugin::EchoV2.path(),
+        &plugin_dir,
+        Plugin::EchoV2.file_name(),
+    );
+    std::fs::remove_file(plugin_dir.join(Plugin::Echo.file_name())).expect("remove the old build");
+    let status = wait_for(&host, "echo 2.0.0 to be active", |s| {
+        plugin(s, "echo")["version"] == "2.0.0"
+    })
+    .await;
+    assert!(
+        plugin(&status, "echo")["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with(Plugin::EchoV2.file_name())),
+        "{status:#}"
+    );
+    client.send_text("after").await;
+    let turn = loop {
+        let turn = client.read_turn().await;
+        if turn.status() == "completed" {
+            break turn;
+        }
+    };
+    assert_eq!(turn.text(), "echo v2: after", "{}", turn.dump());
+}
+
 // Copying a new build over the live file in place (cp) is safe: the host only maps staged copies.
 #[tokio::test]
 async fn copying_over_the_live_library_in_place_is_safe() {

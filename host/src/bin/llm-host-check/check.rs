@@ -2,7 +2,7 @@
 //! would and runs the conformance suites against each adapter kind it
 //! provides.
 //!
-//! Loading goes through [`Loader`]: the library is copied to a private,
+//! Loading goes through [`Loader::load`]: the library is copied to a private,
 //! temporary staging directory under its content hash, checked to be a whole
 //! ELF file that exports the plugin root module, ABI-checked against this
 //! host's plugin-api, and initialised with the host's logger. Then:
@@ -31,7 +31,6 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use llm_host_conformance::{model, store};
 use llm_host_plugin_api::{Kinds, PluginError};
@@ -253,13 +252,10 @@ impl Report<'_> {
     }
 }
 
-/// A staging directory of this run's own, under the system's temporary one.
+/// A staging directory of this run's own, under the system's temporary one,
+/// at a random name (the loader creates it with mode 0700).
 fn staging_dir() -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    std::env::temp_dir().join(format!("llm-host-check-{}-{nanos:09}", std::process::id()))
+    std::env::temp_dir().join(format!("llm-host-check-{}", uuid::Uuid::new_v4().simple()))
 }
 
 fn check_plugin(

@@ -8,6 +8,14 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
+    // A loader in this process probes libraries with this executable.
+    if args
+        .peek()
+        .is_some_and(|arg| arg == llm_host::plugins::probe::ARG)
+    {
+        args.next();
+        return llm_host::plugins::probe::main(args);
+    }
     // Run as `llm-host check ...` or as `llm-host-check check ...`.
     if args.peek().is_some_and(|arg| arg == "check") {
         args.next();

@@ -1,0 +1,230 @@
+//! A connection's prompt queue: where a prompt is checked against the
+//! limits (its size, the queue, the key's queued prompts and rate), waits
+//! behind the running turn, and is run through the turn core.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use super::connection::Connection;
+use crate::core::sink::{Status, TurnControl};
+use crate::core::{self, Prompt, Scope};
+use crate::limits::Held;
+use crate::metrics::metrics;
+use crate::protocol::{now_ms, protocol_diagnostic, Meta, TurnEvent, SOURCE_HOST};
+
+/// The running turn's control, if a turn runs.
+pub(super) type CurrentTurn = Arc<Mutex<Option<Arc<TurnControl>>>>;
+
+pub(super) fn set_current(current: &CurrentTurn, control: Option<Arc<TurnControl>>) {
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = control;
+}
+
+pub(super) fn turn_running(current: &CurrentTurn) -> bool {
+    current.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
+/// Cancels the running turn; answers whether there was one.
+pub(super) fn cancel_current(current: &CurrentTurn) -> bool {
+    let guard = current.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(control) => {
+            control.cancel();
+            true
+        }
+        None => false,
+    }
+}
+
+/// A prompt in the queue, holding its place among its key's queued prompts.
+pub(super) type Queued = (Prompt, Held);
+
+/// The connection's prompt queue and the task that runs its turns, both
+/// made on the first prompt: an idle connection pays for neither.
+pub(super) struct Queue {
+    pub(super) started: Option<(mpsc::Sender<Queued>, tokio::task::JoinHandle<()>)>,
+    pub(super) max: usize,
+    pub(super) conn: Arc<Connection>,
+    pub(super) current: CurrentTurn,
+    pub(super) closed: Arc<AtomicBool>,
+}
+
+impl Queue {
+    fn sender(&mut self) -> &mpsc::Sender<Queued> {
+        let (conn, current, closed, max) = (&self.conn, &self.current, &self.closed, self.max);
+        &self
+            .started
+            .get_or_insert_with(|| {
+                let (prompts, receiver) = mpsc::channel(max);
+                let worker = tokio::spawn(run_turns(
+                    conn.clone(),
+                    receiver,
+                    current.clone(),
+                    closed.clone(),
+                ));
+                (prompts, worker)
+            })
+            .0
+    }
+
+    /// Whether prompts wait in the queue.
+    pub(super) fn waiting(&self) -> bool {
+        self.started
+            .as_ref()
+            .is_some_and(|(prompts, _)| prompts.capacity() < prompts.max_capacity())
+    }
+}
+
+/// Why a prompt asking `params.max_tokens` of the backend it would run on
+/// is refused: it asks more than that backend's `max_tokens_limit`.
+pub(super) fn over_token_limit(
+    conn: &Connection,
+    model: Option<&str>,
+    params: &llm_host_plugin_api::TurnParams,
+) -> Option<String> {
+    let asked = params.max_tokens?;
+    let active = conn.host.active.load();
+    let name = model
+        .map(str::to_owned)
+        .or_else(|| conn.model())
+        .unwrap_or_else(|| active.config.default_model.clone());
+    let limit = active.config.models.get(&name)?.max_tokens_limit?;
+    (asked > limit).then(|| {
+        format!(
+            "maxTokens {asked} is over backend `{name}`'s limit of {limit} \
+             (models.{name}.max_tokens_limit); the prompt was not run"
+        )
+    })
+}
+
+/// Checks `prompt` against the limits and queues it, or tells the client
+/// why it was not run.
+pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
+    let server = conn.host.active.load().config.server.clone();
+    if prompt.text.len() > server.max_prompt_bytes {
+        metrics().refuse("prompt_too_long");
+        let message = format!(
+            "the prompt has {} bytes, over server.max_prompt_bytes = {}; it was not run",
+            prompt.text.len(),
+            server.max_prompt_bytes
+        );
+        conn.send_entry(&protocol_diagnostic("error", "prompt_too_long", &message))
+            .await;
+        return;
+    }
+    // A place in the queue first: a prompt refused for a full queue does not
+    // spend one of the key's turns.
+    let prompts = queue.sender();
+    let Ok(place) = prompts.try_reserve() else {
+        metrics().refuse("queue_full");
+        let message = format!(
+            "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
+             this one was not run",
+            prompts.max_capacity()
+        );
+        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
+            .await;
+        return;
+    };
+    let Some(held) = conn.host.key_queued.try_take(
+        &conn.limit_name,
+        server.max_queued_prompts_per_key,
+        usize::MAX,
+    ) else {
+        metrics().refuse("key_queue_full");
+        let message = format!(
+            "this key has server.max_queued_prompts_per_key = {} prompts waiting over all its \
+             connections; this one was not run",
+            server.max_queued_prompts_per_key
+        );
+        conn.send_entry(&protocol_diagnostic("error", "key_queue_full", &message))
+            .await;
+        return;
+    };
+    if !conn
+        .host
+        .turn_rate
+        .allow(&conn.limit_name, server.turns_per_minute)
+    {
+        drop(place);
+        metrics().refuse("rate_limited");
+        let message = format!(
+            "more than {} turns a minute for this API key (server.turns_per_minute); \
+             this prompt was not run",
+            server.turns_per_minute
+        );
+        conn.send_entry(&protocol_diagnostic("error", "rate_limited", &message))
+            .await;
+        return;
+    }
+    place.send((prompt, held));
+}
+
+/// Runs queued prompts one after another until the connection closes.
+async fn run_turns(
+    conn: Arc<Connection>,
+    mut prompts: mpsc::Receiver<Queued>,
+    current: CurrentTurn,
+    closed: Arc<AtomicBool>,
+) {
+    while let Some((prompt, held)) = prompts.recv().await {
+        // No longer waiting: the key may queue another.
+        drop(held);
+        let control = Arc::new(TurnControl::default());
+        set_current(&current, Some(control.clone()));
+        if closed.load(Ordering::Relaxed) {
+            break;
+        }
+        run_turn(&conn, prompt, control).await;
+        set_current(&current, None);
+        conn.active_at.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Runs one turn through the turn core, on the backend and store the
+/// connection uses under the active config.
+async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) -> Status {
+    let active = conn.host.active.load_full();
+    let backend = prompt
+        .model
+        .clone()
+        .or_else(|| conn.model())
+        .and_then(|name| active.models.get(&name))
+        .or_else(|| active.default_model())
+        .cloned();
+    let store = active
+        .stores
+        .get(&conn.store())
+        .or_else(|| active.store())
+        .cloned();
+    let (Some(backend), Some(store)) = (backend, store) else {
+        conn.diagnostic(
+            "error",
+            "host",
+            "no_backend",
+            "no model backend or store is configured",
+        )
+        .await;
+        let turn = conn.attachment.next_turn_id();
+        let sequence = conn.attachment.sequence();
+        let frame = conn.framer.turn(
+            &TurnEvent::End {
+                status: Status::Failed.as_str(),
+                interaction_id: &turn,
+            },
+            &Meta::now(sequence, SOURCE_HOST, Some(&turn)),
+        );
+        conn.send(frame).await;
+        return Status::Failed;
+    };
+    let scope = Scope {
+        host: &conn.host.instance,
+        attachment: &conn.attachment,
+        store: &store,
+        frames: &conn.out,
+        framer: conn.framer,
+        settings: active.config.server.turn_settings(),
+    };
+    core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await
+}
