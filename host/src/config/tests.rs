@@ -1,0 +1,132 @@
+//! Config parsing and validation: good configs, and every problem named.
+
+use super::*;
+
+const GOOD: &str = r#"
+    [server]
+    listen = "127.0.0.1:0"
+    envelope = "nested"
+
+    [plugins]
+    dir = "plugins"
+
+    [defaults]
+    model = "echo"
+    store = "memory"
+
+    [models.echo]
+    plugin = "echo"
+    settings = { delay_ms = 20, nested = { a = [1, 2] } }
+
+    [stores.memory]
+    plugin = "memory"
+"#;
+
+#[test]
+fn a_good_config_resolves_paths_and_settings() {
+    let config = Config::parse(GOOD, Path::new("/etc/llm")).expect("valid");
+    assert_eq!(config.plugins.dir, PathBuf::from("/etc/llm/plugins"));
+    assert_eq!(config.server.envelope, Envelope::Nested);
+    assert_eq!(config.server.max_frame_bytes, 65_536);
+    assert_eq!(
+        config.models["echo"].settings,
+        serde_json::json!({"delay_ms": 20, "nested": {"a": [1, 2]}})
+    );
+    assert_eq!(config.stores["memory"].settings, serde_json::json!({}));
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let text = GOOD.replace("envelope = \"nested\"", "envelop = \"nested\"");
+    let err = Config::parse(&text, Path::new(".")).expect_err("typo");
+    assert!(err.contains("envelop"), "{err}");
+}
+
+#[test]
+fn bad_values_are_named_together() {
+    let text = GOOD
+        .replace("127.0.0.1:0", "localhost")
+        .replace("model = \"echo\"", "model = \"gpt\"");
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+    assert!(err.contains("server.listen"), "{err}");
+    assert!(err.contains("defaults.model: `gpt`"), "{err}");
+}
+
+#[test]
+fn a_bad_envelope_is_refused() {
+    let text = GOOD.replace("\"nested\"", "\"deep\"");
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad enum");
+    assert!(err.contains("deep"), "{err}");
+}
+
+#[test]
+fn numbers_out_of_range_are_named() {
+    let text = GOOD.replace(
+        "envelope = \"nested\"",
+        "envelope = \"nested\"\nidle_timeout_secs = 18446744073709552\n\
+         max_queued_prompts = 100000000",
+    );
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+    assert!(
+        err.contains("server.idle_timeout_secs: 18446744073709552 is more than a year"),
+        "{err}"
+    );
+    assert!(
+        err.contains("server.max_queued_prompts: 100000000 is out of range"),
+        "{err}"
+    );
+}
+
+#[test]
+fn lease_and_origin_settings_are_checked() {
+    let text = GOOD.replace(
+        "envelope = \"nested\"",
+        "envelope = \"nested\"\nlease_ms = 1000\nlease_renew_ms = 800\n\
+         store_timeout_ms = 0\nallowed_origins = [\"chat.example.com\", \"*\"]",
+    );
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+    assert!(err.contains("server.lease_renew_ms: 800"), "{err}");
+    assert!(
+        err.contains("server.store_timeout_ms: 0 is out of range"),
+        "{err}"
+    );
+    assert!(
+        err.contains("server.allowed_origins: `chat.example.com`"),
+        "{err}"
+    );
+    assert!(!err.contains("server.allowed_origins: `*`"), "{err}");
+}
+
+#[test]
+fn limits_of_the_hardened_edge_are_checked() {
+    let text = GOOD
+        .replace(
+            "envelope = \"nested\"",
+            "envelope = \"nested\"\nheader_read_timeout_secs = 0\nmax_history_bytes = 10\n\
+             max_pending_per_address = 0",
+        )
+        .replace(
+            "[stores.memory]\n    plugin = \"memory\"",
+            "[stores.memory]\n    plugin = \"memory\"\n    max_tokens_limit = 5",
+        )
+        .replace(
+            "[models.echo]\n    plugin = \"echo\"",
+            "[models.echo]\n    plugin = \"echo\"\n    max_tokens_limit = 0",
+        );
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+    for key in [
+        "server.header_read_timeout_secs",
+        "server.max_history_bytes",
+        "server.max_pending_per_address",
+        "stores.memory.max_tokens_limit: only model backends",
+        "models.echo.max_tokens_limit: must be at least 1",
+    ] {
+        assert!(err.contains(key), "{key} not in {err}");
+    }
+    let text = GOOD.replace(
+        "[models.echo]\n    plugin = \"echo\"",
+        "[models.echo]\n    plugin = \"echo\"\n    max_tokens_limit = 512",
+    );
+    let config = Config::parse(&text, Path::new(".")).expect("a good limit");
+    assert_eq!(config.models["echo"].max_tokens_limit, Some(512));
+}
