@@ -154,8 +154,13 @@ pub fn run(config: &Path, listen: Option<SocketAddr>) -> ExitCode {
 /// Logs to stderr: human-readable, or one JSON object per line when
 /// `LLM_HOST_LOG_FORMAT=json`. `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Like [`init_logging`], at `default` unless `RUST_LOG` says otherwise.
+pub fn init_logging_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -425,3 +425,33 @@ fn usage_errors_exit_2() {
     assert_eq!(exit.status.code(), Some(0), "{exit}");
     assert!(exit.stdout.contains("--settings JSON"), "{exit}");
 }
+
+// `--json` prints one report a CI job can gate on: the verdicts and the
+// summary, with the exit code; the plugin's log stays on stderr.
+#[test]
+fn a_json_report_for_ci() {
+    let exit = check(&[path(Plugin::Broken), "--json"]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    let report: serde_json::Value =
+        serde_json::from_str(exit.stdout.trim()).unwrap_or_else(|err| panic!("{err}: {exit}"));
+    assert_eq!(report["conforms"], false);
+    let checks = report["checks"].as_array().expect("checks");
+    let verdict = |name: &str| {
+        checks
+            .iter()
+            .find(|check| check["name"] == name)
+            .map(|check| check["verdict"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(verdict("load").as_deref(), Some("PASS"));
+    assert_eq!(verdict("store.stale_save").as_deref(), Some("FAIL"));
+    assert_eq!(verdict("model.unknown_settings").as_deref(), Some("WARN"));
+    let failed = checks.iter().filter(|c| c["verdict"] == "FAIL").count();
+    assert_eq!(report["summary"]["failed"], failed as u64);
+
+    let exit = check(&[path(Plugin::Memory), "--json"]);
+    assert_eq!(exit.status.code(), Some(0), "{exit}");
+    let report: serde_json::Value = serde_json::from_str(exit.stdout.trim()).expect("JSON");
+    assert_eq!(report["conforms"], true);
+    assert_eq!(report["summary"]["failed"], 0);
+    assert!(!exit.stdout.contains(" INFO "), "{exit}");
+}

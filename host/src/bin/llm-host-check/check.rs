@@ -40,14 +40,16 @@ use llm_host::plugins::loader::{LoadedPlugin, Loader};
 
 /// The usage of the subcommand.
 pub const USAGE: &str = "\
-usage: llm-host check PATH.so [--settings JSON] [--kind model|store]
+usage: llm-host check PATH.so [--settings JSON] [--kind model|store] [--json]
 
 Loads the plugin library as the host would (staged copy, ELF and ABI checks)
 and runs the conformance suite against each adapter kind it provides.
   --settings JSON   the adapter settings, a JSON object (default {})
   --kind KIND       check only the model or only the store adapter
+  --json            print one JSON report instead of the lines (for CI)
 Prints PASS/WARN/FAIL/SKIP per check and a summary; exits 1 if a check
-failed, 2 on a usage error.";
+failed, 2 on a usage error. The plugin's own log (warnings and up, unless
+RUST_LOG says otherwise) goes to stderr, apart from the report.";
 
 /// Which adapter kinds to check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,8 @@ pub struct Options {
     pub settings: Value,
     /// Only this kind, if given.
     pub kind: Option<KindFilter>,
+    /// One JSON report instead of lines.
+    pub json: bool,
 }
 
 impl Options {
@@ -76,9 +80,11 @@ impl Options {
         let mut library = None;
         let mut settings = None;
         let mut kind = None;
+        let mut json = false;
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--help" | "-h" => return Ok(None),
+                "--json" => json = true,
                 "--settings" => {
                     let text = args.next().ok_or("--settings needs a JSON object")?;
                     let value: Value = serde_json::from_str(&text)
@@ -113,6 +119,7 @@ impl Options {
             library,
             settings: settings.unwrap_or_else(|| Value::Object(serde_json::Map::new())),
             kind,
+            json,
         }))
     }
 }
@@ -180,6 +187,7 @@ pub fn run(options: &Options, out: &mut dyn Write) -> io::Result<Summary> {
     let mut report = Report {
         out,
         summary: Summary::default(),
+        json: options.json.then(Vec::new),
     };
     report.text(&format!("checking {}", options.library.display()))?;
     let staging = staging_dir();
@@ -201,6 +209,32 @@ pub fn run(options: &Options, out: &mut dyn Write) -> io::Result<Summary> {
     let _ = std::fs::remove_dir_all(&staging);
     result?;
     let summary = report.summary;
+    if let Some(lines) = report.json.take() {
+        let checks: Vec<Value> = lines
+            .iter()
+            .map(|line| {
+                serde_json::json!({
+                    "name": line.name,
+                    "verdict": line.verdict.to_string(),
+                    "detail": line.detail,
+                })
+            })
+            .collect();
+        let document = serde_json::json!({
+            "library": options.library.display().to_string(),
+            "conforms": summary.conforms(),
+            "summary": {
+                "passed": summary.passed,
+                "failed": summary.failed,
+                "warnings": summary.warnings,
+                "skipped": summary.skipped,
+            },
+            "checks": checks,
+        });
+        writeln!(report.out, "{document}")?;
+        report.out.flush()?;
+        return Ok(summary);
+    }
     report.text(&format!(
         "summary: {} passed, {} failed, {}, {} skipped: {} {}",
         summary.passed,
@@ -233,10 +267,15 @@ pub fn main(options: &Options) -> ExitCode {
 struct Report<'a> {
     out: &'a mut dyn Write,
     summary: Summary,
+    /// With `--json`: the lines, written as one document at the end.
+    json: Option<Vec<Line>>,
 }
 
 impl Report<'_> {
     fn text(&mut self, text: &str) -> io::Result<()> {
+        if self.json.is_some() {
+            return Ok(());
+        }
         writeln!(self.out, "{text}")?;
         self.out.flush()
     }
@@ -248,6 +287,10 @@ impl Report<'_> {
             verdict,
             detail,
         };
+        if let Some(lines) = &mut self.json {
+            lines.push(line);
+            return Ok(());
+        }
         self.text(&line.to_string())
     }
 }
@@ -378,6 +421,9 @@ fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
                 "store.construct",
                 model::Verdict::Pass,
                 format!("built with the settings {settings}"),
+            )?;
+            report.text(
+                "note: the store suite builds a fresh adapter with these settings for each check",
             )?;
             let make = || plugin.new_store(settings);
             for result in store::check_store(&make) {

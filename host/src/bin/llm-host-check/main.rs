@@ -22,7 +22,9 @@ fn main() -> ExitCode {
     }
     match check::Options::parse(args) {
         Ok(Some(options)) => {
-            llm_host::init_logging();
+            // The plugin's log goes to stderr, and only what matters, so
+            // that it does not bury the report.
+            llm_host::init_logging_at("warn");
             check::main(&options)
         }
         Ok(None) => {
