@@ -161,6 +161,36 @@ fn copy_to(source: &Path, dir: &Path) -> Result<PathBuf, String> {
     Ok(destination)
 }
 
+/// Builds `packages` (with the profile the tests were built with) into
+/// the tests' target directory, once per set of packages per test process;
+/// answers the profile directory the libraries and binaries are in. Fails
+/// the test with cargo's output if the build fails.
+pub fn build_packages(packages: &[&str]) -> PathBuf {
+    static BUILT: Mutex<Vec<(Vec<String>, Result<PathBuf, String>)>> = Mutex::new(Vec::new());
+    let key: Vec<String> = packages.iter().map(|p| (*p).to_owned()).collect();
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let result = match built.iter().find(|(packages, _)| *packages == key) {
+        Some((_, result)) => result.clone(),
+        None => {
+            let result = profile_dir().and_then(|profile_dir| {
+                let target_dir = profile_dir
+                    .parent()
+                    .ok_or("the profile directory has no parent")?;
+                let profile = profile_dir
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .ok_or("the profile directory has no usable name")?;
+                cargo_build(target_dir, profile, packages, &[])?;
+                Ok(profile_dir.clone())
+            });
+            built.push((key, result.clone()));
+            result
+        }
+    };
+    result.unwrap_or_else(|err| panic!("building {packages:?} failed:
+{err}"))
+}
+
 fn build() -> Result<Artifacts, String> {
     let profile_dir = profile_dir()?;
     let target_dir = profile_dir

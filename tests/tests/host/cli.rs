@@ -143,3 +143,82 @@ fn a_bad_backend_setting_fails_the_start() {
         "names the setting:\n{exit}"
     );
 }
+
+// `scripts/install.sh` assembles bin/, plugins/ (the shipped plugins and
+// nothing else, none writable by others) and config.toml reading plugins/;
+// the installed host serves a turn from that layout.
+#[tokio::test]
+async fn the_install_script_assembles_a_layout_that_serves() {
+    let packages = [
+        "llm-host",
+        "llm-plugin-echo",
+        "llm-plugin-memory",
+        "llm-plugin-sqlite",
+        "llm-plugin-redis",
+        "llm-plugin-postgres",
+        "llm-plugin-openai",
+        "llm-plugin-anthropic",
+        "llm-plugin-ollama",
+    ];
+    let built = llm_host_tests::build_packages(&packages);
+    let dest = tempfile::tempdir().expect("a temporary directory");
+    let output = std::process::Command::new("bash")
+        .arg(llm_host_tests::workspace_root().join("scripts/install.sh"))
+        .arg("--from")
+        .arg(&built)
+        .arg(dest.path())
+        .output()
+        .expect("run install.sh");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut plugins: Vec<String> = std::fs::read_dir(dest.path().join("plugins"))
+        .expect("plugins/")
+        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    plugins.sort();
+    assert_eq!(plugins.len(), 8, "{plugins:?}");
+    assert!(plugins.iter().all(|name| name.starts_with("libllm_plugin_")), "{plugins:?}");
+    use std::os::unix::fs::PermissionsExt;
+    for name in &plugins {
+        let mode = std::fs::metadata(dest.path().join("plugins").join(name))
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o022, 0, "{name} is writable by others: {mode:o}");
+    }
+    let config = std::fs::read_to_string(dest.path().join("config.toml")).expect("config.toml");
+    assert!(config.contains("dir = \"plugins\""), "{config}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let mut host = std::process::Command::new(dest.path().join("bin/llm-host"))
+        .arg("--config")
+        .arg(dest.path().join("config.toml"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the installed host");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let mut ready = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the installed host did not start listening");
+    let mut client =
+        llm_host_tests::Client::connect(&format!("ws://{addr}/v1/ws?model=fast"), None).await;
+    client.next_json().await;
+    client.send_text("installed").await;
+    assert_eq!(client.read_turn().await.text(), "echo: installed");
+    let _ = host.kill();
+    let _ = host.wait();
+}
