@@ -166,7 +166,9 @@ fn copy_to(source: &Path, dir: &Path) -> Result<PathBuf, String> {
 /// answers the profile directory the libraries and binaries are in. Fails
 /// the test with cargo's output if the build fails.
 pub fn build_packages(packages: &[&str]) -> PathBuf {
-    static BUILT: Mutex<Vec<(Vec<String>, Result<PathBuf, String>)>> = Mutex::new(Vec::new());
+    /// Each set of packages built, and where to (or why not).
+    type Builds = Vec<(Vec<String>, Result<PathBuf, String>)>;
+    static BUILT: Mutex<Builds> = Mutex::new(Vec::new());
     let key: Vec<String> = packages.iter().map(|p| (*p).to_owned()).collect();
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let result = match built.iter().find(|(packages, _)| *packages == key) {

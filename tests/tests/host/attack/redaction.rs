@@ -5,11 +5,9 @@
 //! database, user) going to the log.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use llm_host_tests::{artifacts, http, workspace_root, Config, Host, Workdir};
+use llm_host_tests::{artifacts, http, Config, Host, Workdir};
 
 const ALICE: &str = "alice-key-0123456789abcdef";
 const OPS: &str = "ops-key-0123456789abcdef000";
@@ -31,41 +29,10 @@ fn profile_dir() -> PathBuf {
         .to_owned()
 }
 
-/// `libllm_plugin_openai.so`, built once into the harness's profile
-/// directory (the harness builds the store plugins, not this one).
+/// `libllm_plugin_openai.so`, built into the harness's profile directory
+/// (the harness builds the store plugins, not this one).
 fn openai_library() -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let profile_dir = profile_dir();
-        let target_dir = profile_dir.parent().expect("the target directory");
-        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command
-            .current_dir(workspace_root())
-            .args(["build", "-p", "llm-plugin-openai", "--target-dir"])
-            .arg(target_dir);
-        match profile_dir.file_name().and_then(|name| name.to_str()) {
-            Some("debug") => {}
-            Some("release") => {
-                command.arg("--release");
-            }
-            Some(other) => {
-                command.args(["--profile", other]);
-            }
-            None => return Err("the profile directory has no name".to_owned()),
-        }
-        let output = command
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|err| format!("cannot run cargo: {err}"))?;
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        Ok(profile_dir.join("libllm_plugin_openai.so"))
-    });
-    match built {
-        Ok(path) => path.clone(),
-        Err(err) => panic!("building llm-plugin-openai failed:\n{err}"),
-    }
+    llm_host_tests::build_packages(&["llm-plugin-openai"]).join("libllm_plugin_openai.so")
 }
 
 /// A host on `config` whose plugin directory also holds `libraries`.
