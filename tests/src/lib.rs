@@ -189,8 +189,7 @@ pub fn build_packages(packages: &[&str]) -> PathBuf {
             result
         }
     };
-    result.unwrap_or_else(|err| panic!("building {packages:?} failed:
-{err}"))
+    result.unwrap_or_else(|err| panic!("building {packages:?} failed:\n{err}"))
 }
 
 fn build() -> Result<Artifacts, String> {
