@@ -78,8 +78,19 @@ impl Command {
                 ))
             }
         }
-        // From the text again, so that a key given twice (`type` included)
-        // is an error rather than a silent pick of the last.
+        // From the text again, so that a key given twice, at any depth, is
+        // an error rather than a silent pick of the last.
+        serde_json::from_str::<strict::UniqueKeys>(text)
+            .map_err(|err| ("bad_frame", format!("bad command: {err}")))?;
+        // serde also reads a struct from an array of its fields.
+        if let Some(tools) = value.pointer("/params/tools").and_then(Value::as_array) {
+            if tools.iter().any(|tool| !tool.is_object()) {
+                return Err((
+                    "bad_frame",
+                    "bad command: each of params.tools is an object".to_owned(),
+                ));
+            }
+        }
         serde_json::from_str(text).map_err(|err| ("bad_frame", format!("bad command: {err}")))
     }
 }
@@ -414,6 +425,10 @@ impl Framer {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz;
+mod strict;
 
 #[cfg(test)]
 mod tests {
