@@ -33,6 +33,10 @@ pub const SOURCE_HOST: &str = "host";
 pub enum Command {
     /// Run a turn.
     Prompt {
+        /// The client's name for this prompt (at most 128 bytes), repeated
+        /// on its refusal or its turn's end.
+        #[serde(default)]
+        id: Option<String>,
         /// The user's message.
         text: String,
         /// A backend name for this turn only.
@@ -91,9 +95,22 @@ impl Command {
                 ));
             }
         }
-        serde_json::from_str(text).map_err(|err| ("bad_frame", format!("bad command: {err}")))
+        let command: Command = serde_json::from_str(text)
+            .map_err(|err| ("bad_frame", format!("bad command: {err}")))?;
+        if let Command::Prompt { id: Some(id), .. } = &command {
+            if id.len() > MAX_PROMPT_ID_BYTES {
+                return Err((
+                    "bad_frame",
+                    format!("bad command: a prompt id is at most {MAX_PROMPT_ID_BYTES} bytes"),
+                ));
+            }
+        }
+        Ok(command)
     }
 }
+
+/// The longest prompt id a client may give.
+pub const MAX_PROMPT_ID_BYTES: usize = 128;
 
 /// `meta` of every frame.
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -254,10 +271,15 @@ pub enum TurnEvent<'a> {
     /// The last frame of every turn.
     #[serde(rename_all = "camelCase")]
     End {
-        /// `completed`, `cancelled` or `failed`.
+        /// `completed`, `cancelled`, `failed`, or `refused` (the prompt was
+        /// not run: no turn, no interaction id).
         status: &'a str,
         /// The turn's id.
+        #[serde(skip_serializing_if = "str::is_empty")]
         interaction_id: &'a str,
+        /// The id the client gave the prompt, if it gave one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prompt_id: Option<&'a str>,
     },
 }
 
@@ -569,6 +591,7 @@ mod tests {
     fn commands_parse_with_named_problems() {
         assert_eq!(Command::parse(r#"{"type":"cancel"}"#), Ok(Command::Cancel));
         let Ok(Command::Prompt {
+            id: _,
             text,
             model,
             params,

@@ -410,6 +410,7 @@ impl Client {
         control: Arc<TurnControl>,
     ) -> Status {
         let prompt = Prompt {
+            id: None,
             text: text.to_owned(),
             model: None,
             params: Box::default(),

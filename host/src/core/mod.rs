@@ -43,6 +43,8 @@ use document::Loaded;
 /// A prompt waiting for its turn.
 #[derive(Debug)]
 pub struct Prompt {
+    /// The client's name for it (command mode), repeated on its turn's end.
+    pub id: Option<String>,
     /// The user's message.
     pub text: String,
     /// The backend for this turn, when the client named one.

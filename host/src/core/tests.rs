@@ -325,6 +325,7 @@ async fn the_turn_deadline_fails_the_turn_and_saves_it() {
     let mut scope = client.scope();
     scope.settings.turn_timeout = Some(Duration::from_secs(3));
     let prompt = Prompt {
+        id: None,
         text: "a b c d e f g".to_owned(),
         model: None,
         params: Box::default(),
@@ -349,6 +350,7 @@ async fn a_turn_cannot_spend_more_numbers_than_it_reserved() {
     let mut scope = client.scope();
     scope.settings.max_turn_events = 16;
     let prompt = Prompt {
+        id: None,
         text: (0..40).map(|i| format!("w{i} ")).collect(),
         model: None,
         params: Box::default(),

@@ -71,6 +71,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     let lock = locks.get(&attachment.session_id);
     let _turns_of_this_session = lock.lock().await;
 
+    let prompt_id = prompt.id.as_deref();
     let user = Message::new(Role::User, prompt.text);
     let mut claimed = match claim::claim(scope, &user, &control).await {
         Ok(claimed) => claimed,
@@ -105,7 +106,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
                     Status::Failed
                 }
             };
-            end_turn(scope, attachment.sequence(), &turn, status).await;
+            end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
             return status;
         }
     };
@@ -170,7 +171,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     metrics()
         .turn_seconds
         .observe(started.elapsed().as_secs_f64());
-    end_turn(scope, end_sequence, &interaction_id, status).await;
+    end_turn(scope, end_sequence, &interaction_id, prompt_id, status).await;
     status
 }
 
@@ -218,6 +219,7 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
     scope: &Scope<'_, S, F>,
     sequence: u64,
     interaction_id: &str,
+    prompt_id: Option<&str>,
     status: Status,
 ) {
     metrics()
@@ -229,6 +231,7 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
         &TurnEvent::End {
             status: status.as_str(),
             interaction_id,
+            prompt_id,
         },
         &meta,
     );

@@ -37,7 +37,7 @@ fn with<T: Serialize>(mut object: Value, key: &str, value: Option<T>) -> Value {
 /// The codes `Command::parse` may refuse with (PROTOCOL.md section 6).
 const CODES: [&str; 2] = ["bad_frame", "unknown_command"];
 /// The fields of a prompt command.
-const PROMPT_FIELDS: [&str; 4] = ["type", "text", "model", "params"];
+const PROMPT_FIELDS: [&str; 5] = ["type", "id", "text", "model", "params"];
 /// The fields of `params` with a type; any other is passed on as it is.
 const TYPED: &str = "temperature maxTokens topP topK seed stop tools";
 /// More keys for generated objects: the real ones and near misses.
@@ -217,7 +217,12 @@ fn expected_prompt(fields: &Map<String, Value>) -> Option<Command> {
         None => TurnParams::default(),
         Some(value) => expected_params(value.as_object()?)?,
     };
+    let id = nullable(fields.get("id"), string)?;
+    if id.as_ref().is_some_and(|id| id.len() > MAX_PROMPT_ID_BYTES) {
+        return None;
+    }
     Some(Command::Prompt {
+        id,
         text: string(fields.get("text")?)?,
         model: nullable(fields.get("model"), string)?,
         params,

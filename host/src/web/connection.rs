@@ -18,7 +18,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::auth::Caller;
 use super::outbox::Outbox;
-use super::queue::{cancel_current, enqueue, over_token_limit, turn_running, CurrentTurn, Queue};
+use super::queue::{
+    cancel_current, enqueue, over_token_limit, refuse, turn_running, CurrentTurn, Queue,
+};
 use crate::core::document::Loaded;
 use crate::core::ports::StoreError;
 use crate::core::{self, Attachment, Party, Prompt};
@@ -437,6 +439,7 @@ where
         match frame {
             Ok(WsMessage::Text(text)) if command_mode => match Command::parse(text.as_str()) {
                 Ok(Command::Prompt {
+                    id,
                     text,
                     model,
                     params,
@@ -444,21 +447,19 @@ where
                     if let Some(name) = &model {
                         if !conn.host.active.load().models.contains_key(name) {
                             let message = format!("unknown model backend `{name}`");
-                            let entry = protocol_diagnostic("error", "unknown_model", &message);
-                            conn.send_entry(&entry).await;
+                            refuse(conn, id.as_deref(), "unknown_model", &message).await;
                             continue;
                         }
                     }
                     if let Some(message) = over_token_limit(conn, model.as_deref(), &params) {
-                        metrics().refuse("max_tokens_too_large");
-                        let entry = protocol_diagnostic("error", "max_tokens_too_large", &message);
-                        conn.send_entry(&entry).await;
+                        refuse(conn, id.as_deref(), "max_tokens_too_large", &message).await;
                         continue;
                     }
                     enqueue(
                         conn,
                         queue,
                         Prompt {
+                            id,
                             text,
                             model,
                             params: Box::new(params),
@@ -483,6 +484,7 @@ where
             },
             Ok(WsMessage::Text(text)) => {
                 let prompt = Prompt {
+                    id: None,
                     text: text.as_str().to_owned(),
                     model: None,
                     params: Box::default(),

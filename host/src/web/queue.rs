@@ -102,45 +102,37 @@ pub(super) fn over_token_limit(
 /// why it was not run.
 pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
     let server = conn.host.active.load().config.server.clone();
+    let id = prompt.id.as_deref();
     if prompt.text.len() > server.max_prompt_bytes {
-        metrics().refuse("prompt_too_long");
         let message = format!(
             "the prompt has {} bytes, over server.max_prompt_bytes = {}; it was not run",
             prompt.text.len(),
             server.max_prompt_bytes
         );
-        conn.send_entry(&protocol_diagnostic("error", "prompt_too_long", &message))
-            .await;
-        return;
+        return refuse(conn, id, "prompt_too_long", &message).await;
     }
     // A place in the queue first: a prompt refused for a full queue does not
     // spend one of the key's turns.
     let prompts = queue.sender();
     let Ok(place) = prompts.try_reserve() else {
-        metrics().refuse("queue_full");
         let message = format!(
             "too many prompts queued behind the running turn (server.max_queued_prompts = {}); \
              this one was not run",
             prompts.max_capacity()
         );
-        conn.send_entry(&protocol_diagnostic("error", "queue_full", &message))
-            .await;
-        return;
+        return refuse(conn, id, "queue_full", &message).await;
     };
     let Some(held) = conn.host.key_queued.try_take(
         &conn.limit_name,
         server.max_queued_prompts_per_key,
         usize::MAX,
     ) else {
-        metrics().refuse("key_queue_full");
         let message = format!(
             "this key has server.max_queued_prompts_per_key = {} prompts waiting over all its \
              connections; this one was not run",
             server.max_queued_prompts_per_key
         );
-        conn.send_entry(&protocol_diagnostic("error", "key_queue_full", &message))
-            .await;
-        return;
+        return refuse(conn, id, "key_queue_full", &message).await;
     };
     if !conn
         .host
@@ -148,17 +140,39 @@ pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt
         .allow(&conn.limit_name, server.turns_per_minute)
     {
         drop(place);
-        metrics().refuse("rate_limited");
         let message = format!(
             "more than {} turns a minute for this API key (server.turns_per_minute); \
              this prompt was not run",
             server.turns_per_minute
         );
-        conn.send_entry(&protocol_diagnostic("error", "rate_limited", &message))
-            .await;
-        return;
+        return refuse(conn, id, "rate_limited", &message).await;
     }
     place.send((prompt, held));
+}
+
+/// Tells the client its prompt was not run: an error diagnostic with `code`
+/// (and the prompt's id in `data.promptId`), then a turn end of status
+/// `refused` naming the prompt's id, so that a client waiting for its turn
+/// to end is not left waiting. Counted in `llm_host_refused_total`.
+pub(super) async fn refuse(
+    conn: &Connection,
+    prompt_id: Option<&str>,
+    code: &'static str,
+    message: &str,
+) {
+    metrics().refuse(code);
+    let mut entry = protocol_diagnostic("error", code, message);
+    if let (Some(id), Some(data)) = (prompt_id, entry.data.as_mut()) {
+        data["promptId"] = id.into();
+    }
+    conn.send_entry(&entry).await;
+    let end = TurnEvent::End {
+        status: "refused",
+        interaction_id: "",
+        prompt_id,
+    };
+    let meta = Meta::now(conn.attachment.sequence(), SOURCE_HOST, None);
+    conn.send(conn.framer.turn(&end, &meta)).await;
 }
 
 /// Runs queued prompts one after another until the connection closes.
@@ -212,6 +226,7 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
             &TurnEvent::End {
                 status: Status::Failed.as_str(),
                 interaction_id: &turn,
+                prompt_id: prompt.id.as_deref(),
             },
             &Meta::now(sequence, SOURCE_HOST, Some(&turn)),
         );

@@ -197,6 +197,10 @@ async fn turns_per_minute_are_limited_per_key() {
     let frame = client.next_json().await;
     assert_eq!(frame.diagnostic_code(), "rate_limited", "{}", frame.text);
     assert_eq!(frame.entry()["level"], "error");
+    // A refused prompt still ends, so a client waiting for the end is not stuck.
+    let end = client.next_json().await;
+    assert!(end.is_turn_end(), "{}", end.text);
+    assert_eq!(end.event()["status"], "refused", "{}", end.text);
 }
 
 // A prompt over max_prompt_bytes gets prompt_too_long and is not run; the connection goes on.
@@ -208,6 +212,8 @@ async fn long_prompts_are_refused() {
     client.send_text("this prompt is far too long").await;
     let frame = client.next_json().await;
     assert_eq!(frame.diagnostic_code(), "prompt_too_long", "{}", frame.text);
+    let end = client.next_json().await;
+    assert_eq!(end.event()["status"], "refused", "{}", end.text);
     client.send_text("short").await;
     assert_eq!(client.read_turn().await.text(), "echo: short");
 }
@@ -661,7 +667,7 @@ async fn a_full_queue_spends_no_turn_and_refusals_are_counted() {
     let mut ended = 0;
     while ended < 2 {
         let frame = client.next_json().await;
-        if frame.is_turn_end() {
+        if frame.is_turn_end() && frame.event()["status"] != "refused" {
             ended += 1;
         } else if frame.name() == "interaction.diagnostic" {
             codes.push(frame.diagnostic_code().to_owned());

@@ -233,9 +233,27 @@ async fn a_full_queue_refuses_prompts() {
     let mut frames = client.read_until("interaction.model", "delta").await;
     client.send_text("queued").await;
     client.send_text("refused").await;
-    frames.extend(client.read_turn().await.frames);
-    let first = Turn { frames };
-    let second = client.read_turn().await;
+    // The refused prompt's end (status `refused`) comes between the turns'
+    // frames; it belongs to neither turn.
+    let mut refused = Vec::new();
+    let mut turns = Vec::new();
+    while turns.len() < 2 {
+        let turn = client.read_turn().await;
+        frames.extend(turn.frames);
+        let end = frames.pop().expect("a turn end");
+        if end.event()["status"] == "refused" {
+            refused.push(end);
+            continue;
+        }
+        frames.push(end);
+        turns.push(Turn {
+            frames: std::mem::take(&mut frames),
+        });
+    }
+    assert_eq!(refused.len(), 1, "one refused end");
+    assert!(refused[0].event().get("interactionId").is_none());
+    let second = turns.pop().expect("two turns");
+    let first = turns.pop().expect("two turns");
 
     let diagnostics: Vec<_> = first
         .diagnostics()

@@ -212,8 +212,9 @@ proptest! {
         let open = SessionEvent::Open { session_id: &id, resumed, model: &model, last_sequence: last };
         let want = json!({ "type": "open", "sessionId": id, "resumed": resumed, "model": model, "lastSequence": last });
         check_frame(&framer.session(&open, &meta), envelope, ("session", "event"), want, &meta)?;
-        let end = TurnEvent::End { status: &status, interaction_id: &id };
-        let want = json!({ "type": "end", "status": status, "interactionId": id });
+        let end = TurnEvent::End { status: &status, interaction_id: &id, prompt_id: Some(&code) };
+        let want = with(json!({ "type": "end", "status": status }), "interactionId", (!id.is_empty()).then_some(&id));
+        let want = with(want, "promptId", Some(&code));
         check_frame(&framer.turn(&end, &meta), envelope, ("turn", "event"), want, &meta)?;
         let entry = protocol_diagnostic(&level, &code, &message);
         let want = json!({ "level": level, "kind": "protocol", "message": message, "data": { "code": code } });

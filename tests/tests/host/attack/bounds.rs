@@ -159,6 +159,7 @@ async fn max_tokens_is_capped_per_backend() {
         .await;
     let frame = client.next_json().await;
     assert_eq!(frame.diagnostic_code(), "max_tokens_too_large", "{frame:?}");
+    assert_eq!(client.next_json().await.event()["status"], "refused");
     client
         .send_json(&json!({"type": "prompt", "text": "hi", "params": {"maxTokens": 50}}))
         .await;
@@ -205,10 +206,43 @@ async fn open_mode_rates_each_client_address_on_its_own() {
         .await;
     let refusal = greedy.next_json().await;
     assert_eq!(refusal.diagnostic_code(), "rate_limited", "{refusal:?}");
+    assert_eq!(greedy.next_json().await.event()["status"], "refused");
     let mut other = client_from([127, 0, 0, 4], host.addr()).await;
     other.next_json().await;
     other
         .send_json(&json!({"type": "prompt", "text": "hi"}))
         .await;
     assert_eq!(other.read_turn().await.status(), "completed");
+}
+
+// A prompt tagged with an id in command mode is named by its refusal and
+// by its turn's end; a refused prompt ends with status `refused`.
+#[tokio::test]
+async fn refusals_and_turn_ends_name_the_prompt() {
+    let host = Host::start(&Config {
+        server_extra: "max_prompt_bytes = 10\n".to_owned(),
+        ..Config::default()
+    });
+    let mut client = host.connect_command("/v1/ws").await;
+    client.next_json().await;
+    client
+        .send_json(&json!({"type": "prompt", "id": "p-1", "text": "far too long to run"}))
+        .await;
+    let refusal = client.next_json().await;
+    assert_eq!(refusal.diagnostic_code(), "prompt_too_long", "{refusal:?}");
+    assert_eq!(refusal.entry()["data"]["promptId"], "p-1");
+    let end = client.next_json().await;
+    assert_eq!(end.event()["status"], "refused");
+    assert_eq!(end.event()["promptId"], "p-1");
+    client
+        .send_json(&json!({"type": "prompt", "id": "p-2", "text": "short"}))
+        .await;
+    let turn = client.read_turn().await;
+    assert_eq!(turn.status(), "completed");
+    assert_eq!(turn.end().event()["promptId"], "p-2");
+    assert_eq!(turn.interaction_id(), "turn-1");
+    client
+        .send_json(&json!({"type": "prompt", "id": "x".repeat(200), "text": "hi"}))
+        .await;
+    assert_eq!(client.next_json().await.diagnostic_code(), "bad_frame");
 }

@@ -2,6 +2,15 @@
 
 use super::*;
 
+/// The codes of a prompt refused before it ran (each followed by a turn
+/// end of status `refused`).
+const PROMPT_REFUSALS: [&str; 4] = [
+    "prompt_too_long",
+    "queue_full",
+    "key_queue_full",
+    "rate_limited",
+];
+
 /// Why a socket was given up.
 pub(super) enum End {
     /// It ended (the host closed it, or the store was down at connect).
@@ -86,22 +95,27 @@ impl Conn {
     /// Frames up to the turn's end; `Ok(Err(code))` when the prompt was
     /// refused before it ran.
     pub(super) async fn turn(&mut self) -> Result<Result<Turn, String>, End> {
-        let refusals = [
-            "prompt_too_long",
-            "queue_full",
-            "key_queue_full",
-            "rate_limited",
-        ];
         let mut frames = Vec::new();
         loop {
             let frame = self.recv().await?;
-            if frame.is_diagnostic() && refusals.contains(&frame.diagnostic_code()) {
+            if frame.is_diagnostic() && PROMPT_REFUSALS.contains(&frame.diagnostic_code()) {
+                self.refused_end().await?;
                 return Ok(Err(frame.diagnostic_code().to_owned()));
             }
             frames.push(frame);
             if frames.last().is_some_and(Frame::is_turn_end) {
                 return Ok(Ok(Turn { frames }));
             }
+        }
+    }
+
+    /// Reads the turn end (status `refused`) that follows a prompt's refusal.
+    pub(super) async fn refused_end(&mut self) -> Result<(), End> {
+        let frame = self.recv().await?;
+        if frame.is_turn_end() && frame.event()["status"] == "refused" {
+            Ok(())
+        } else {
+            Err(End::Bug(format!("a refusal without its end: {}", frame.text)))
         }
     }
 
@@ -112,6 +126,9 @@ impl Conn {
             let frame = self.recv().await?;
             let got = frame.diagnostic_code();
             if frame.is_diagnostic() && got == code {
+                if PROMPT_REFUSALS.contains(&code) {
+                    self.refused_end().await?;
+                }
                 return Ok(());
             }
             if frame.is_diagnostic() && got != "nothing_to_cancel" {
