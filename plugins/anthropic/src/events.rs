@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use llm_host_plugin_api::{codes, FinishReason, LogLevel, ToolCall, Usage};
+use llm_plugin_http::limits::{Held, ITEM_BYTES};
 use llm_plugin_http::{error, Emitter, Frame, Halt, ProviderError, Step, StreamHandler};
 use serde::Deserialize;
 use serde_json::Value;
@@ -83,7 +84,10 @@ enum Block {
 #[derive(Debug)]
 pub struct EventHandler {
     provider: &'static str,
-    blocks: HashMap<u64, Block>,
+    /// The open content blocks, each with the bytes counted in `held` for it.
+    blocks: HashMap<u64, (Block, usize)>,
+    /// What open blocks hold (tool calls until their block stops), bounded.
+    held: Held,
     input_tokens: u64,
     output_tokens: u64,
     stop_reason: Option<String>,
@@ -95,6 +99,7 @@ impl EventHandler {
         Self {
             provider,
             blocks: HashMap::new(),
+            held: Held::new(provider),
             input_tokens: 0,
             output_tokens: 0,
             stop_reason: None,
@@ -113,10 +118,13 @@ impl EventHandler {
         }
     }
 
+    /// A block starts; `size` is the bytes of its event, an upper bound of
+    /// what holding it takes.
     fn block_start(
         &mut self,
         index: u64,
         block: &Value,
+        size: usize,
         out: &mut Emitter<'_, '_>,
     ) -> Result<(), Halt> {
         let text = |key: &str| block.get(key).and_then(Value::as_str).unwrap_or_default();
@@ -138,7 +146,14 @@ impl EventHandler {
             },
             _ => Block::Other,
         };
-        self.blocks.insert(index, started);
+        let cost = match started {
+            Block::ToolUse { .. } => ITEM_BYTES + size,
+            _ => ITEM_BYTES,
+        };
+        self.held.add(cost)?;
+        if let Some((_, replaced)) = self.blocks.insert(index, (started, cost)) {
+            self.held.release(replaced);
+        }
         Ok(())
     }
 
@@ -148,7 +163,7 @@ impl EventHandler {
         delta: &Value,
         out: &mut Emitter<'_, '_>,
     ) -> Result<(), Halt> {
-        let Some(block) = self.blocks.get_mut(&index) else {
+        let Some((block, cost)) = self.blocks.get_mut(&index) else {
             return Err(ProviderError::bad_response(format!(
                 "{} sent a delta for content block {index}, which never started",
                 self.provider
@@ -160,7 +175,10 @@ impl EventHandler {
             (Some("text_delta"), _) => out.text(text("text")),
             (Some("thinking_delta"), _) => out.reasoning(text("thinking")),
             (Some("input_json_delta"), Block::ToolUse { json, .. }) => {
-                json.push_str(text("partial_json"));
+                let partial = text("partial_json");
+                self.held.add(partial.len())?;
+                *cost += partial.len();
+                json.push_str(partial);
                 Ok(())
             }
             // Signatures, citations and deltas of blocks not passed on.
@@ -169,12 +187,16 @@ impl EventHandler {
     }
 
     fn block_stop(&mut self, index: u64, out: &mut Emitter<'_, '_>) -> Result<(), Halt> {
-        if let Some(Block::ToolUse {
+        let Some((block, cost)) = self.blocks.remove(&index) else {
+            return Ok(());
+        };
+        self.held.release(cost);
+        if let Block::ToolUse {
             id,
             name,
             input,
             json,
-        }) = self.blocks.remove(&index)
+        } = block
         {
             let arguments = if !json.trim().is_empty() {
                 json
@@ -244,7 +266,7 @@ impl StreamHandler for EventHandler {
             Event::ContentBlockStart {
                 index,
                 content_block,
-            } => self.block_start(index, &content_block, out)?,
+            } => self.block_start(index, &content_block, data.len(), out)?,
             Event::ContentBlockDelta { index, delta } => self.block_delta(index, &delta, out)?,
             Event::ContentBlockStop { index } => self.block_stop(index, out)?,
             Event::MessageDelta { delta, usage } => {

@@ -587,3 +587,5 @@ fn settings_are_checked_by_name() {
     assert!(err(r#"{"model": "m", "headers": {"bad name": "x"}}"#).contains("bad name"));
     assert!(AnthropicPlugin::new_model(r#"{"model": "m", "top_k": 5}"#).is_ok());
 }
+
+mod bounds;

@@ -1,11 +1,11 @@
 //! Cutting a streamed response body into frames: server-sent events
 //! (`event:`/`data:` lines ended by a blank line) or newline-delimited JSON.
 //! Bytes arrive in pieces of any size; a frame is handed on only once whole.
+//! A line and an event are bounded ([`MAX_EVENT_BYTES`]): an upstream that
+//! never ends one fails the turn instead of growing the host.
 
 use crate::error::ProviderError;
-
-/// Longest line accepted before the stream is called malformed.
-const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+use crate::limits::{frame_too_large, MAX_EVENT_BYTES};
 
 /// How a provider frames its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,12 +31,22 @@ pub enum Frame {
     Line(String),
 }
 
-/// Turns body bytes into [`Frame`]s.
+/// Turns body bytes into [`Frame`]s, holding at most `limit` bytes of the
+/// line being received and `limit` bytes of the event being assembled
+/// ([`MAX_EVENT_BYTES`] unless a test sets another): a stream that goes past
+/// either fails with [`codes::BAD_RESPONSE`](llm_host_plugin_api::codes::BAD_RESPONSE),
+/// whatever the sizes of the pieces it comes in.
 #[derive(Debug)]
 pub struct Decoder {
     framing: Framing,
+    /// Names the upstream in messages.
+    provider: &'static str,
+    limit: usize,
     /// Bytes of the line being received.
     pending: Vec<u8>,
+    /// How many bytes at the start of `pending` are known to hold no line
+    /// end, so that each byte is looked at once however the line is split.
+    scanned: usize,
     /// Whether the byte-order mark at the very start was looked for.
     started: bool,
     event: String,
@@ -45,11 +55,19 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder for a stream framed as `framing`.
-    pub fn new(framing: Framing) -> Self {
+    /// A decoder for a stream framed as `framing`, from `provider`.
+    pub fn new(framing: Framing, provider: &'static str) -> Self {
+        Self::with_limit(framing, provider, MAX_EVENT_BYTES)
+    }
+
+    /// A decoder that takes lines and events of at most `limit` bytes.
+    pub fn with_limit(framing: Framing, provider: &'static str, limit: usize) -> Self {
         Self {
             framing,
+            provider,
+            limit,
             pending: Vec::new(),
+            scanned: 0,
             started: false,
             event: String::new(),
             data: String::new(),
@@ -58,7 +76,7 @@ impl Decoder {
     }
 
     /// Takes the next bytes of the body and appends the frames they complete
-    /// to `out`.
+    /// to `out`. After an error the decoder is spent: the stream is dropped.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Frame>) -> Result<(), ProviderError> {
         const BOM: &[u8] = b"\xEF\xBB\xBF";
         self.pending.extend_from_slice(bytes);
@@ -72,28 +90,38 @@ impl Decoder {
             }
         }
         let mut start = 0;
-        while let Some(offset) = self.pending[start..]
-            .iter()
-            .position(|b| *b == b'\n' || *b == b'\r')
-        {
-            let end = start + offset;
+        loop {
+            let from = start.max(self.scanned);
+            let Some(offset) = self.pending[from..]
+                .iter()
+                .position(|b| *b == b'\n' || *b == b'\r')
+            else {
+                self.scanned = self.pending.len();
+                break;
+            };
+            let end = from + offset;
             let terminator = match (self.pending[end], self.pending.get(end + 1)) {
                 (b'\r', Some(b'\n')) => 2,
                 // A lone CR at the end may be the first half of a CRLF.
-                (b'\r', None) => break,
+                (b'\r', None) => {
+                    self.scanned = end;
+                    break;
+                }
                 _ => 1,
             };
+            if end - start > self.limit {
+                return Err(self.too_large("stream line"));
+            }
             let line = std::str::from_utf8(&self.pending[start..end])
                 .map_err(|_| ProviderError::bad_response("the stream is not valid UTF-8"))?
                 .to_owned();
-            self.line(line, out);
+            self.line(line, out)?;
             start = end + terminator;
         }
         self.pending.drain(..start);
-        if self.pending.len() > MAX_LINE_BYTES {
-            return Err(ProviderError::bad_response(format!(
-                "the stream has a line longer than {MAX_LINE_BYTES} bytes"
-            )));
+        self.scanned -= start;
+        if self.pending.len() > self.limit {
+            return Err(self.too_large("stream line"));
         }
         Ok(())
     }
@@ -103,8 +131,9 @@ impl Decoder {
     /// cut-off line is dropped, so the stream's own end marker is what tells
     /// a complete stream from an interrupted one. An event whose blank line
     /// never came is still handed on.
-    pub fn finish(&mut self, out: &mut Vec<Frame>) {
+    pub fn finish(&mut self, out: &mut Vec<Frame>) -> Result<(), ProviderError> {
         let rest = std::mem::take(&mut self.pending);
+        self.scanned = 0;
         // A CR held back in case an LF followed ends its line after all.
         let (rest, terminated) = match rest.strip_suffix(b"\r") {
             Some(line) => (line, true),
@@ -115,32 +144,38 @@ impl Decoder {
                 || (self.framing == Framing::Ndjson
                     && serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok());
             if whole {
-                self.line(line.to_owned(), out);
+                self.line(line.to_owned(), out)?;
             }
         }
         if self.framing == Framing::Sse {
             self.dispatch(out);
         }
+        Ok(())
     }
 
-    fn line(&mut self, line: String, out: &mut Vec<Frame>) {
+    fn too_large(&self, what: &str) -> ProviderError {
+        frame_too_large(self.provider, what, self.limit)
+    }
+
+    fn line(&mut self, line: String, out: &mut Vec<Frame>) -> Result<(), ProviderError> {
         match self.framing {
             Framing::Ndjson => {
                 if !line.trim().is_empty() {
                     out.push(Frame::Line(line));
                 }
+                Ok(())
             }
             Framing::Sse => self.sse_line(&line, out),
         }
     }
 
-    fn sse_line(&mut self, line: &str, out: &mut Vec<Frame>) {
+    fn sse_line(&mut self, line: &str, out: &mut Vec<Frame>) -> Result<(), ProviderError> {
         if line.is_empty() {
             self.dispatch(out);
-            return;
+            return Ok(());
         }
         if line.starts_with(':') {
-            return; // a comment, often a keep-alive
+            return Ok(()); // a comment, often a keep-alive
         }
         let (field, value) = match line.split_once(':') {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
@@ -149,6 +184,10 @@ impl Decoder {
         match field {
             "event" => value.clone_into(&mut self.event),
             "data" => {
+                let joined = self.data.len() + usize::from(self.has_data) + value.len();
+                if joined > self.limit {
+                    return Err(self.too_large("stream event"));
+                }
                 if self.has_data {
                     self.data.push('\n');
                 }
@@ -157,6 +196,7 @@ impl Decoder {
             }
             _ => {} // `id`, `retry` and unknown fields mean nothing here
         }
+        Ok(())
     }
 
     fn dispatch(&mut self, out: &mut Vec<Frame>) {
@@ -177,83 +217,4 @@ impl Decoder {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(event: &str, data: &str) -> Frame {
-        Frame::Event {
-            event: event.to_owned(),
-            data: data.to_owned(),
-        }
-    }
-
-    fn decode_in_pieces(framing: Framing, body: &[u8], piece: usize) -> Vec<Frame> {
-        let mut decoder = Decoder::new(framing);
-        let mut out = Vec::new();
-        for chunk in body.chunks(piece) {
-            decoder.feed(chunk, &mut out).expect("valid stream");
-        }
-        decoder.finish(&mut out);
-        out
-    }
-
-    #[test]
-    fn sse_events_survive_any_split() {
-        let body = "\u{feff}: keep-alive\r\nevent: message_start\r\ndata: {\"a\":1}\r\n\r\n\
-                    data: one\ndata: two\n\nretry: 10\nid: 7\ndata:no-space\n\n\
-                    data: é\r\r";
-        let want = vec![
-            event("message_start", "{\"a\":1}"),
-            event("message", "one\ntwo"),
-            event("message", "no-space"),
-            event("message", "é"),
-        ];
-        for piece in 1..body.len() {
-            assert_eq!(
-                decode_in_pieces(Framing::Sse, body.as_bytes(), piece),
-                want,
-                "piece {piece}"
-            );
-        }
-    }
-
-    #[test]
-    fn sse_at_eof_keeps_whole_lines_and_drops_a_cut_one() {
-        assert_eq!(
-            decode_in_pieces(Framing::Sse, b"data: [DONE]\n", 4),
-            vec![event("message", "[DONE]")]
-        );
-        assert_eq!(
-            decode_in_pieces(Framing::Sse, b"data: {\"a\":1}\n\ndata: {\"b\"", 4),
-            vec![event("message", "{\"a\":1}")]
-        );
-    }
-
-    #[test]
-    fn ndjson_lines_and_a_whole_last_line() {
-        let body = b"{\"a\":1}\n\n{\"b\":2}\r\n{\"c\":3}";
-        for piece in 1..body.len() {
-            assert_eq!(
-                decode_in_pieces(Framing::Ndjson, body, piece),
-                vec![
-                    Frame::Line("{\"a\":1}".into()),
-                    Frame::Line("{\"b\":2}".into()),
-                    Frame::Line("{\"c\":3}".into())
-                ]
-            );
-        }
-        assert_eq!(
-            decode_in_pieces(Framing::Ndjson, b"{\"a\":1}\n{\"b\":", 3),
-            vec![Frame::Line("{\"a\":1}".into())]
-        );
-    }
-
-    #[test]
-    fn invalid_utf8_is_a_bad_response() {
-        let mut decoder = Decoder::new(Framing::Sse);
-        let err = decoder
-            .feed(b"data: \xff\xfe\n\n", &mut Vec::new())
-            .expect_err("not UTF-8");
-        assert_eq!(err.code, llm_host_plugin_api::codes::BAD_RESPONSE);
-    }
-}
+mod tests;

@@ -14,6 +14,7 @@
 //! - [`stream`]: the request, its retries, the connection thread, cancel and
 //!   `timeout_ms`.
 //! - [`framing`]: server-sent events and NDJSON, cut into [`Frame`]s.
+//! - [`limits`]: the bounds on what an upstream can make a plugin hold.
 //! - [`emit`]: the sink as handlers see it ([`Emitter`], [`Halt`]).
 //! - [`conversation`]: pieces of request bodies the providers share.
 //! - [`error`]: [`ProviderError`] and the mapping of statuses, error bodies
@@ -27,9 +28,10 @@ pub mod conversation;
 pub mod emit;
 pub mod error;
 pub mod framing;
+pub mod limits;
 pub mod settings;
 pub mod stream;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
 pub use emit::{Emitter, Halt};

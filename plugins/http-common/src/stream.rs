@@ -223,7 +223,7 @@ impl Backend {
             let body = conn.body(out)?;
             return Err(unexpected_json(name, &body).into());
         }
-        let mut decoder = Decoder::new(request.framing);
+        let mut decoder = Decoder::new(request.framing, name);
         let mut frames = Vec::new();
         loop {
             let ended = match conn.next(out)? {
@@ -232,7 +232,7 @@ impl Backend {
                     false
                 }
                 Event::End => {
-                    decoder.finish(&mut frames);
+                    decoder.finish(&mut frames)?;
                     true
                 }
                 Event::ReadFailed(err) => return Err(error::from_read_error(name, &err).into()),
@@ -443,3 +443,6 @@ fn exchange(agent: &Agent, request: &HttpRequest, tx: &SyncSender<Event>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -454,3 +454,5 @@ fn settings_default_to_the_local_server() {
         .expect("refused");
     assert!(err.message.contains("num_ctx"), "{err}");
 }
+
+mod bounds;

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use llm_host_plugin_api::{codes, FinishReason, LogLevel, ToolCall, Usage};
+use llm_plugin_http::limits::{Held, ITEM_BYTES};
 use llm_plugin_http::{error, Emitter, Frame, Halt, ProviderError, Step, StreamHandler};
 use serde::Deserialize;
 use serde_json::Value;
@@ -59,46 +60,65 @@ struct ApiUsage {
 
 /// Tool calls of the first choice, assembled from fragments keyed by their
 /// `index`. A fragment with a new id at a known index starts a new call,
-/// for servers that number every call 0.
-#[derive(Debug, Default)]
+/// for servers that number every call 0. What they hold until the choice
+/// finishes is bounded ([`Held`]).
+#[derive(Debug)]
 struct ToolCalls {
     calls: Vec<ToolCall>,
     slots: HashMap<u64, usize>,
+    held: Held,
 }
 
 impl ToolCalls {
-    fn apply(&mut self, position: usize, delta: ToolCallDelta) {
+    fn new(provider: &'static str) -> Self {
+        Self {
+            calls: Vec::new(),
+            slots: HashMap::new(),
+            held: Held::new(provider),
+        }
+    }
+
+    fn apply(&mut self, position: usize, delta: ToolCallDelta) -> Result<(), ProviderError> {
         let index = delta.index.unwrap_or(position as u64);
         let id = delta.id.filter(|id| !id.is_empty());
         let known = self.slots.get(&index).copied().filter(|&slot| {
             let have = &self.calls[slot].id;
             id.as_ref().is_none_or(|id| have.is_empty() || have == id)
         });
-        let slot = known.unwrap_or_else(|| {
-            self.calls.push(ToolCall::default());
-            self.slots.insert(index, self.calls.len() - 1);
-            self.calls.len() - 1
-        });
+        let slot = match known {
+            Some(slot) => slot,
+            None => {
+                self.held.add(ITEM_BYTES)?;
+                self.calls.push(ToolCall::default());
+                self.slots.insert(index, self.calls.len() - 1);
+                self.calls.len() - 1
+            }
+        };
         let call = &mut self.calls[slot];
         if let Some(id) = id {
+            self.held.add(id.len())?;
             call.id = id;
         }
         if let Some(function) = delta.function {
             if let Some(name) = function.name.filter(|n| !n.is_empty()) {
                 if call.name.is_empty() {
+                    self.held.add(name.len())?;
                     call.name = name;
                 }
             }
             if let Some(arguments) = function.arguments {
+                self.held.add(arguments.len())?;
                 call.arguments.push_str(&arguments);
             }
         }
+        Ok(())
     }
 
     /// The calls, whole, in the order they began; missing ids and empty
     /// arguments filled in.
     fn take(&mut self) -> Vec<ToolCall> {
         self.slots.clear();
+        self.held.clear();
         let mut calls = std::mem::take(&mut self.calls);
         for (n, call) in calls.iter_mut().enumerate() {
             if call.id.is_empty() {
@@ -127,7 +147,7 @@ impl ChunkHandler {
     pub fn new(provider: &'static str) -> Self {
         Self {
             provider,
-            calls: ToolCalls::default(),
+            calls: ToolCalls::new(provider),
             called_tools: false,
             finish: None,
             usage: None,
@@ -160,7 +180,7 @@ impl ChunkHandler {
                 out.text(delta.refusal.as_deref().unwrap_or_default())?;
                 for (position, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate()
                 {
-                    self.calls.apply(position, call);
+                    self.calls.apply(position, call)?;
                 }
             }
             if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {

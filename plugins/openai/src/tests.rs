@@ -629,3 +629,5 @@ fn debug_output_never_shows_the_key_or_header_values() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("x-secret"), "{shown}");
 }
+
+mod bounds;

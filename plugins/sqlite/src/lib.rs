@@ -12,6 +12,9 @@
 //! saved for that long is absent for every call; such rows are deleted when a
 //! call meets them, and by a small sweep riding on a save, at most once per
 //! `ttl_secs` (at least a minute apart, at most an hour).
+//!
+//! Several processes may open one new file at once: the setup of a
+//! connection and the schema migration wait for each other (see `setup`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,10 +25,11 @@ use llm_host_plugin_api::{
     self as api, abi_stable::std_types::ROption, ErrorKind, Kinds, Plugin, PluginError,
     SaveOutcome, SessionPage, Store, StoreAdapterBox, StoredSession,
 };
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, ErrorCode, OptionalExtension, TransactionBehavior};
 use serde::Deserialize;
 
 mod pool;
+mod setup;
 
 use pool::Pool;
 
@@ -161,84 +165,6 @@ fn sql_error(path: &Path, what: &str, err: rusqlite::Error) -> PluginError {
     )
 }
 
-/// Opens one connection and sets it up.
-fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, PluginError> {
-    let failed = |what: &str| {
-        let what = what.to_owned();
-        move |err| sql_error(path, &what, err)
-    };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(failed("opening the database"))?;
-    conn.busy_timeout(busy_timeout)
-        .map_err(failed("setting busy_timeout"))?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(failed("switching to WAL mode"))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        api::warn!(
-            "sqlite {}: the file system does not allow WAL mode (journal mode is {mode}); \
-             saves will block loads",
-            path.display()
-        );
-    }
-    // In WAL mode NORMAL never corrupts the file; a power cut (not a crash
-    // of the host) may lose the last saves.
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(failed("setting synchronous"))?;
-    Ok(conn)
-}
-
-/// Brings the schema to [`SCHEMA_VERSION`]; answers the version found.
-fn migrate(path: &Path, conn: &mut Connection) -> Result<i64, PluginError> {
-    let failed = |what: &'static str| move |err| sql_error(path, what, err);
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(failed("starting the schema migration"))?;
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_version (
-             version       INTEGER NOT NULL PRIMARY KEY,
-             applied_at_ms INTEGER NOT NULL
-         )",
-    )
-    .map_err(failed("creating schema_version"))?;
-    let found: i64 = tx
-        .query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(failed("reading schema_version"))?;
-    if found > SCHEMA_VERSION {
-        return Err(PluginError::new(
-            ErrorKind::UNSUPPORTED,
-            format!(
-                "sqlite {}: the schema is at version {found}, newer than this plugin knows \
-                 ({SCHEMA_VERSION}): upgrade the plugin",
-                path.display()
-            ),
-        ));
-    }
-    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let to = from as i64 + 1;
-        tx.execute_batch(sql).map_err(|err| {
-            sql_error(path, &format!("migrating the schema to version {to}"), err)
-        })?;
-        tx.execute(
-            "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)",
-            params![to, now_ms()],
-        )
-        .map_err(failed("recording the schema version"))?;
-    }
-    tx.commit()
-        .map_err(failed("committing the schema migration"))?;
-    Ok(found)
-}
-
 /// A stored number that must fit a `u64`.
 fn unsigned(path: &Path, id: &str, column: &str, value: i64) -> Result<u64, PluginError> {
     u64::try_from(value).map_err(|_| {
@@ -298,12 +224,12 @@ impl SqliteStore {
         let target = format!("sqlite {}", path.display());
         let opener_path = Arc::new(path.clone());
         let pool = Pool::new(
-            move || open(&opener_path, busy_timeout),
+            move || setup::open(&opener_path, busy_timeout),
             target,
             settings.pool_size as usize,
             busy_timeout,
         );
-        let found = pool.run(|conn| migrate(&path, conn))?;
+        let found = pool.run(|conn| setup::migrate(&path, conn, busy_timeout))?;
         if found < SCHEMA_VERSION {
             api::info!(
                 "sqlite {}: schema brought from version {found} to {SCHEMA_VERSION}",

@@ -860,3 +860,87 @@ async fn hosts_whose_clocks_disagree_never_share_a_session() {
         ]
     );
 }
+
+// Hosts started together on one new SQLite file all start: the plugin's
+// setup of the file (WAL mode, schema) waits for the others' instead of
+// failing with `database is locked`. Each host then serves a turn that is
+// saved in the shared file.
+#[tokio::test]
+async fn hosts_started_together_on_one_new_sqlite_file_all_start() {
+    const HOSTS: usize = 4;
+    for round in 0..4 {
+        let shared = tempfile::tempdir().expect("a directory for the sqlite file");
+        let settings = store_settings(Kind::Sqlite, shared.path()).expect("sqlite needs no server");
+        let config = config_with_store(&settings);
+        // The plugin directories are made first, so that the hosts start at
+        // the same moment.
+        let library = artifacts()
+            .host
+            .parent()
+            .expect("the profile directory")
+            .join(Kind::Sqlite.library());
+        let workdirs: Vec<Workdir> = (0..HOSTS)
+            .map(|_| {
+                let workdir = Workdir::with_config(&config);
+                std::fs::copy(
+                    &library,
+                    workdir.path().join("plugins").join(Kind::Sqlite.library()),
+                )
+                .unwrap_or_else(|err| panic!("copy {}: {err}", library.display()));
+                workdir.write_config(
+                    &config
+                        .to_toml()
+                        .replace("plugin = \"shared\"", "plugin = \"sqlite\""),
+                );
+                workdir
+            })
+            .collect();
+        let barrier = std::sync::Barrier::new(HOSTS);
+        let hosts: Vec<Host> = std::thread::scope(|scope| {
+            let starting: Vec<_> = workdirs
+                .into_iter()
+                .map(|workdir| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        Host::start_in(workdir, &[])
+                    })
+                })
+                .collect();
+            starting
+                .into_iter()
+                .enumerate()
+                .map(|(n, handle)| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| panic!("round {round}: host {n} did not start"))
+                })
+                .collect()
+        });
+        for (n, host) in hosts.iter().enumerate() {
+            let id = format!("together-{n}");
+            let mut client = host.connect(&format!("/v1/ws?session={id}")).await;
+            client.next_json().await;
+            client.send_text(format!("from host {n}")).await;
+            let turn = client.read_turn().await;
+            assert_eq!(
+                turn.status(),
+                "completed",
+                "round {round}, host {n}: {}",
+                turn.dump()
+            );
+        }
+        // Every host sees every session: they share the one file.
+        for n in 0..HOSTS {
+            let session = stored(&hosts[(n + 1) % HOSTS], &format!("together-{n}")).await;
+            assert_eq!(
+                contents(&session),
+                [
+                    format!("user: from host {n}"),
+                    format!("assistant: echo: from host {n}")
+                ],
+                "round {round}"
+            );
+        }
+    }
+}
