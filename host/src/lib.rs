@@ -77,10 +77,20 @@ pub async fn serve(
     if let Some(bound) = host.listening.get() {
         tracing::info!("listening on {bound}");
     }
-    let trigger = host.shutdown.clone();
+    let draining = host.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = trigger.send(true);
+        // First drain: `/readyz` fails while everything is still served, so
+        // that a load balancer moves new clients elsewhere; then stop.
+        draining
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let drain = draining.active.load().config.server.drain_secs;
+        if drain > 0 {
+            tracing::info!(drain_secs = drain, "draining: /readyz answers 503; still serving");
+            tokio::time::sleep(Duration::from_secs(drain)).await;
+        }
+        let _ = draining.shutdown.send(true);
     });
     let mut stopping = host.shutdown.subscribe();
     let stop_accepting = async move {

@@ -49,6 +49,9 @@ pub struct HostState {
     pub turn_rate: TurnRate,
     /// Becomes true when the host starts shutting down.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set when the host is asked to stop, `server.drain_secs` before
+    /// `shutdown`: load balancers see `/readyz` fail while it still serves.
+    pub draining: std::sync::atomic::AtomicBool,
     /// The address the host listens on, once bound.
     pub listening: std::sync::OnceLock<std::net::SocketAddr>,
     /// The default store's last readiness check.
@@ -151,6 +154,7 @@ impl HostState {
             key_connections: Tally::default(),
             key_queued: Tally::default(),
             shutdown: tokio::sync::watch::channel(false).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
             listening: std::sync::OnceLock::new(),
             readiness: Readiness::default(),
         }))
@@ -164,6 +168,12 @@ impl HostState {
     /// Whether the host is shutting down.
     pub fn stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Whether the host was asked to stop: from then on `/readyz` answers
+    /// 503, while it still serves for `server.drain_secs` before it stops.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire) || self.stopping()
     }
 }
 

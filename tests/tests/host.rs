@@ -16,6 +16,8 @@ mod cli;
 mod common;
 #[path = "host/failures.rs"]
 mod failures;
+#[path = "host/operations.rs"]
+mod operations;
 #[path = "host/plugins.rs"]
 mod plugins;
 #[path = "host/production.rs"]

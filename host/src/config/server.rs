@@ -32,6 +32,7 @@ pub(super) struct RawServer {
     max_connections_per_key: usize,
     max_queued_prompts_per_key: usize,
     max_history_bytes: usize,
+    drain_secs: u64,
 }
 
 impl Default for RawServer {
@@ -60,6 +61,7 @@ impl Default for RawServer {
             max_connections_per_key: 1_000,
             max_queued_prompts_per_key: 256,
             max_history_bytes: 16 << 20,
+            drain_secs: 0,
         }
     }
 }
@@ -129,6 +131,10 @@ pub struct ServerConfig {
     /// Largest a session's history may grow, in bytes of its messages as
     /// JSON; a prompt that would pass it is refused (`history_full`).
     pub max_history_bytes: usize,
+    /// On SIGTERM, how long the host goes on serving (new connections
+    /// included) with `/readyz` answering 503, so that load balancers stop
+    /// sending it clients before it stops accepting them.
+    pub drain_secs: u64,
 }
 
 impl ServerConfig {
@@ -203,6 +209,7 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         ("shutdown_grace_secs", raw.shutdown_grace_secs),
         ("write_timeout_secs", raw.write_timeout_secs),
         ("header_read_timeout_secs", raw.header_read_timeout_secs),
+        ("drain_secs", raw.drain_secs),
     ] {
         if value > YEAR_SECS {
             problems.push(format!(
@@ -267,5 +274,6 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         max_connections_per_key: raw.max_connections_per_key,
         max_queued_prompts_per_key: raw.max_queued_prompts_per_key,
         max_history_bytes: raw.max_history_bytes,
+        drain_secs: raw.drain_secs,
     }
 }

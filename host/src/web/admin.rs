@@ -427,7 +427,7 @@ fn readyz(
         .and(warp::get())
         .and(with_host(host))
         .then(|host: Arc<HostState>| async move {
-            if *host.shutdown.borrow() {
+            if host.draining() {
                 return error_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
