@@ -34,6 +34,9 @@ pub struct Metrics {
     pub turn_seconds: Histogram,
     /// Time from a turn's start to its first model event.
     pub first_event_seconds: Histogram,
+    /// Time from a turn's start to its first output: text, reasoning or a
+    /// tool call (the time to first token).
+    pub first_token_seconds: Histogram,
     /// Plugin libraries loaded.
     pub plugin_loads: Counter,
     /// Plugin libraries refused, by `reason` (the loader's first word).
@@ -49,8 +52,8 @@ pub struct Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    // 100 us .. ~52 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+    // 100 us .. ~14 min: past the default turn timeout (600 s).
+    Histogram::new(exponential_buckets(0.0001, 2.0, 24))
 }
 
 impl Metrics {
@@ -64,6 +67,7 @@ impl Metrics {
             tokens: Family::default(),
             turn_seconds: latency_histogram(),
             first_event_seconds: latency_histogram(),
+            first_token_seconds: latency_histogram(),
             plugin_loads: Counter::default(),
             plugin_failures: Counter::default(),
             reloads: Family::default(),
@@ -102,6 +106,11 @@ impl Metrics {
             "time_to_first_event_seconds",
             "Time from a turn's start to its first model event",
             metrics.first_event_seconds.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from a turn's start to its first text, reasoning or tool call",
+            metrics.first_token_seconds.clone(),
         );
         registry.register(
             "plugin_loads",

@@ -30,6 +30,8 @@ pub const SOURCE_HOST: &str = "host";
 /// A command-mode client frame.
 #[derive(Deserialize, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+// A command lives for one frame; boxing the prompt would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run a turn.
     Prompt {

@@ -423,5 +423,6 @@ impl Client {
             control,
         )
         .await
+        .status
     }
 }

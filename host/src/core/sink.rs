@@ -140,6 +140,13 @@ pub struct TurnSink {
     pub(super) usage: Option<Usage>,
     /// When the turn started, until its first event is timed.
     first_event_due: Option<Instant>,
+    /// When the turn started.
+    turn_started: Instant,
+    /// How long after the turn started its first output (text, reasoning
+    /// or a tool call) came.
+    pub(super) first_output: Option<std::time::Duration>,
+    /// The code of the model's error event, if it failed.
+    pub(super) error_code: Option<String>,
 }
 
 impl TurnSink {
@@ -174,6 +181,9 @@ impl TurnSink {
             diagnostics: Vec::new(),
             usage: None,
             first_event_due: Some(started),
+            turn_started: started,
+            first_output: None,
+            error_code: None,
         }
     }
 
@@ -266,7 +276,17 @@ impl TurnSink {
         self.outcome = Some(status);
     }
 
+    /// Times the turn's first output (the time to first token).
+    fn output(&mut self) {
+        if self.first_output.is_none() {
+            let after = self.turn_started.elapsed();
+            self.first_output = Some(after);
+            metrics().first_token_seconds.observe(after.as_secs_f64());
+        }
+    }
+
     fn fail_with(&mut self, code: &str, message: &str) -> Status {
+        self.error_code = Some(code.to_owned());
         let diagnostics = std::mem::take(&mut self.diagnostics);
         let event = ModelEvent::Error {
             error: ErrorBody { code, message },
@@ -355,6 +375,7 @@ impl TurnSink {
             return false;
         }
         self.ensure_started();
+        self.output();
         self.text.push_str(text);
         self.emit_model(&ModelEvent::Delta {
             text: Some(text),
@@ -370,6 +391,7 @@ impl TurnSink {
             return false;
         }
         self.ensure_started();
+        self.output();
         self.reasoning.push_str(text);
         self.emit_model(&ModelEvent::Delta {
             text: None,
@@ -385,6 +407,7 @@ impl TurnSink {
             return false;
         }
         self.ensure_started();
+        self.output();
         let call = ToolCall {
             id: id.to_owned(),
             name: name.to_owned(),

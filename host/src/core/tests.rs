@@ -330,8 +330,9 @@ async fn the_turn_deadline_fails_the_turn_and_saves_it() {
         model: None,
         params: Box::default(),
     };
-    let status = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
-    assert_eq!(status, Status::Failed);
+    let report = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.code.as_deref(), Some("turn_timeout"));
     assert!(client.frames.codes().contains(&"turn_timeout".to_owned()));
     let messages = store.messages("s");
     assert_eq!(
@@ -355,8 +356,9 @@ async fn a_turn_cannot_spend_more_numbers_than_it_reserved() {
         model: None,
         params: Box::default(),
     };
-    let status = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
-    assert_eq!(status, Status::Failed);
+    let report = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.code.as_deref(), Some("turn_too_long"));
     assert!(client.frames.codes().contains(&"turn_too_long".to_owned()));
     let sequences = client.frames.turn_sequences();
     assert_eq!(sequences.last().copied(), Some(16), "{sequences:?}");

@@ -27,6 +27,37 @@ use super::{Prompt, Scope};
 use crate::metrics::metrics;
 use crate::protocol::{now_ms, Meta, TurnEvent, SOURCE_HOST};
 
+/// What became of a turn: for the access log and the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// How it ended.
+    pub status: Status,
+    /// Its id (`turn-N`).
+    pub interaction_id: String,
+    /// The code it failed with (the model's error event, or the host's
+    /// diagnostic when the turn did not run or was not saved).
+    pub code: Option<String>,
+    /// The tokens the model reported.
+    pub usage: Option<llm_host_plugin_api::Usage>,
+    /// How long after the turn started its first output came.
+    pub first_token: Option<std::time::Duration>,
+    /// From the prompt's turn starting to its end frame.
+    pub duration: std::time::Duration,
+}
+
+impl Report {
+    fn new(status: Status, interaction_id: String, code: Option<&str>, started: Instant) -> Self {
+        Report {
+            status,
+            interaction_id,
+            code: code.map(str::to_owned),
+            usage: None,
+            first_token: None,
+            duration: started.elapsed(),
+        }
+    }
+}
+
 /// Runs one turn of the scope's session with `model` to its end, including
 /// its save and its `interaction.turn` frame; answers how it ended.
 /// `locks` keeps turns of one session on this host one at a time.
@@ -36,7 +67,7 @@ pub async fn run<S: SessionStore, M: Model, F: Frames>(
     model: Arc<M>,
     prompt: Prompt,
     control: Arc<TurnControl>,
-) -> Status {
+) -> Report {
     let turn = run_turn(scope, locks, model, prompt, control.clone());
     let Some(limit) = scope.settings.turn_timeout else {
         return turn.await;
@@ -45,7 +76,7 @@ pub async fn run<S: SessionStore, M: Model, F: Frames>(
     // Past its deadline a turn is stopped, and still runs to its end (the
     // error event, the save, the end frame).
     tokio::select! {
-        status = &mut turn => status,
+        report = &mut turn => report,
         () = tokio::time::sleep(limit) => {
             control.fail(Failure {
                 code: "turn_timeout",
@@ -65,7 +96,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     model: Arc<M>,
     prompt: Prompt,
     control: Arc<TurnControl>,
-) -> Status {
+) -> Report {
     let started = Instant::now();
     let attachment = scope.attachment;
     let lock = locks.get(&attachment.session_id);
@@ -77,6 +108,12 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         Ok(claimed) => claimed,
         Err(err) => {
             let turn = attachment.next_turn_id();
+            let code = match &err {
+                ClaimError::Cancelled => None,
+                ClaimError::NotYours(_) => Some("session_not_found"),
+                ClaimError::HistoryFull { .. } => Some("history_full"),
+                ClaimError::Store(_) => Some("store_unavailable"),
+            };
             let status = match &err {
                 ClaimError::Cancelled => Status::Cancelled,
                 ClaimError::NotYours(id) => {
@@ -107,7 +144,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
                 }
             };
             end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
-            return status;
+            return Report::new(status, turn, code, started);
         }
     };
     let interaction_id = format!("turn-{}", claimed.doc.turns);
@@ -147,8 +184,12 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         (generating.await, claimed)
     };
     claimed = kept;
+    let mut report = Report::new(Status::Failed, interaction_id.clone(), None, started);
     let (mut status, last_model_sequence, answer) = match generated {
         Some((mut sink, status)) => {
+            report.usage = sink.usage;
+            report.first_token = sink.first_output;
+            report.code = sink.error_code.take();
             if let Some(usage) = sink.usage {
                 let tokens = &metrics().tokens;
                 tokens
@@ -165,39 +206,46 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
 
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
-    status = save(scope, claimed, answer, end_sequence, status).await;
+    let saved = save(scope, claimed, answer, end_sequence, status).await;
+    status = saved.0;
+    if let Some(code) = saved.1 {
+        report.code.get_or_insert_with(|| code.to_owned());
+    }
     // Counted before the turn's last frame goes out: a client that reads
     // the metrics after it finds the turn in them.
     metrics()
         .turn_seconds
         .observe(started.elapsed().as_secs_f64());
     end_turn(scope, end_sequence, &interaction_id, prompt_id, status).await;
-    status
+    report.status = status;
+    report.duration = started.elapsed();
+    report
 }
 
-/// Commits the turn; answers its status, failed if it was not saved.
+/// Commits the turn; answers its status, failed if it was not saved (with
+/// the code the client was told).
 async fn save<S: SessionStore, F: Frames>(
     scope: &Scope<'_, S, F>,
     claimed: Claimed,
     answer: Option<Message>,
     end_sequence: u64,
     status: Status,
-) -> Status {
+) -> (Status, Option<&'static str>) {
     match commit::commit(scope, claimed, answer, end_sequence).await {
         Ok(saved) => {
             scope.attachment.remember(scope.store.name(), saved);
-            status
+            (status, None)
         }
         Err(CommitError::Store(err)) => {
             store_failed(scope, &err, "the turn could not be saved").await;
-            Status::Failed
+            (Status::Failed, Some("store_unavailable"))
         }
         Err(err) => {
             tracing::warn!(session = %scope.attachment.session_id, error = %err, "turn not saved");
             scope
                 .diagnostic("error", "host", err.code(), &err.to_string())
                 .await;
-            Status::Failed
+            (Status::Failed, Some(err.code()))
         }
     }
 }

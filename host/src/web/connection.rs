@@ -55,6 +55,8 @@ pub struct Opening {
     pub limit_name: String,
     /// What the caller was admitted with (see [`super::auth::credential`]).
     pub credential: Option<[u8; 32]>,
+    /// The client's address.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -70,6 +72,8 @@ pub struct Connection {
     pub limit_name: String,
     /// What the caller was admitted with.
     pub credential: Option<[u8; 32]>,
+    /// The client's address.
+    pub peer: Option<std::net::SocketAddr>,
     /// When the client last sent a frame or a turn ended, Unix ms.
     pub active_at: AtomicU64,
     /// The backend the client chose, if any; a reload that removes it makes
@@ -162,6 +166,7 @@ where
         caller: opening.caller.clone(),
         limit_name: opening.limit_name.clone(),
         credential: opening.credential,
+        peer: opening.peer,
         active_at: AtomicU64::new(now_ms()),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),

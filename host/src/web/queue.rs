@@ -161,6 +161,15 @@ pub(super) async fn refuse(
     message: &str,
 ) {
     metrics().refuse(code);
+    tracing::info!(
+        target: "llm_host::audit",
+        key = conn.caller.id(),
+        client = %conn.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+        session = %conn.attachment.session_id,
+        code,
+        prompt = prompt_id.unwrap_or(""),
+        "prompt refused"
+    );
     let mut entry = protocol_diagnostic("error", code, message);
     if let (Some(id), Some(data)) = (prompt_id, entry.data.as_mut()) {
         data["promptId"] = id.into();
@@ -241,5 +250,31 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         framer: conn.framer,
         settings: active.config.server.turn_settings(),
     };
-    core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await
+    let backend_name = backend.name.clone();
+    let report = core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await;
+    access_log(conn, &backend_name, &report);
+    report.status
+}
+
+/// The access log: one line per turn, target `llm_host::access` (so
+/// `RUST_LOG=llm_host::access=info` keeps it alone), as JSON fields with
+/// `LLM_HOST_LOG_FORMAT=json`.
+fn access_log(conn: &Connection, backend: &str, report: &core::turn::Report) {
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let usage = report.usage.unwrap_or_default();
+    tracing::info!(
+        target: "llm_host::access",
+        key = conn.caller.id(),
+        client = %conn.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+        session = %conn.attachment.session_id,
+        backend,
+        turn = %report.interaction_id,
+        status = report.status.as_str(),
+        code = report.code.as_deref().unwrap_or(""),
+        duration_ms = millis(report.duration),
+        first_token_ms = report.first_token.map(millis),
+        input_tokens = usage.input_tokens,
+        output_tokens = usage.output_tokens,
+        "turn"
+    );
 }

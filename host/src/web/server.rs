@@ -294,6 +294,7 @@ async fn upgrade_session(
         found,
         limit_name,
         credential,
+        peer: accepted.as_ref().map(|accepted| accepted.peer),
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()

@@ -36,3 +36,60 @@ async fn sigterm_drains_before_it_stops() {
     );
     assert!(host.log().contains("draining"), "{}", host.log());
 }
+
+// Each turn leaves one access-log line (key, client, session, backend, turn,
+// status, code, duration, time to first token, tokens); a refused prompt
+// leaves an audit line; the time to first token is a metric of its own.
+#[tokio::test]
+async fn each_turn_leaves_an_access_log_line() {
+    let host = Host::start(&Config {
+        server_extra: "max_prompt_bytes = 40\n".to_owned(),
+        ..Config::default()
+    });
+    let mut client = host.connect("/v1/ws?session=logged&model=short").await;
+    client.next_json().await;
+    client.send_text("hello there").await;
+    assert_eq!(client.read_turn().await.status(), "completed");
+    client.send_text("x".repeat(100)).await;
+    client.next_json().await;
+    client.next_json().await;
+    let mut line = None;
+    for _ in 0..50 {
+        line = host
+            .log()
+            .lines()
+            .find(|line| line.contains("llm_host::access"))
+            .map(str::to_owned);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = line.unwrap_or_else(|| panic!("no access line:\n{}", host.log()));
+    for field in [
+        "key=\"anonymous\"",
+        "client=127.0.0.1:",
+        "session=logged",
+        "backend=\"short\"",
+        "turn=turn-1",
+        "status=\"completed\"",
+        "code=\"\"",
+        "duration_ms=",
+        "first_token_ms=",
+        "output_tokens=3",
+    ] {
+        assert!(line.contains(field), "{field} not in {line}");
+    }
+    let audit = host.log();
+    assert!(
+        audit
+            .lines()
+            .any(|line| line.contains("llm_host::audit") && line.contains("prompt_too_long")),
+        "{audit}"
+    );
+    let metrics = http(host.addr(), "GET", "/metrics").await.body;
+    assert!(
+        metrics.contains("llm_host_time_to_first_token_seconds_count 1"),
+        "{metrics}"
+    );
+}
