@@ -114,6 +114,59 @@ pub async fn serve(
     tracing::info!("stopped");
 }
 
+/// `llm-host validate`: everything a start does short of listening: the
+/// config read strictly, every configured plugin loaded and every backend
+/// and store built with its settings (so an unknown setting or a missing
+/// model file shows), the listen address checked against the auth mode, and
+/// every store asked to answer. Prints each problem; exit status 1 if there
+/// is one, for a CI job to gate a config change on.
+pub fn validate(config: &Path) -> ExitCode {
+    let host = match HostState::boot(config) {
+        Ok(host) => host,
+        Err(err) => {
+            eprintln!("llm-host: the config would not start:\n{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let active = host.active.load_full();
+    let mut problems = Vec::new();
+    if let Some(problem) = active.config.auth.exposure_problem(active.config.server.listen) {
+        problems.push(problem);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llm-host: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limit = active.config.server.turn_settings().store_timeout;
+    runtime.block_on(async {
+        for (name, store) in &active.stores {
+            let ping = crate::core::within(name, "ping", limit, plugins::ports::ping(store));
+            if let Err(err) = ping.await {
+                problems.push(format!("stores.{name}: does not answer: {err}"));
+            }
+        }
+    });
+    if !problems.is_empty() {
+        eprintln!("llm-host: the config would not serve:\n{}", problems.join("\n"));
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}: valid ({} backends, {} stores answering, default `{}` on `{}`)",
+        config.display(),
+        active.models.len(),
+        active.stores.len(),
+        active.config.default_model,
+        active.config.default_store
+    );
+    ExitCode::SUCCESS
+}
+
 /// `llm-host`: boots the host from the config at `config`, listens on
 /// `listen` (or `[server] listen`), and serves until SIGINT or SIGTERM.
 pub fn run(config: &Path, listen: Option<SocketAddr>) -> ExitCode {

@@ -10,6 +10,8 @@ const USAGE: &str = "\
 usage:
   llm-host [--config PATH] [--listen ADDR]   serve (the flag overrides [server] listen)
   llm-host plugins [--config PATH]           list what the plugin directory provides
+  llm-host validate [--config PATH]          do all a start does but listen: exit 1 on
+                                             any problem (settings, files, stores)
   llm-host check PATH.so [--settings JSON] [--kind model|store]
                                              load a plugin as the host would and run
                                              the conformance suite against it
@@ -25,6 +27,9 @@ enum Command {
     Plugins {
         config: PathBuf,
     },
+    Validate {
+        config: PathBuf,
+    },
     Help,
     Version,
 }
@@ -33,6 +38,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
     let mut config = PathBuf::from("config.toml");
     let mut listen = None;
     let mut plugins = false;
+    let mut validate = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => {
@@ -45,7 +51,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
                         .map_err(|err| format!("--listen `{addr}`: {err}"))?,
                 );
             }
-            "plugins" if !plugins => plugins = true,
+            "plugins" if !plugins && !validate => plugins = true,
+            "validate" if !plugins && !validate => validate = true,
             "--help" | "-h" | "help" => return Ok(Command::Help),
             "--version" | "-V" => return Ok(Command::Version),
             other => return Err(format!("unexpected argument `{other}`")),
@@ -56,6 +63,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
             return Err("--listen does not apply to `plugins`".to_owned());
         }
         return Ok(Command::Plugins { config });
+    }
+    if validate {
+        if listen.is_some() {
+            return Err("--listen does not apply to `validate`".to_owned());
+        }
+        return Ok(Command::Validate { config });
     }
     Ok(Command::Serve { config, listen })
 }
@@ -96,6 +109,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Plugins { config } => llm_host::list_plugins(&config),
+        Command::Validate { config } => llm_host::validate(&config),
         Command::Serve { config, listen } => llm_host::run(&config, listen),
     }
 }

@@ -93,3 +93,45 @@ async fn each_turn_leaves_an_access_log_line() {
         "{metrics}"
     );
 }
+
+// `llm-host validate` does all a start does but listen: a good config
+// passes; an unknown backend setting (which `plugins` does not see) and a
+// store that does not answer each fail it, named.
+#[test]
+fn validate_finds_what_only_a_start_would() {
+    use llm_host_tests::{Workdir, STANDARD_PLUGINS};
+    let workdir = Workdir::with_config(&Config::default());
+    let exit = workdir.run_with_config(&["validate"]);
+    assert!(exit.status.success(), "{exit}");
+    assert!(exit.stdout.contains("valid"), "{exit}");
+
+    let workdir = Workdir::new(STANDARD_PLUGINS);
+    workdir.write_config(&Config::default().to_toml().replacen(
+        "{ delay_ms = 0 }",
+        "{ delay_ms = 0, bogus = 1 }",
+        1,
+    ));
+    assert!(workdir.list_plugins().status.success());
+    let exit = workdir.run_with_config(&["validate"]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert!(exit.stderr.contains("bogus"), "{exit}");
+
+    let redis =
+        llm_host_tests::build_packages(&["llm-plugin-redis"]).join("libllm_plugin_redis.so");
+    let workdir = Workdir::new(STANDARD_PLUGINS);
+    std::fs::copy(
+        &redis,
+        workdir.path().join("plugins/libllm_plugin_redis.so"),
+    )
+    .expect("copy");
+    workdir.write_config(&format!(
+        "{}\n[stores.cache]\nplugin = \"redis\"\nsettings = {{ url = \"redis://127.0.0.1:1\" }}\n",
+        Config::default().to_toml()
+    ));
+    let exit = workdir.run_with_config(&["validate"]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert!(
+        exit.stderr.contains("stores.cache: does not answer"),
+        "{exit}"
+    );
+}
