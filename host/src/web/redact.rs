@@ -12,7 +12,8 @@
 //!   case and spelling (`apiKey`, `API-KEY`, `session_key`): its value is
 //!   replaced whole (strings, numbers, arrays, tables); only booleans and
 //!   nulls stay. Two exceptions in the host's own config: its `auth` table
-//!   (key secrets are never serialized; its `keys` list is replaced whole),
+//!   (key secrets are never serialized; its `keys` list shows each key's
+//!   `id` and `admin` flag and nothing else),
 //!   and the names of backends and stores (`[models.NAME]`,
 //!   `[stores.NAME]`), which are names, not settings.
 //! - **Keys that name tokens** (`token`, `max_tokens`, `token_limit`) hold
@@ -70,6 +71,22 @@ const KEY_MIN_LEN: usize = 20;
 
 /// Replaces every secret in `config` (the config serialized as JSON).
 pub fn redact(config: &mut Value) {
+    // Key ids and admin flags are the operator's names and rights, shown;
+    // nothing else of a key is.
+    let keys: Option<Vec<Value>> =
+        config
+            .pointer("/auth/keys")
+            .and_then(Value::as_array)
+            .map(|keys| {
+                keys.iter()
+                    .map(|key| {
+                        serde_json::json!({
+                            "id": key.get("id").and_then(Value::as_str).unwrap_or_default(),
+                            "admin": key.get("admin").and_then(Value::as_bool).unwrap_or(false),
+                        })
+                    })
+                    .collect()
+            });
     *config = match std::mem::take(config) {
         Value::Object(map) => Value::Object(entries(map, |key| match key {
             "auth" => Under::Plain,
@@ -78,6 +95,9 @@ pub fn redact(config: &mut Value) {
         })),
         other => walk(other, Under::Plain),
     };
+    if let (Some(keys), Some(auth)) = (keys, config.get_mut("auth")) {
+        auth["keys"] = Value::Array(keys);
+    }
 }
 
 /// What the key above a value says about it.

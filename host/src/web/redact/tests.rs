@@ -139,14 +139,18 @@ fn the_hosts_own_config_is_shown() {
         "base_dir": "/etc/llm-host",
         "server": { "listen": "127.0.0.1:8080", "max_frame_bytes": 65536,
                     "allowed_origins": ["https://chat.example.com"] },
-        "auth": { "open": false, "keys": [{ "id": "alice", "admin": false }] },
+        "auth": { "open": false, "keys": [{ "id": "alice", "admin": false }, { "id": "ops", "admin": true, "secret": "sk-planted-0123456789abcdef" }] },
         "stores": { "keystore": { "plugin": "sqlite", "settings": { "path": "k.db" } } },
         "plugins": { "dir": "plugins", "watch": true },
         "default_model": "echo",
     });
     let before = config.clone();
     redact(&mut config);
-    assert_eq!(config["auth"], json!({ "open": false, "keys": REDACTED }));
+    // Key ids and admin flags show (a secret, were one serialized, would not).
+    assert_eq!(
+        config["auth"],
+        json!({ "open": false, "keys": [{ "id": "alice", "admin": false }, { "id": "ops", "admin": true }] })
+    );
     config["auth"] = before["auth"].clone();
     assert_eq!(config, before);
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use llm_host_tests::{artifacts, http, Config, Host, Workdir};
+use llm_host_tests::{artifacts, http, json, Config, Host, Workdir};
 
 const ALICE: &str = "alice-key-0123456789abcdef";
 const OPS: &str = "ops-key-0123456789abcdef000";
@@ -178,7 +178,11 @@ async fn the_config_shows_no_secret_and_every_harmless_setting() {
     assert_eq!(config["models"]["slow"]["settings"]["tokens"], 100);
     assert_eq!(config["models"]["slow"]["settings"]["delay_ms"], 50);
     assert_eq!(config["auth"]["open"], false);
-    assert_eq!(config["auth"]["keys"], "[redacted]");
+    // Key ids and admin flags show; the keys themselves never do.
+    assert_eq!(
+        config["auth"]["keys"],
+        json!([{ "id": "alice", "admin": false }, { "id": "ops", "admin": true }])
+    );
     assert_eq!(config["default_store"], "memory");
 }
 
