@@ -193,7 +193,10 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
                 .reloads
                 .get_or_create(&[("result", "unchanged")])
                 .inc();
-            tracing::debug!(trigger = why, "reload: nothing changed");
+            tracing::info!(trigger = why, "reload: nothing changed");
+            // The running set matches what is on disk: an earlier failure
+            // no longer stands.
+            reloader.status().last_error = None;
             Ok(Outcome::Unchanged)
         }
         Ok(Some((active, notice))) => {
@@ -206,6 +209,7 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
                 let mut status = reloader.status();
                 status.reloads += 1;
                 status.last_reload_ms = Some(now_ms());
+                status.last_error = None;
             }
             for change in &notice.changes {
                 tracing::info!(trigger = why, "reloaded: {change}");

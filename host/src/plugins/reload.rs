@@ -33,6 +33,13 @@ pub struct Notice {
     pub removed_models: Vec<String>,
     /// Stores that no longer exist.
     pub removed_stores: Vec<String>,
+    /// Backends added or rebuilt, with what a client is told about each
+    /// (the plugin and version; no hashes).
+    pub changed_models: BTreeMap<String, String>,
+    /// Stores rebuilt, the same way.
+    pub changed_stores: BTreeMap<String, String>,
+    /// The default backend changed.
+    pub default_model_changed: bool,
     /// The default backend now.
     pub default_model: String,
     /// The default store now.
@@ -151,18 +158,26 @@ pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
     let mut changes = Vec::new();
     let mut removed_models = Vec::new();
     let mut removed_stores = Vec::new();
+    let mut changed_models = BTreeMap::new();
+    let mut changed_stores = BTreeMap::new();
     for (name, backend) in &new.models {
         match old.models.get(name) {
             None => changes.push(format!(
                 "model backend `{name}` added (plugin {} {})",
                 backend.plugin.name, backend.plugin.version
             )),
-            Some(before) if !Arc::ptr_eq(before, backend) => changes.push(adapter_change(
-                "model backend",
-                name,
-                &before.plugin,
-                &backend.plugin,
-            )),
+            Some(before) if !Arc::ptr_eq(before, backend) => {
+                changes.push(adapter_change(
+                    "model backend",
+                    name,
+                    &before.plugin,
+                    &backend.plugin,
+                ));
+                changed_models.insert(
+                    name.clone(),
+                    client_change("model backend", name, &before.plugin, &backend.plugin),
+                );
+            }
             Some(_) => {}
         }
     }
@@ -177,7 +192,11 @@ pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
                 store.plugin.name, store.plugin.version
             )),
             Some(before) if !Arc::ptr_eq(before, store) => {
-                changes.push(adapter_change("store", name, &before.plugin, &store.plugin))
+                changes.push(adapter_change("store", name, &before.plugin, &store.plugin));
+                changed_stores.insert(
+                    name.clone(),
+                    client_change("store", name, &before.plugin, &store.plugin),
+                );
             }
             Some(_) => {}
         }
@@ -206,14 +225,30 @@ pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
             now.server.listen, was.server.listen
         ));
     }
-    if was.server != now.server && was.server.listen == now.server.listen {
-        changes.push("[server] settings changed: they apply to new connections".to_owned());
+    let server: Vec<String> = changed_keys(&was.server, &now.server)
+        .into_iter()
+        .filter(|key| key != "listen")
+        .collect();
+    if !server.is_empty() {
+        changes.push(format!(
+            "[server] {} changed: they apply to new connections",
+            server.join(", ")
+        ));
     }
-    if was.plugins != now.plugins {
+    changes.extend(auth_changes(&was.auth, &now.auth));
+    if was.plugins.dir != now.plugins.dir {
         changes.push(format!(
             "plugin directory is now {}",
             now.plugins.dir.display()
         ));
+    }
+    if was.plugins.watch != now.plugins.watch || was.plugins.staging_dir != now.plugins.staging_dir
+    {
+        changes.push(
+            "plugins.watch or plugins.staging_dir changed: that takes effect when the host \
+             restarts"
+                .to_owned(),
+        );
     }
     if changes.is_empty() {
         changes.push("plugin libraries rescanned; no backend or store changed".to_owned());
@@ -222,8 +257,65 @@ pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
         changes,
         removed_models,
         removed_stores,
+        changed_models,
+        changed_stores,
+        default_model_changed: was.default_model != now.default_model,
         default_model: now.default_model.clone(),
         default_store: now.default_store.clone(),
+    }
+}
+
+/// The keys whose values differ between two serializations of one type.
+fn changed_keys<T: serde::Serialize>(was: &T, now: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(was)), Ok(serde_json::Value::Object(now))) =
+        (serde_json::to_value(was), serde_json::to_value(now))
+    else {
+        return Vec::new();
+    };
+    now.iter()
+        .filter(|(key, value)| was.get(*key) != Some(*value))
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+/// What a reload changed in `[auth]`: keys by id (never their secrets).
+fn auth_changes(was: &crate::config::AuthConfig, now: &crate::config::AuthConfig) -> Vec<String> {
+    let mut changes = Vec::new();
+    if was.open != now.open {
+        changes.push(format!("auth.open is now {}", now.open));
+    }
+    for key in &now.keys {
+        match was.keys.iter().find(|old| old.id == key.id) {
+            None => changes.push(format!("API key `{}` added", key.id)),
+            Some(old) if old.secret != key.secret => changes.push(format!(
+                "API key `{}` has a new secret; sockets opened with the old one are closed",
+                key.id
+            )),
+            Some(old) if old.admin != key.admin => changes.push(format!(
+                "API key `{}` admin: {} -> {}",
+                key.id, old.admin, key.admin
+            )),
+            Some(_) => {}
+        }
+    }
+    for old in was.keys.iter().filter(|old| !now.keys.iter().any(|k| k.id == old.id)) {
+        changes.push(format!(
+            "API key `{}` removed; its open sockets are closed",
+            old.id
+        ));
+    }
+    changes
+}
+
+/// A change as a client using the adapter is told it: no content hashes.
+fn client_change(what: &str, name: &str, before: &LoadedPlugin, now: &LoadedPlugin) -> String {
+    if before.hash == now.hash {
+        format!("{what} `{name}` was rebuilt with new settings")
+    } else {
+        format!(
+            "{what} `{name}` now runs plugin {} {} (was {} {})",
+            now.name, now.version, before.name, before.version
+        )
     }
 }
 

@@ -544,18 +544,28 @@ where
     }
 }
 
-/// Tells the client what a reload changed, and moves the connection off a
-/// backend or store that no longer exists.
+/// Tells the client what a reload changed of what its session uses (its
+/// backend, its store), and moves the connection off a backend or store
+/// that no longer exists. A reload that changed nothing it uses is not
+/// mentioned.
 async fn reloaded(conn: &Connection, notice: &Notice) {
-    let mut lines = notice.changes.clone();
+    let mut lines = Vec::new();
     {
         let mut model = conn.model.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(chosen) = model.as_ref().filter(|m| notice.removed_models.contains(m)) {
-            lines.push(format!(
-                "this session's backend `{chosen}` was removed; it now uses the default, `{}`",
+        match model.as_ref() {
+            Some(chosen) if notice.removed_models.contains(chosen) => {
+                lines.push(format!(
+                    "this session's backend `{chosen}` was removed; it now uses the default, `{}`",
+                    notice.default_model
+                ));
+                *model = None;
+            }
+            Some(chosen) => lines.extend(notice.changed_models.get(chosen).cloned()),
+            None if notice.default_model_changed => lines.push(format!(
+                "this session now uses the default backend `{}`",
                 notice.default_model
-            ));
-            *model = None;
+            )),
+            None => lines.extend(notice.changed_models.get(&notice.default_model).cloned()),
         }
     }
     {
@@ -566,7 +576,12 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
                 notice.default_store
             ));
             *store = notice.default_store.clone();
+        } else {
+            lines.extend(notice.changed_stores.get(&*store).cloned());
         }
+    }
+    if lines.is_empty() {
+        return;
     }
     let message = lines.join("; ");
     let entry = DiagnosticEntry {

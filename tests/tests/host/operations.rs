@@ -135,3 +135,54 @@ fn validate_finds_what_only_a_start_would() {
         "{exit}"
     );
 }
+
+// A reload says what changed, auth included (by key id, never a secret),
+// and tells a session only about what it uses: a change to another backend
+// is not its business.
+#[tokio::test]
+async fn reloads_report_what_changed_to_whom_it_concerns() {
+    const OPS: &str = "ops-key-0123456789abcdef000";
+    let keys = |extra: &str| Config {
+        extra: format!(
+            "\n[auth]\nkeys = [\n  {{ id = \"ops\", key = \"{OPS}\", admin = true }},\n{extra}]\n"
+        ),
+        ..Config::default()
+    };
+    let host = Host::start(&keys(""));
+    let mut client = host.connect(&format!("/v1/ws?token={OPS}")).await;
+    client.next_json().await;
+    let mut short = host
+        .connect(&format!("/v1/ws?token={OPS}&model=short"))
+        .await;
+    short.next_json().await;
+
+    let edited = keys("  { id = \"bob\", key = \"bob-key-0123456789abcdef00\" },\n")
+        .to_toml()
+        .replacen("{ tokens = 3 }", "{ tokens = 4 }", 1);
+    host.workdir().write_config(&edited);
+    let reply = llm_host_tests::http_with(
+        host.addr(),
+        "POST",
+        "/v1/reload",
+        &[("Authorization", &format!("Bearer {OPS}"))],
+    )
+    .await;
+    // The watcher may have applied it first; either way the log says it.
+    assert!(reply.status == 200, "{}", reply.body);
+    let notice = short.next_json().await;
+    assert_eq!(notice.diagnostic_code(), "reloaded", "{}", notice.text);
+    let message = notice.entry()["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`short` was rebuilt with new settings"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("sha256") && !message.contains("bob"),
+        "{message}"
+    );
+    // The client on echo was told nothing: its next frame is its turn.
+    client.send_text("still echo").await;
+    let turn = client.read_turn().await;
+    assert!(turn.diagnostics().is_empty(), "{}", turn.dump());
+    assert!(host.log().contains("API key `bob` added"), "{}", host.log());
+}

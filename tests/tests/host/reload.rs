@@ -291,7 +291,7 @@ async fn a_config_edit_switches_the_default_backend_for_the_next_turn() {
     assert!(
         notice.entry()["message"]
             .as_str()
-            .is_some_and(|m| m.contains("default model backend: `echo` -> `short`")),
+            .is_some_and(|m| m.contains("this session now uses the default backend `short`")),
         "{}",
         notice.text
     );
@@ -354,7 +354,7 @@ async fn a_removed_backend_moves_its_sessions_to_the_default() {
     let notice = client.next_json().await;
     assert_eq!(notice.diagnostic_code(), "reloaded", "{}", notice.text);
     let message = notice.entry()["message"].as_str().unwrap_or_default();
-    assert!(message.contains("`short` removed"), "{message}");
+    assert!(message.contains("backend `short` was removed"), "{message}");
     assert!(
         message.contains("now uses the default, `echo`"),
         "{message}"
