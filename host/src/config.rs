@@ -49,8 +49,9 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawKey {
     id: String,
-    key: Option<String>,
-    key_env: Option<String>,
+    key: Option<OneOrMore>,
+    key_env: Option<OneOrMore>,
+    key_file: Option<PathBuf>,
     #[serde(default)]
     admin: bool,
 }
@@ -119,9 +120,9 @@ struct RawAdapter {
 pub struct ApiKey {
     /// Its name: sessions it creates are owned by this id.
     pub id: String,
-    /// The secret itself; never serialized.
+    /// Its secrets (several while it is being rotated); never serialized.
     #[serde(skip_serializing)]
-    pub secret: String,
+    pub secrets: Vec<String>,
     /// Whether it may use the admin endpoints.
     pub admin: bool,
 }
@@ -244,7 +245,7 @@ impl Config {
         let mut problems = Vec::new();
 
         let server = server::server(raw.server, &mut problems);
-        let auth = auth(raw.auth, &mut problems);
+        let auth = auth(raw.auth, base, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
         if !models.contains_key(&raw.defaults.model) {
@@ -288,7 +289,24 @@ impl Config {
 /// Shortest API key accepted.
 const MIN_KEY_LEN: usize = 16;
 
-fn auth(raw: RawAuth, problems: &mut Vec<String>) -> AuthConfig {
+/// A string, or a list of them.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum OneOrMore {
+    One(String),
+    More(Vec<String>),
+}
+
+impl OneOrMore {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMore::One(one) => vec![one],
+            OneOrMore::More(more) => more,
+        }
+    }
+}
+
+fn auth(raw: RawAuth, base: &Path, problems: &mut Vec<String>) -> AuthConfig {
     let mut keys: Vec<ApiKey> = Vec::new();
     for (i, key) in raw.keys.into_iter().enumerate() {
         let at = format!("auth.keys[{i}] (id `{}`)", key.id);
@@ -300,28 +318,43 @@ fn auth(raw: RawAuth, problems: &mut Vec<String>) -> AuthConfig {
         if keys.iter().any(|k| k.id == key.id) {
             problems.push(format!("{at}: the id is used twice"));
         }
-        let secret = match (key.key, key.key_env) {
-            (Some(secret), None) => secret,
-            (None, Some(var)) => match std::env::var(&var) {
-                Ok(secret) => secret,
-                Err(_) => {
-                    problems.push(format!("{at}: key_env names `{var}`, which is not set"));
-                    continue;
-                }
-            },
-            _ => {
-                problems.push(format!("{at}: give exactly one of `key` and `key_env`"));
-                continue;
+        let mut secrets: Vec<String> = key.key.map(OneOrMore::into_vec).unwrap_or_default();
+        for var in key.key_env.map(OneOrMore::into_vec).unwrap_or_default() {
+            match std::env::var(&var) {
+                Ok(secret) => secrets.push(secret),
+                Err(_) => problems.push(format!("{at}: key_env names `{var}`, which is not set")),
             }
-        };
-        if secret.len() < MIN_KEY_LEN {
+        }
+        if let Some(file) = key.key_file {
+            // Read again on every reload: rotate by editing the file.
+            let file = base.join(file);
+            match std::fs::read_to_string(&file) {
+                Ok(text) => secrets.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                        .map(str::to_owned),
+                ),
+                Err(err) => problems.push(format!(
+                    "{at}: key_file {} cannot be read: {err}",
+                    file.display()
+                )),
+            }
+        }
+        if secrets.is_empty() {
             problems.push(format!(
-                "{at}: the key is shorter than {MIN_KEY_LEN} characters"
+                "{at}: give its secret as `key`, `key_env` or `key_file` (a list while rotating)"
+            ));
+            continue;
+        }
+        if secrets.iter().any(|secret| secret.len() < MIN_KEY_LEN) {
+            problems.push(format!(
+                "{at}: a key is shorter than {MIN_KEY_LEN} characters"
             ));
         }
         keys.push(ApiKey {
             id: key.id,
-            secret,
+            secrets,
             admin: key.admin,
         });
     }

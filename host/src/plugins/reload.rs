@@ -287,9 +287,11 @@ fn auth_changes(was: &crate::config::AuthConfig, now: &crate::config::AuthConfig
     for key in &now.keys {
         match was.keys.iter().find(|old| old.id == key.id) {
             None => changes.push(format!("API key `{}` added", key.id)),
-            Some(old) if old.secret != key.secret => changes.push(format!(
-                "API key `{}` has a new secret; sockets opened with the old one are closed",
-                key.id
+            Some(old) if old.secrets != key.secrets => changes.push(format!(
+                "API key `{}` now takes {} secret(s); sockets opened with one it no longer \
+                 takes are closed",
+                key.id,
+                key.secrets.len()
             )),
             Some(old) if old.admin != key.admin => changes.push(format!(
                 "API key `{}` admin: {} -> {}",

@@ -29,6 +29,8 @@ pub fn routes(
     plugins(host.clone())
         .or(config(host.clone()))
         .unify()
+        .or(keys(host.clone()))
+        .unify()
         .or(reload_now(host.clone()))
         .unify()
         .or(list_sessions(host.clone()))
@@ -191,6 +193,33 @@ fn config(
             let mut value = serde_json::to_value(&*active.config).unwrap_or(Value::Null);
             redact(&mut value);
             warp::reply::json(&value).into_response()
+        })
+}
+
+/// `GET /v1/keys`: each API key's id, admin flag and how many secrets it
+/// takes (more than one while it is rotated); never a secret.
+fn keys(
+    host: Arc<HostState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "keys")
+        .and(warp::get())
+        .and(with_caller(host))
+        .map(|host: Arc<HostState>, caller| {
+            if let Err(refused) = admin(caller) {
+                return refusal(&refused);
+            }
+            let active = host.active.load();
+            let keys: Vec<Value> = active
+                .config
+                .auth
+                .keys
+                .iter()
+                .map(
+                    |key| json!({ "id": key.id, "admin": key.admin, "secrets": key.secrets.len() }),
+                )
+                .collect();
+            warp::reply::json(&json!({ "open": active.config.auth.keys.is_empty(), "keys": keys }))
+                .into_response()
         })
 }
 

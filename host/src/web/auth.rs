@@ -70,33 +70,52 @@ impl Caller {
     }
 }
 
-/// What `caller` was admitted with under `auth`: a digest of its key's
-/// secret, so that a reload can tell whether that key still stands.
-pub fn credential(auth: &AuthConfig, caller: &Caller) -> Option<[u8; 32]> {
+/// What a caller presents to be admitted: a digest of its key, so that a
+/// reload can tell whether that key still stands (without keeping it).
+pub fn credential(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<[u8; 32]> {
+    presented(headers, query).map(digest)
+}
+
+fn digest(secret: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    match caller {
-        Caller::Open => None,
-        Caller::Key { id, .. } => auth
-            .keys
-            .iter()
-            .find(|key| &key.id == id)
-            .map(|key| Sha256::digest(key.secret.as_bytes()).into()),
-    }
+    Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Whether a caller admitted as `caller` with `credential` is still
-/// admitted under `auth` (after a reload): its key is there with the same
-/// secret and rights; or, open, no keys are configured.
+/// admitted under `auth` (after a reload): its key id is there with the same
+/// rights and still takes the secret it presented (a key being rotated
+/// takes several); or, open, no keys are configured.
 pub fn still_admitted(auth: &AuthConfig, caller: &Caller, credential: Option<[u8; 32]>) -> bool {
     match caller {
         Caller::Open => auth.keys.is_empty(),
         Caller::Key { id, admin } => {
-            let now = auth.keys.iter().find(|key| &key.id == id);
-            now.is_some_and(|key| key.admin == *admin)
-                && credential.is_some()
-                && credential == self::credential(auth, caller)
+            let Some(credential) = credential else {
+                return false;
+            };
+            auth.keys.iter().any(|key| {
+                &key.id == id
+                    && key.admin == *admin
+                    && key
+                        .secrets
+                        .iter()
+                        .any(|secret| bool::from(digest(secret).ct_eq(&credential)))
+            })
         }
     }
+}
+
+/// The key in the `Authorization: Bearer` header, or the `token` query
+/// parameter.
+fn presented<'a>(headers: &'a HeaderMap, query: &'a HashMap<String, String>) -> Option<&'a str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    bearer.or(query.get("token").map(String::as_str))
 }
 
 /// Why a caller was refused, as an HTTP answer.
@@ -120,15 +139,7 @@ pub fn authenticate(
     if auth.keys.is_empty() {
         return Ok(Caller::Open);
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(presented) = bearer.or(query.get("token").map(String::as_str)) else {
+    let Some(presented) = presented(headers, query) else {
         return Err(Refusal {
             status: StatusCode::UNAUTHORIZED,
             code: "unauthorized",
@@ -138,8 +149,10 @@ pub fn authenticate(
     // Compare with every key, so the time taken does not tell which matched.
     let mut found = None;
     for key in &auth.keys {
-        if bool::from(key.secret.as_bytes().ct_eq(presented.as_bytes())) {
-            found = Some(key);
+        for secret in &key.secrets {
+            if bool::from(secret.as_bytes().ct_eq(presented.as_bytes())) {
+                found = Some(key);
+            }
         }
     }
     match found {
@@ -169,7 +182,7 @@ mod tests {
         use crate::config::ApiKey;
         let key = |id: &str, secret: &str, admin: bool| ApiKey {
             id: id.to_owned(),
-            secret: secret.to_owned(),
+            secrets: vec![secret.to_owned(), format!("{secret}-next")],
             admin,
         };
         let before = AuthConfig {
@@ -180,8 +193,23 @@ mod tests {
             id: "a".to_owned(),
             admin: true,
         };
-        let admitted = super::credential(&before, &a);
+        let admitted = Some(super::digest("s1"));
         assert!(super::still_admitted(&before, &a, admitted));
+        // Rotated: the old secret went, the next one stays.
+        let rotated = AuthConfig {
+            open: false,
+            keys: vec![ApiKey {
+                id: "a".to_owned(),
+                secrets: vec!["s1-next".to_owned()],
+                admin: true,
+            }],
+        };
+        assert!(!super::still_admitted(&rotated, &a, admitted));
+        assert!(super::still_admitted(
+            &rotated,
+            &a,
+            Some(super::digest("s1-next"))
+        ));
         for after in [
             vec![key("b", "s2", false)],
             vec![key("a", "other", true)],
@@ -210,12 +238,15 @@ mod tests {
             keys: vec![
                 ApiKey {
                     id: "alice".into(),
-                    secret: "alice-secret-0123456789".into(),
+                    secrets: vec!["alice-secret-0123456789".into()],
                     admin: false,
                 },
                 ApiKey {
                     id: "ops".into(),
-                    secret: "ops-secret-0123456789ab".into(),
+                    secrets: vec![
+                        "ops-secret-0123456789ab".into(),
+                        "ops-rotated-0123456789".into(),
+                    ],
                     admin: true,
                 },
             ],

@@ -284,7 +284,7 @@ async fn upgrade_session(
             ),
         );
     };
-    let credential = super::auth::credential(&active.config.auth, &caller);
+    let credential = super::auth::credential(headers, params);
     let command_mode = requested_protocols(headers).any(|p| p == COMMAND_SUBPROTOCOL);
     let opening = Opening {
         session_id,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use llm_host_tests::{http, Config, Host};
+use llm_host_tests::{http, json, Config, Host};
 
 // With server.drain_secs, SIGTERM turns /readyz to 503 at once while the
 // host goes on serving, new connections included; then it stops.
@@ -185,4 +185,78 @@ async fn reloads_report_what_changed_to_whom_it_concerns() {
     let turn = client.read_turn().await;
     assert!(turn.diagnostics().is_empty(), "{}", turn.dump());
     assert!(host.log().contains("API key `bob` added"), "{}", host.log());
+}
+
+// Rotating a key: its secrets come from key_file, read again on every
+// reload; while it holds the old and the new secret both work; once the
+// old one is gone, sockets opened with it close (1008) and the others go on.
+#[tokio::test]
+async fn a_key_is_rotated_without_a_gap() {
+    const OPS: &str = "ops-key-0123456789abcdef000";
+    const OLD: &str = "alice-old-0123456789abcdef";
+    const NEW: &str = "alice-new-0123456789abcdef";
+    let config = Config {
+        extra: format!(
+            "\n[auth]\nkeys = [\n  {{ id = \"ops\", key = \"{OPS}\", admin = true }},\n  \
+             {{ id = \"alice\", key_file = \"alice.keys\" }},\n]\n"
+        ),
+        ..Config::default()
+    };
+    let workdir = llm_host_tests::Workdir::with_config(&config);
+    let keys = workdir.path().join("alice.keys");
+    std::fs::write(&keys, format!("{OLD}\n")).expect("write the key file");
+    let host = Host::start_in(workdir, &[]);
+    let reload = || async {
+        let reply = llm_host_tests::http_with(
+            host.addr(),
+            "POST",
+            "/v1/reload",
+            &[("Authorization", &format!("Bearer {OPS}"))],
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    };
+    let mut old = host.connect(&format!("/v1/ws?token={OLD}")).await;
+    old.next_json().await;
+
+    std::fs::write(&keys, format!("# rotating\n{OLD}\n{NEW}\n")).expect("write");
+    reload().await;
+    let mut new = host.connect(&format!("/v1/ws?token={NEW}")).await;
+    new.next_json().await;
+    old.send_text("old still works").await;
+    assert_eq!(old.read_turn().await.text(), "echo: old still works");
+    let listed = llm_host_tests::http_with(
+        host.addr(),
+        "GET",
+        "/v1/keys",
+        &[("Authorization", &format!("Bearer {OPS}"))],
+    )
+    .await;
+    let listed = listed.json();
+    assert_eq!(
+        listed["keys"][1],
+        json!({"id": "alice", "admin": false, "secrets": 2})
+    );
+    assert!(!listed.to_string().contains(OLD), "{listed}");
+
+    std::fs::write(&keys, format!("{NEW}\n")).expect("write");
+    reload().await;
+    let ending = loop {
+        match old.next_text().await {
+            Ok(_) => continue,
+            Err(ending) => break ending,
+        }
+    };
+    match ending {
+        llm_host_tests::Ending::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected a close with 1008, got {other:?}"),
+    }
+    new.send_text("new goes on").await;
+    assert_eq!(new.read_turn().await.text(), "echo: new goes on");
+    assert_eq!(
+        host.http_upgrade(&format!("/v1/ws?token={OLD}"))
+            .await
+            .status,
+        401
+    );
 }
