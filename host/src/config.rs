@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod server;
+mod vars;
 use server::RawServer;
 pub use server::ServerConfig;
 
@@ -241,8 +242,13 @@ impl Config {
     /// Parses config text. Err: it does not parse (syntax, unknown keys,
     /// wrong types). Ok: the config with every semantic problem found.
     pub fn check(text: &str, base: &Path) -> Result<(Config, Vec<String>), String> {
-        let raw: RawConfig = toml::from_str(text).map_err(|err| err.to_string())?;
+        // Read once as written, for errors that point into the text; then
+        // again with `${VAR}`s replaced.
+        toml::from_str::<RawConfig>(text).map_err(|err| err.to_string())?;
         let mut problems = Vec::new();
+        let mut value: toml::Value = toml::from_str(text).map_err(|err| err.to_string())?;
+        vars::substitute(&mut value, "", &mut problems);
+        let raw: RawConfig = value.try_into().map_err(|err| err.to_string())?;
 
         let server = server::server(raw.server, &mut problems);
         let auth = auth(raw.auth, base, &mut problems);
