@@ -17,6 +17,36 @@ pub type Label = [(&'static str, &'static str); 1];
 
 type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
+/// `backend`, `status` and `code` labels of a turn.
+pub type TurnLabels = [(&'static str, String); 3];
+
+/// The error codes a turn is labelled with; any other (a plugin's own) is
+/// counted as `other`, so the label set stays bounded.
+const TURN_CODES: &[&str] = &[
+    "",
+    "auth",
+    "not_found",
+    "rate_limited",
+    "upstream_error",
+    "bad_response",
+    "connection",
+    "interrupted",
+    "timeout",
+    "invalid_request",
+    "plugin_panic",
+    "invalid_input",
+    "unavailable",
+    "internal",
+    "model_error",
+    "turn_timeout",
+    "lease_lost",
+    "session_deleted",
+    "turn_too_long",
+    "session_not_found",
+    "history_full",
+    "store_unavailable",
+];
+
 /// Every metric the host keeps.
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +56,10 @@ pub struct Metrics {
     pub connections_total: Counter,
     /// Turns ended, by `status`.
     pub turns: Family<Label, Counter>,
+    /// Turns ended, by `backend`, `status` and error `code`.
+    pub backend_turns: Family<TurnLabels, Counter>,
+    /// Tokens by `backend` and `kind`.
+    pub backend_tokens: Family<[(&'static str, String); 2], Counter>,
     /// Model events sent to clients.
     pub events: Counter,
     /// Tokens reported by backends, by `kind` (`input`, `output`).
@@ -63,6 +97,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             turns: Family::default(),
+            backend_turns: Family::default(),
+            backend_tokens: Family::default(),
             events: Counter::default(),
             tokens: Family::default(),
             turn_seconds: latency_histogram(),
@@ -87,6 +123,16 @@ impl Metrics {
             metrics.connections_total.clone(),
         );
         registry.register("turns", "Turns ended, by status", metrics.turns.clone());
+        registry.register(
+            "backend_turns",
+            "Turns ended, by backend, status and error code",
+            metrics.backend_turns.clone(),
+        );
+        registry.register(
+            "backend_tokens",
+            "Tokens reported by backends, by backend and kind",
+            metrics.backend_tokens.clone(),
+        );
         registry.register(
             "events",
             "Model events sent to clients",
@@ -151,6 +197,39 @@ impl Metrics {
             text.clear();
         }
         text
+    }
+
+    /// Counts a finished turn of `backend`.
+    pub fn turn_of(
+        &self,
+        backend: &str,
+        status: &'static str,
+        code: Option<&str>,
+        usage: Option<llm_host_plugin_api::Usage>,
+    ) {
+        let code = code.unwrap_or("");
+        let code = if TURN_CODES.contains(&code) {
+            code
+        } else {
+            "other"
+        };
+        self.backend_turns
+            .get_or_create(&[
+                ("backend", backend.to_owned()),
+                ("status", status.to_owned()),
+                ("code", code.to_owned()),
+            ])
+            .inc();
+        if let Some(usage) = usage {
+            for (kind, count) in [
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+            ] {
+                self.backend_tokens
+                    .get_or_create(&[("backend", backend.to_owned()), ("kind", kind.to_owned())])
+                    .inc_by(count);
+            }
+        }
     }
 
     /// Counts a refusal.

@@ -253,6 +253,12 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
     let backend_name = backend.name.clone();
     let report = core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await;
     access_log(conn, &backend_name, &report);
+    metrics().turn_of(
+        &backend_name,
+        report.status.as_str(),
+        report.code.as_deref(),
+        report.usage,
+    );
     report.status
 }
 

@@ -92,6 +92,16 @@ async fn each_turn_leaves_an_access_log_line() {
         metrics.contains("llm_host_time_to_first_token_seconds_count 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(
+            "llm_host_backend_turns_total{backend=\"short\",status=\"completed\",code=\"\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llm_host_backend_tokens_total{backend=\"short\",kind=\"output\"} 3"),
+        "{metrics}"
+    );
 }
 
 // `llm-host validate` does all a start does but listen: a good config
