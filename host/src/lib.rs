@@ -17,7 +17,8 @@
 //! validated), [`state`] (the running host: active set, reload, watcher),
 //! [`origins`] (which browser pages may use the host), [`limits`] and
 //! [`metrics`]. `llm-host check` is a binary of its own
-//! (`src/bin/llm-host-check`), so the serving binary carries no test suite.
+//! (`src/bin/llm-host-check`), so the serving binary carries no test suite;
+//! [`scaffold`] is `llm-host new-plugin`, a new plugin crate from the templates.
 //!
 //! Imports point one way: `core` uses only `protocol` and `metrics`;
 //! `plugins` uses `core` and `config`; `state` uses `plugins`; `web` uses all
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod origins;
 pub mod plugins;
 pub mod protocol;
+pub mod scaffold;
 pub mod state;
 pub mod web;
 

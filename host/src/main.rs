@@ -15,6 +15,8 @@ usage:
   llm-host check PATH.so [--settings JSON] [--kind model|store]
                                              load a plugin as the host would and run
                                              the conformance suite against it
+  llm-host new-plugin NAME --kind model|store [--dir PATH] [--api PATH]
+                                             write a new plugin crate from the template
   llm-host --help | --version
 
 PATH defaults to ./config.toml. Logging: RUST_LOG (default `info`).";
@@ -77,6 +79,10 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().is_some_and(|arg| arg == "check") {
         return check(args);
+    }
+    if args.peek().is_some_and(|arg| arg == "new-plugin") {
+        args.next();
+        return llm_host::scaffold::main(args);
     }
     // Hidden: the host runs itself this way to learn what a library is
     // without loading it into its own process.

@@ -52,7 +52,11 @@ impl fmt::Debug for LogLevel {
 ///
 /// Evolution rule: methods are only appended at the end, each with a default
 /// body, so a plugin built against a newer plugin-api still runs on an older
-/// host (the default answers in place of the missing method).
+/// host (the default answers in place of the missing method);
+/// `#[sabi(last_prefix_field)]` stays on `base_dir` (where 0.1.0 moved it
+/// from `host_version`, a break [`compat`](crate::compat) repairs); the
+/// release that appends freezes the layout it replaces in `compat` (the
+/// crate's evolution rule).
 #[sabi_trait]
 pub trait HostApi: Send + Sync {
     /// Writes one log line through the host's logger. `target` names the

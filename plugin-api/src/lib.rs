@@ -38,16 +38,56 @@
 //!
 //! The host checks, when it loads a library, that it was built against a
 //! plugin-api with the same `0.minor` version and a compatible layout of every
-//! type reachable from [`PluginMod`]. The contract evolves only by appending:
-//! root module fields after the last one, trait methods at the end with a
-//! default body, constants to the `u8` newtypes, optional fields to the JSON
-//! request types. Rebuild plugins against a plugin-api at least as new as the
-//! host's; a plugin built against a newer patch release runs on an older host.
+//! type reachable from [`PluginMod`]. A library built against an older patch
+//! release loads in a newer host, and one built against a newer patch
+//! release loads in an older host as far as abi_stable allows (see the table
+//! in PLUGIN-GUIDE.md, section 9). A change that breaks plugins built against
+//! an earlier contract of the same `0.minor` is a bug.
+//!
+//! # The evolution rule
+//!
+//! Every type that crosses the boundary says on itself how it may change;
+//! these are the rules behind those notes.
+//!
+//! 1. **Nothing changes in place.** No field, method or parameter is removed,
+//!    reordered, renamed or retyped (parameter names are part of the layout
+//!    abi_stable checks); no `#[repr]` changes; traits get no new marker
+//!    supertraits. The `#[repr(C)]` structs ([`PluginInfo`], [`Usage`],
+//!    [`StoredSession`], [`ListQuery`], [`SessionPage`], [`PluginError`],
+//!    [`Step`]) and [`Flow`] never change at all.
+//! 2. **Only appends.** Root module fields go after [`PluginMod`]'s last;
+//!    trait methods ([`EventSink`], [`ModelAdapter`], [`StoreAdapter`],
+//!    [`TurnStepper`], [`TurnWaker`], [`HostApi`]) go at the end of their
+//!    trait, **each with a default body**: the default answers whenever the
+//!    other side's build lacks the method (a host calling an older plugin's
+//!    adapter, a plugin calling an older host's sink). The `u8` newtypes get
+//!    new constants and [`Kinds`] new bits, never reused; JSON types get new
+//!    optional fields with defaults.
+//! 3. **`#[sabi(last_prefix_field)]` stays put.** abi_stable refuses a
+//!    library whose prefix ends elsewhere than the host's ("prefix-types
+//!    have a different prefix"), in both directions, and nothing a later
+//!    release does can make an older host accept it. (0.1.0 moved it once,
+//!    in [`HostApi`] and [`StoreAdapter`]: hosts of the first 0.1.0 release
+//!    refuse every plugin built since.) A new `0.minor` puts it on the last
+//!    field or method of its first release.
+//! 4. **An append freezes the layout it replaces.** abi_stable lets a library
+//!    have more fields than the host, never fewer ("too many fields"), so
+//!    every append would shut out the plugins built before it. The release
+//!    that appends to any type reachable from [`PluginMod`] first copies the
+//!    layout it replaces into [`compat`] (see there), the host gains an
+//!    adapter that drives libraries of that layout through it, and a fixture
+//!    plugin built against the vendored older plugin-api proves they load and
+//!    serve (`tests/fixtures/contract-0.1.0` in llm-host's repository). Such a
+//!    release bumps the patch version.
+//! 5. A change that cannot follow these rules is a new `0.minor`: every plugin
+//!    must be rebuilt, and the host refuses the old ones with a message that
+//!    says so.
 
 #![warn(missing_docs)]
 // abi_stable's `#[sabi_trait]` expands to impls inside a const block.
 #![allow(non_local_definitions)]
 
+pub mod compat;
 pub mod error;
 pub mod guard;
 pub mod host;
@@ -176,8 +216,11 @@ pub struct PluginInfo {
 
 /// The root module every plugin library exports. Made by [`export_plugin!`].
 ///
-/// Evolution rule: fields are only appended after the last one; the host
-/// reads appended fields as optional, so older plugins keep loading.
+/// Evolution rule: fields are only appended after the last one, and
+/// `#[sabi(last_prefix_field)]` stays on `new_store`. An append, here or in
+/// any trait reachable from here, freezes the layout it replaces in
+/// [`compat`] (the crate's evolution rule, 4), so that older plugins keep
+/// loading.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]

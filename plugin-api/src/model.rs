@@ -105,7 +105,10 @@ pub struct Usage {
 ///
 /// Evolution rule: methods are only appended at the end, each with a default
 /// body, so a plugin built against a newer plugin-api still runs on an older
-/// host (the default answers in place of the missing method).
+/// host (the default answers in place of the missing method);
+/// `#[sabi(last_prefix_field)]` stays on `is_cancelled`; the release that
+/// appends freezes the layout it replaces in [`compat`](crate::compat) (the
+/// crate's evolution rule).
 #[sabi_trait]
 pub trait EventSink: Send {
     /// The generation started. `id`: the provider's id for it; `model_id`: the
@@ -148,7 +151,12 @@ pub type EventSinkRef<'a> = EventSink_TO<'a, RMut<'a, ()>>;
 /// A model backend built from its settings. The host may call `generate` from
 /// several threads at once, one call per running turn.
 ///
-/// Evolution rule: methods are only appended at the end, each with a default body.
+/// Evolution rule: methods are only appended at the end, each with a default
+/// body (the host calls it on adapters built before the method existed);
+/// `#[sabi(last_prefix_field)]` stays on `generate`; the release that appends
+/// freezes the layout it replaces in [`compat`](crate::compat), as 0.1.2 did
+/// for the 0.1.0 layouts, from before `stepped` and `start` (the crate's
+/// evolution rule).
 #[sabi_trait]
 pub trait ModelAdapter: Send + Sync {
     /// Streams one generation. `request` is the JSON of a [`ModelRequest`].

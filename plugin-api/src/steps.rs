@@ -31,8 +31,9 @@
 //! only that: [`stepped_model_adapter`] does it by running the same steps on
 //! the calling thread.
 //!
-//! Evolution rule: as everywhere in this crate, trait methods are only
-//! appended with a default body, and [`Step`] kinds are only added.
+//! Evolution rule: as everywhere in this crate (see its evolution rule),
+//! trait methods are only appended with a default body, and [`Step`] kinds
+//! are only added.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -106,7 +107,10 @@ impl Step {
 /// it; it may be called from any thread, any number of times (wakes before
 /// the step that answers `PENDING` returns are not lost).
 ///
-/// Evolution rule: methods are only appended at the end, each with a default body.
+/// Evolution rule: methods are only appended at the end, each with a default
+/// body; `#[sabi(last_prefix_field)]` stays on `wake`; the release that
+/// appends freezes the layout it replaces in [`compat`](crate::compat) (the
+/// crate's evolution rule).
 #[sabi_trait]
 pub trait TurnWaker: Send + Sync {
     /// Asks for the next step.
@@ -120,7 +124,10 @@ pub type TurnWakerBox = TurnWaker_TO<'static, RBox<()>>;
 /// One turn run in steps. The adapter implements it; the host drops it when
 /// the turn is over or cancelled.
 ///
-/// Evolution rule: methods are only appended at the end, each with a default body.
+/// Evolution rule: methods are only appended at the end, each with a default
+/// body; `#[sabi(last_prefix_field)]` stays on `step`; the release that
+/// appends freezes the layout it replaces in [`compat`](crate::compat) (the
+/// crate's evolution rule).
 #[sabi_trait]
 pub trait TurnStepper: Send {
     /// Emits the events that are ready and answers what comes next. An

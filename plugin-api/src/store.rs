@@ -83,7 +83,11 @@ pub struct SessionPage {
 
 /// A session store built from its settings. Called from several threads at once.
 ///
-/// Evolution rule: methods are only appended at the end, each with a default body.
+/// Evolution rule: methods are only appended at the end, each with a default
+/// body; `#[sabi(last_prefix_field)]` stays on `ping` (where 0.1.0 moved it
+/// from `list`, a break [`compat`](crate::compat) repairs); the release that
+/// appends freezes the layout it replaces in `compat` (the crate's evolution
+/// rule).
 #[sabi_trait]
 pub trait StoreAdapter: Send + Sync {
     /// The session, or none if the store does not have it (or it expired).

@@ -63,6 +63,8 @@ pub struct Artifacts {
     pub echo_v2: PathBuf,
     /// `libllm_plugin_template.so`, the plugin author kit's example.
     pub template: PathBuf,
+    /// `libllm_plugin_template_store.so`, the store template.
+    pub template_store: PathBuf,
     /// The fixture that breaks the plugin contract (plugin `broken`).
     pub broken: PathBuf,
 }
@@ -215,6 +217,7 @@ fn build() -> Result<Artifacts, String> {
             "llm-plugin-redis",
             "llm-plugin-postgres",
             "llm-plugin-template",
+            "llm-plugin-template-store",
             "llm-host-broken-plugin-fixture",
         ],
         &[],
@@ -239,6 +242,7 @@ fn build() -> Result<Artifacts, String> {
         foreign_same_version,
         echo_v2: profile_dir.join("libllm_host_echo_v2_fixture.so"),
         template: profile_dir.join("libllm_plugin_template.so"),
+        template_store: profile_dir.join("libllm_plugin_template_store.so"),
         broken: profile_dir.join("libllm_host_broken_plugin_fixture.so"),
     };
     for path in [
@@ -247,6 +251,7 @@ fn build() -> Result<Artifacts, String> {
         &artifacts.memory,
         &artifacts.echo_v2,
         &artifacts.template,
+        &artifacts.template_store,
         &artifacts.broken,
     ] {
         if !path.is_file() {
@@ -254,6 +259,96 @@ fn build() -> Result<Artifacts, String> {
         }
     }
     Ok(artifacts)
+}
+
+/// Libraries built against earlier plugin-api releases, and hosts that know
+/// only one: `tests/fixtures/contract-0.1.0`, cargo workspaces of their own
+/// (outside this one, so their vendored plugin-api can never be unified
+/// with ours), each built into its own directory under
+/// `target/contract-0.1.0`.
+#[derive(Debug)]
+pub struct ContractFixtures {
+    /// echo built against plugin-api 0.1.0 as last published (plugin `echo-v010`).
+    pub echo_v010: PathBuf,
+    /// memory built against the same (plugin `memory-v010`).
+    pub memory_v010: PathBuf,
+    /// memory built against plugin-api 0.1.0 with `ping` (plugin `memory-v010-ping`).
+    pub memory_v010_ping: PathBuf,
+    /// echo built against plugin-api 0.1.0 as first released (plugin `echo-v010-first`).
+    pub echo_v010_first: PathBuf,
+    /// memory built against the same (plugin `memory-v010-first`).
+    pub memory_v010_first: PathBuf,
+    /// echo (stepped) built against plugin-api 0.1.1 (plugin `echo-v011`).
+    pub echo_v011: PathBuf,
+    /// `old-host LIBRARY PROMPT`: a host of plugin-api 0.1.0 as last published.
+    pub old_host: PathBuf,
+    /// The same host built against plugin-api 0.1.0 as first released.
+    pub old_host_first: PathBuf,
+    /// The same host built against plugin-api 0.1.1.
+    pub old_host_v011: PathBuf,
+}
+
+static CONTRACT_FIXTURES: OnceLock<Result<ContractFixtures, String>> = OnceLock::new();
+
+/// The fixtures built against earlier contracts; the first call builds them.
+pub fn contract_fixtures() -> &'static ContractFixtures {
+    match CONTRACT_FIXTURES.get_or_init(build_contract_fixtures) {
+        Ok(fixtures) => fixtures,
+        Err(err) => panic!("building the earlier-contract fixtures failed:\n{err}"),
+    }
+}
+
+fn build_contract_fixtures() -> Result<ContractFixtures, String> {
+    let profile_dir = profile_dir()?;
+    let target = profile_dir
+        .parent()
+        .ok_or_else(|| format!("{} has no parent directory", profile_dir.display()))?
+        .join("contract-0.1.0");
+    let fixtures = workspace_root().join("tests/fixtures/contract-0.1.0");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let workspaces = [
+        ("", "last"),
+        ("with-ping", "with-ping"),
+        ("first-release", "first"),
+        ("contract-0.1.1", "v0.1.1"),
+    ];
+    for (workspace, target_name) in workspaces {
+        let mut command = Command::new(&cargo);
+        command
+            .arg("build")
+            .arg("--locked")
+            .arg("--workspace")
+            .arg("--manifest-path")
+            .arg(fixtures.join(workspace).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target.join(target_name))
+            .stdin(Stdio::null());
+        let described = format!("{command:?}");
+        let output = command
+            .output()
+            .map_err(|err| format!("{described}: cannot run {cargo}: {err}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "{described} failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    let built = |target_name: &str, file: &str| target.join(target_name).join("debug").join(file);
+    let fixtures = ContractFixtures {
+        echo_v010: built("last", "libllm_plugin_echo_v010.so"),
+        memory_v010: built("last", "libllm_plugin_memory_v010.so"),
+        memory_v010_ping: built("with-ping", "libllm_plugin_memory_v010_ping.so"),
+        echo_v010_first: built("first", "libllm_plugin_echo_v010_first.so"),
+        memory_v010_first: built("first", "libllm_plugin_memory_v010_first.so"),
+        echo_v011: built("v0.1.1", "libllm_plugin_echo_v011.so"),
+        old_host: built("last", "old-host"),
+        old_host_first: built("first", "old-host-first"),
+        old_host_v011: built("v0.1.1", "old-host-v011"),
+    };
+    Ok(fixtures)
 }
 
 // ---------------------------------------------------------------------------
@@ -275,8 +370,22 @@ pub enum Plugin {
     EchoV2,
     /// The plugin author kit's example model plugin (`template`).
     Template,
+    /// The store template (`template-store`): sessions as files in a directory.
+    TemplateStore,
     /// The fixture that breaks the plugin contract (plugin `broken`, model and store).
     Broken,
+    /// echo built against plugin-api 0.1.0 as last published (`echo-v010`).
+    EchoV010,
+    /// memory built against plugin-api 0.1.0 as last published (`memory-v010`).
+    MemoryV010,
+    /// memory built against plugin-api 0.1.0 with `ping` (`memory-v010-ping`).
+    MemoryV010Ping,
+    /// echo built against plugin-api 0.1.0 as first released (`echo-v010-first`).
+    EchoV010First,
+    /// memory built against plugin-api 0.1.0 as first released (`memory-v010-first`).
+    MemoryV010First,
+    /// echo built against plugin-api 0.1.1 (`echo-v011`).
+    EchoV011,
 }
 
 impl Plugin {
@@ -290,7 +399,14 @@ impl Plugin {
             Plugin::ForeignSameVersion => &artifacts.foreign_same_version,
             Plugin::EchoV2 => &artifacts.echo_v2,
             Plugin::Template => &artifacts.template,
+            Plugin::TemplateStore => &artifacts.template_store,
             Plugin::Broken => &artifacts.broken,
+            Plugin::EchoV010 => &contract_fixtures().echo_v010,
+            Plugin::MemoryV010 => &contract_fixtures().memory_v010,
+            Plugin::MemoryV010Ping => &contract_fixtures().memory_v010_ping,
+            Plugin::EchoV010First => &contract_fixtures().echo_v010_first,
+            Plugin::MemoryV010First => &contract_fixtures().memory_v010_first,
+            Plugin::EchoV011 => &contract_fixtures().echo_v011,
         }
     }
 
@@ -302,7 +418,14 @@ impl Plugin {
             Plugin::Foreign | Plugin::ForeignSameVersion => "libllm_host_foreign_plugin_fixture.so",
             Plugin::EchoV2 => "libllm_host_echo_v2_fixture.so",
             Plugin::Template => "libllm_plugin_template.so",
+            Plugin::TemplateStore => "libllm_plugin_template_store.so",
             Plugin::Broken => "libllm_host_broken_plugin_fixture.so",
+            Plugin::EchoV010 => "libllm_plugin_echo_v010.so",
+            Plugin::MemoryV010 => "libllm_plugin_memory_v010.so",
+            Plugin::MemoryV010Ping => "libllm_plugin_memory_v010_ping.so",
+            Plugin::EchoV010First => "libllm_plugin_echo_v010_first.so",
+            Plugin::MemoryV010First => "libllm_plugin_memory_v010_first.so",
+            Plugin::EchoV011 => "libllm_plugin_echo_v011.so",
         }
     }
 }

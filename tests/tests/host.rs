@@ -14,10 +14,14 @@ mod check;
 mod cli;
 #[path = "host/common.rs"]
 mod common;
+#[path = "host/compat.rs"]
+mod compat;
 #[path = "host/failures.rs"]
 mod failures;
 #[path = "host/operations.rs"]
 mod operations;
+#[path = "host/packaging.rs"]
+mod packaging;
 #[path = "host/plugins.rs"]
 mod plugins;
 #[path = "host/production.rs"]
@@ -26,6 +30,8 @@ mod production;
 mod protocol;
 #[path = "host/reload.rs"]
 mod reload;
+#[path = "host/scaffold.rs"]
+mod scaffold;
 #[path = "host/sessions.rs"]
 mod sessions;
 #[path = "host/stores.rs"]

@@ -16,8 +16,9 @@
 //! 4. refuses a plugin name that two libraries provide, naming both files
 //!    (neither is loaded);
 //! 5. loads into this process only the plugins the config names: the staged
-//!    copy is verified against its hash once more, mapped, ABI-checked, and
-//!    its `init` called.
+//!    copy is verified against its hash once more, mapped, ABI-checked
+//!    (against today's contract, or an earlier layout it was published with:
+//!    [`compat`]), and its `init` called.
 //!
 //! The host never maps the file an operator writes. Identical bytes are
 //! loaded once, and a new build of a plugin is staged under another name and
@@ -33,14 +34,17 @@ use std::time::SystemTime;
 
 use abi_stable::{
     library::{lib_header_from_path, LibraryError, RootModule},
-    sabi_trait::TD_Opaque,
     std_types::{RStr, RString},
 };
 use llm_host_plugin_api::{
-    HostApi, HostApi_TO, Kinds, LogLevel, ModelAdapterBox, PluginError, PluginModRef,
-    StoreAdapterBox, API_VERSION,
+    HostApi, Kinds, LogLevel, ModelAdapterBox, PluginError, PluginModRef, StoreAdapterBox,
+    API_VERSION,
 };
 
+#[path = "compat.rs"]
+pub(crate) mod compat;
+
+use self::compat::Root;
 use super::library;
 use super::probe::{Facts, Prober};
 use super::staging::{sha256_hex, Staging};
@@ -66,7 +70,7 @@ pub struct LoadedPlugin {
     pub hash: String,
     /// When it was loaded.
     pub loaded_at: SystemTime,
-    module: PluginModRef,
+    module: Root,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -84,18 +88,28 @@ impl LoadedPlugin {
     /// Builds a model adapter from `settings` (a JSON object).
     pub fn new_model(&self, settings: &serde_json::Value) -> Result<ModelAdapterBox, PluginError> {
         let settings = settings.to_string();
-        (self.module.new_model())(RStr::from(settings.as_str())).into_result()
+        self.module
+            .new_model(RStr::from(settings.as_str()))
+            .into_result()
     }
 
     /// Builds a store adapter from `settings` (a JSON object).
     pub fn new_store(&self, settings: &serde_json::Value) -> Result<StoreAdapterBox, PluginError> {
         let settings = settings.to_string();
-        (self.module.new_store())(RStr::from(settings.as_str())).into_result()
+        self.module
+            .new_store(RStr::from(settings.as_str()))
+            .into_result()
     }
 
     /// The first 12 hex digits of the content hash, for logs.
     pub fn short_hash(&self) -> &str {
         &self.hash[..12]
+    }
+
+    /// Which layout of the plugin contract the library was loaded through:
+    /// `current`, or an earlier one (see [`compat`]).
+    pub fn contract(&self) -> &'static str {
+        self.module.contract()
     }
 
     /// What it says it is.
@@ -399,6 +413,7 @@ impl Loader {
             plugin = %plugin.name,
             version = %plugin.version,
             hash = plugin.short_hash(),
+            contract = plugin.contract(),
             file = %file.display(),
             "plugin loaded"
         );
@@ -416,15 +431,14 @@ impl Loader {
 }
 
 /// Maps `staged` and checks its plugin-api version and the layout of its
-/// root module: the root module and the plugin-api version it was built
-/// against. Runs the library's code (its constructors and root module
-/// loader); the probe process runs exactly this.
-pub(crate) fn read_root(staged: &Path) -> Result<(PluginModRef, String), String> {
+/// root module (today's, or one of the earlier layouts [`compat`] knows): the
+/// root module and the plugin-api version it was built against. Runs the
+/// library's code (its constructors and root module loader); the probe
+/// process runs exactly this.
+pub(crate) fn read_root(staged: &Path) -> Result<(Root, String), String> {
     let header = lib_header_from_path(staged).map_err(|err| describe(&err))?;
     let api_version = header.version_strings().to_string();
-    let module = header
-        .init_root_module::<PluginModRef>()
-        .map_err(|err| describe(&err))?;
+    let module = compat::open(header).map_err(|err| describe(&err))?;
     Ok((module, api_version))
 }
 
@@ -444,14 +458,12 @@ fn open(
              `{expected}`; not initialised"
         ));
     }
-    let logger = HostApi_TO::from_value(
-        PluginLogger {
-            plugin: name.clone(),
-            base_dir: base_dir.to_string_lossy().into_owned(),
-        },
-        TD_Opaque,
-    );
-    (module.init())(logger)
+    let logger = PluginLogger {
+        plugin: name.clone(),
+        base_dir: base_dir.to_string_lossy().into_owned(),
+    };
+    module
+        .init(logger)
         .into_result()
         .map_err(|err| format!("plugin `{name}` failed to initialise: {err}"))?;
     Ok(LoadedPlugin {
@@ -507,7 +519,7 @@ fn describe(err: &LibraryError) -> String {
 
 /// The host API a plugin gets at init: its log lines go through the host's
 /// tracing subscriber, tagged with the plugin's name.
-struct PluginLogger {
+pub(crate) struct PluginLogger {
     plugin: String,
     base_dir: String,
 }

@@ -1,4 +1,5 @@
-//! `template`: a small, complete model plugin to copy when you write your own.
+//! `template`: a small, complete model plugin, made to be changed into your
+//! own.
 //!
 //! The model answers the last user message back word by word, upper-cased
 //! (`transform = "upper"`, the default) or with each word's letters reversed
@@ -15,9 +16,9 @@
 //!   polled while it waits (its `delay_ms` stands for a slow upstream);
 //! - logging through the host with [`api::info!`] and [`api::debug!`].
 //!
-//! See PLUGIN-GUIDE.md at the root of the repository for the whole contract,
-//! and `llm-host check target/debug/libllm_plugin_template.so` to run the
-//! conformance suite against the built library.
+//! See PLUGIN-GUIDE.md in llm-host's repository for the whole contract, and
+//! run the conformance suite against the built library:
+//! `llm-host check target/release/libllm_plugin_template.so`.
 //!
 //! In config.toml:
 //!
@@ -122,7 +123,8 @@ impl Template {
     /// A model with `settings`, checked.
     pub fn new(settings: TemplateSettings) -> Result<Self, PluginError> {
         settings.validate()?;
-        let model_id = format!("template-{}", settings.transform.as_str());
+        // The answering model's id: the plugin's name and the transform.
+        let model_id = format!("{}-{}", TemplatePlugin::NAME, settings.transform.as_str());
         Ok(Self { settings, model_id })
     }
 
@@ -182,7 +184,11 @@ impl Model for Template {
         // the turn's `end` (or `error`) event.
         let ignored = ignored_params(&request.params);
         if !ignored.is_empty() {
-            let message = format!("the template model ignores {}", ignored.join(", "));
+            let message = format!(
+                "the {} model ignores {}",
+                TemplatePlugin::NAME,
+                ignored.join(", ")
+            );
             let data = json!({ "code": "params_ignored", "params": ignored });
             if sink
                 .diagnostic(LogLevel::WARN, &message, Some(&data))
@@ -332,7 +338,8 @@ impl Plugin for TemplatePlugin {
             .map(|host| host.host_version().to_string())
             .unwrap_or_else(|| "an unknown host".to_owned());
         api::info!(
-            "template {} loaded by llm-host {host} (built against plugin-api {})",
+            "{} {} loaded by llm-host {host} (built against plugin-api {})",
+            Self::NAME,
             Self::VERSION,
             api::API_VERSION
         );

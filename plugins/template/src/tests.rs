@@ -1,12 +1,14 @@
 //! Unit tests that drive the plugin through the same FFI trait object the
 //! host calls: `TemplatePlugin::new_model` gives the `ModelAdapterBox`, the
 //! request goes in as JSON text, and a recording `EventSink` plays the host.
-//! Copy this file with the plugin: testing through the trait object (not the
-//! `Model` impl directly) also exercises the JSON of the request and the
-//! panic guard, exactly as the host will.
+//! Keep them as the model changes: testing through the trait object (not
+//! the `Model` impl directly) also exercises the JSON of the request and the
+//! panic guard, exactly as the host will. The last test runs the conformance
+//! suite `llm-host check` runs.
 
 use std::time::{Duration, Instant};
 
+use llm_host_conformance::model::{assert_model_conforms, ModelOptions};
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
     serde_json::{self, json, Value},
@@ -323,4 +325,17 @@ fn the_plugin_says_what_it_is() {
         .err()
         .expect("no store adapter");
     assert_eq!(err.kind, ErrorKind::UNSUPPORTED);
+}
+
+// The conformance suite `llm-host check` runs against the built library,
+// here through `cargo test`: with no settings, and paced.
+#[test]
+fn conforms() {
+    let make = |settings: &str| TemplatePlugin::new_model(settings);
+    assert_model_conforms(&make, &ModelOptions::default());
+    let paced = ModelOptions {
+        settings: r#"{"transform": "reverse", "delay_ms": 1}"#.to_owned(),
+        ..ModelOptions::default()
+    };
+    assert_model_conforms(&make, &paced);
 }

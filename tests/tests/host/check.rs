@@ -1,4 +1,4 @@
-//! `llm-host check PATH.so`: the shipped plugins and the template conform; a
+//! `llm-host check PATH.so`: the shipped plugins and the templates conform; a
 //! plugin that breaks the contract (a stepped one that blocks in its steps
 //! included), a foreign or truncated library, and bad arguments are each
 //! reported for what they are.
@@ -198,6 +198,32 @@ fn the_template_conforms() {
     ]);
     assert_conforms(&exit, MODEL_CHECKS, STEP_CHECKS);
     assert_verdict(&exit, "PASS", "model.construct", "reverse");
+}
+
+// The store template passes every store check, with sessions as files in
+// the directory its settings name (a TTL set, so loads touch the files), and
+// leaves none of them behind.
+#[test]
+fn the_store_template_conforms() {
+    let workdir = Workdir::new(&[]);
+    let dir = workdir.path().join("sessions");
+    let settings = serde_json::json!({ "dir": dir, "ttl_secs": 3600 }).to_string();
+    let exit = workdir.run(&[
+        "check",
+        path(Plugin::TemplateStore),
+        "--kind",
+        "store",
+        "--settings",
+        &settings,
+    ]);
+    assert_conforms(&exit, STORE_CHECKS, &[]);
+    assert_verdict(&exit, "PASS", "load", "plugin `template-store`");
+    assert!(!exit.stdout.contains("model."), "{exit}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the store made its directory")
+        .map(|entry| entry.expect("an entry").file_name())
+        .collect();
+    assert_eq!(left, [".lock"], "{exit}");
 }
 
 // The broken plugin fails: text after `end`, streaming on after a cancel,
