@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 
-use llm_host_plugin_api::{ToolCall, TurnParams, Usage};
+use llm_host_plugin_api::{ToolCall, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -26,93 +26,6 @@ pub const COMMAND_SUBPROTOCOL: &str = "llm-host.v1";
 pub const SOURCE_MODEL: &str = "model.primary";
 /// `sourceId` of the host's own events.
 pub const SOURCE_HOST: &str = "host";
-
-/// A command-mode client frame.
-#[derive(Deserialize, Debug, PartialEq)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-// A command lives for one frame; boxing the prompt would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    /// Run a turn.
-    Prompt {
-        /// The client's name for this prompt (at most 128 bytes), repeated
-        /// on its refusal or its turn's end.
-        #[serde(default)]
-        id: Option<String>,
-        /// The user's message.
-        text: String,
-        /// A backend name for this turn only.
-        #[serde(default)]
-        model: Option<String>,
-        /// Per-turn parameters.
-        #[serde(default)]
-        params: TurnParams,
-    },
-    /// Stop the running turn.
-    Cancel,
-}
-
-impl Command {
-    /// Parses a command frame; the error names the problem and a stable code
-    /// (`bad_frame` or `unknown_command`).
-    pub fn parse(text: &str) -> Result<Command, (&'static str, String)> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|err| ("bad_frame", format!("the frame is not JSON: {err}")))?;
-        match value.get("type").and_then(Value::as_str) {
-            Some("cancel") => {
-                if let Some(extra) = value
-                    .as_object()
-                    .and_then(|fields| fields.keys().find(|key| *key != "type"))
-                {
-                    return Err((
-                        "bad_frame",
-                        format!("bad command: unknown field `{extra}` (a cancel has none)"),
-                    ));
-                }
-            }
-            Some("prompt") => {}
-            Some(other) => {
-                return Err((
-                    "unknown_command",
-                    format!("unknown command type `{other}` (expected `prompt` or `cancel`)"),
-                ))
-            }
-            None => {
-                return Err((
-                    "bad_frame",
-                    "a command is a JSON object with a string `type`".to_owned(),
-                ))
-            }
-        }
-        // From the text again, so that a key given twice, at any depth, is
-        // an error rather than a silent pick of the last.
-        serde_json::from_str::<strict::UniqueKeys>(text)
-            .map_err(|err| ("bad_frame", format!("bad command: {err}")))?;
-        // serde also reads a struct from an array of its fields.
-        if let Some(tools) = value.pointer("/params/tools").and_then(Value::as_array) {
-            if tools.iter().any(|tool| !tool.is_object()) {
-                return Err((
-                    "bad_frame",
-                    "bad command: each of params.tools is an object".to_owned(),
-                ));
-            }
-        }
-        let command: Command = serde_json::from_str(text)
-            .map_err(|err| ("bad_frame", format!("bad command: {err}")))?;
-        if let Command::Prompt { id: Some(id), .. } = &command {
-            if id.len() > MAX_PROMPT_ID_BYTES {
-                return Err((
-                    "bad_frame",
-                    format!("bad command: a prompt id is at most {MAX_PROMPT_ID_BYTES} bytes"),
-                ));
-            }
-        }
-        Ok(command)
-    }
-}
-
-/// The longest prompt id a client may give.
-pub const MAX_PROMPT_ID_BYTES: usize = 128;
 
 /// `meta` of every frame.
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -450,9 +363,12 @@ impl Framer {
     }
 }
 
+mod command;
 #[cfg(test)]
 mod fuzz;
 mod strict;
+
+pub use command::{Command, MAX_PROMPT_ID_BYTES};
 
 #[cfg(test)]
 mod tests {

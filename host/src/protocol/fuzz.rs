@@ -15,7 +15,7 @@
 
 use std::fmt::Write as _;
 
-use llm_host_plugin_api::ToolSpec;
+use llm_host_plugin_api::{ToolSpec, TurnParams};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
