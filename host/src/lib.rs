@@ -61,7 +61,7 @@ pub async fn serve(
     {
         let active = host.active.load();
         tracing::info!(
-            models = ?active.models.keys().collect::<Vec<_>>(),
+            models = %active.models.keys().cloned().collect::<Vec<_>>().join(","),
             default_model = %active.config.default_model,
             store = %active.config.default_store,
             "llm-host {} ready",
