@@ -269,7 +269,12 @@ async fn upgrade_session(
         (Caller::Open, Some(accepted)) => format!("address {}", accepted.peer.ip()),
         _ => format!("key {}", caller.id()),
     };
-    let per_key = active.config.server.max_connections_per_key;
+    // Open mode trusts this machine (as it does for the HTTP API): its
+    // own processes all come from loopback, and are not one client.
+    let per_key = match (&caller, &accepted) {
+        (Caller::Open, Some(accepted)) if accepted.peer.ip().is_loopback() => usize::MAX,
+        _ => active.config.server.max_connections_per_key,
+    };
     let Some(key_slot) = host
         .key_connections
         .try_take(&limit_name, per_key, usize::MAX)
