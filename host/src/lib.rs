@@ -218,22 +218,33 @@ pub fn run(config: &Path, listen: Option<SocketAddr>) -> ExitCode {
 
 /// Logs to stderr: human-readable, or one JSON object per line when
 /// `LLM_HOST_LOG_FORMAT=json`. `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
-    init_logging_at("info");
+pub fn init_logging() -> LogGuard {
+    init_logging_at("info")
 }
 
+/// Keeps the log writer's thread; the lines still queued are written when
+/// it is dropped (at the end of `main`).
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Like [`init_logging`], at `default` unless `RUST_LOG` says otherwise.
-pub fn init_logging_at(default: &str) {
+pub fn init_logging_at(default: &str) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Lines go to stderr from a thread of their own, several per write when
+    // they come fast (an access-log line per turn), instead of one write
+    // per line on the turn's worker. Never lossy: a full queue waits.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if std::env::var("LLM_HOST_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    guard
 }
 
 /// SIGHUP reloads config.toml and the plugin directory.

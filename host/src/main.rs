@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    let _log = init_logging();
     match command {
         Command::Help => {
             println!("{USAGE}");

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         Ok(Some(options)) => {
             // The plugin's log goes to stderr, and only what matters, so
             // that it does not bury the report.
-            llm_host::init_logging_at("warn");
+            let _log = llm_host::init_logging_at("warn");
             check::main(&options)
         }
         Ok(None) => {
