@@ -376,17 +376,13 @@ where
         let frame = tokio::select! {
             frame = frames.next() => frame,
             notice = notices.recv() => {
-                let auth = &conn.host.active.load().config.auth;
-                if !super::auth::still_admitted(auth, &conn.caller, conn.credential) {
-                    tracing::info!(
-                        session = %conn.session_id(),
-                        key = conn.caller.id(),
-                        "closing: its key was removed or changed by a reload"
-                    );
-                    let message = "this connection's API key was removed or changed by a reload; \
-                                   reconnect with a valid key";
-                    conn.send_entry(&protocol_diagnostic("error", "key_revoked", message)).await;
-                    close(conn, CloseCode::Policy, "key revoked").await;
+                let admitted = super::auth::still_admitted(
+                    &conn.host.active.load().config.auth,
+                    &conn.caller,
+                    conn.credential,
+                );
+                if !admitted {
+                    revoked(conn).await;
                     return Ended::Closed;
                 }
                 match notice {
@@ -542,6 +538,25 @@ where
             }
         }
     }
+}
+
+/// Closes a connection whose key a reload revoked (1008, `key_revoked`).
+/// Boxed: the read loop should not carry this state while it waits.
+fn revoked(
+    conn: &Connection,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        tracing::info!(
+            session = %conn.session_id(),
+            key = conn.caller.id(),
+            "closing: its key was removed or changed by a reload"
+        );
+        let message = "this connection's API key was removed or changed by a reload; \
+                       reconnect with a valid key";
+        conn.send_entry(&protocol_diagnostic("error", "key_revoked", message))
+            .await;
+        close(conn, CloseCode::Policy, "key revoked").await;
+    })
 }
 
 /// Tells the client what a reload changed of what its session uses (its

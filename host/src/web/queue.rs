@@ -154,34 +154,39 @@ pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt
 /// (and the prompt's id in `data.promptId`), then a turn end of status
 /// `refused` naming the prompt's id, so that a client waiting for its turn
 /// to end is not left waiting. Counted in `llm_host_refused_total`.
-pub(super) async fn refuse(
-    conn: &Connection,
-    prompt_id: Option<&str>,
+///
+/// Boxed: a connection's read loop awaits this only when it refuses, and
+/// should not carry its state while it waits for frames.
+pub(super) fn refuse<'a>(
+    conn: &'a Connection,
+    prompt_id: Option<&'a str>,
     code: &'static str,
-    message: &str,
-) {
-    metrics().refuse(code);
-    tracing::info!(
-        target: "llm_host::audit",
-        key = conn.caller.id(),
-        client = %conn.peer.map(|peer| peer.to_string()).unwrap_or_default(),
-        session = %conn.attachment.session_id,
-        code,
-        prompt = prompt_id.unwrap_or(""),
-        "prompt refused"
-    );
-    let mut entry = protocol_diagnostic("error", code, message);
-    if let (Some(id), Some(data)) = (prompt_id, entry.data.as_mut()) {
-        data["promptId"] = id.into();
-    }
-    conn.send_entry(&entry).await;
-    let end = TurnEvent::End {
-        status: "refused",
-        interaction_id: "",
-        prompt_id,
-    };
-    let meta = Meta::now(conn.attachment.sequence(), SOURCE_HOST, None);
-    conn.send(conn.framer.turn(&end, &meta)).await;
+    message: &'a str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        metrics().refuse(code);
+        tracing::info!(
+            target: "llm_host::audit",
+            key = conn.caller.id(),
+            client = %conn.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+            session = %conn.attachment.session_id,
+            code,
+            prompt = prompt_id.unwrap_or(""),
+            "prompt refused"
+        );
+        let mut entry = protocol_diagnostic("error", code, message);
+        if let (Some(id), Some(data)) = (prompt_id, entry.data.as_mut()) {
+            data["promptId"] = id.into();
+        }
+        conn.send_entry(&entry).await;
+        let end = TurnEvent::End {
+            status: "refused",
+            interaction_id: "",
+            prompt_id,
+        };
+        let meta = Meta::now(conn.attachment.sequence(), SOURCE_HOST, None);
+        conn.send(conn.framer.turn(&end, &meta)).await;
+    })
 }
 
 /// Runs queued prompts one after another until the connection closes.
