@@ -21,8 +21,21 @@
 //! }
 //! ```
 //!
+//! [`model`] checks a model adapter (event order, cancel, errors, panics,
+//! and for a stepped adapter its turns run in steps); [`store`] checks a
+//! store adapter (conditional saves, round trips, listings, races between
+//! threads and between two adapters of one store, and with a TTL given,
+//! expiry). Each check answers `PASS`, `FAIL`, `SKIP` (it does not apply,
+//! with the reason) or, for a few model checks, `WARN`; only a failure fails
+//! the `assert_*` functions. `llm-host check PATH.so` runs the same suites
+//! against a built library.
+//!
 //! [`support`] has the small helpers such tests need: unique names per run,
 //! and the skip-or-fail rule for tests that need a server.
+//!
+//! Like the plugin-api, this crate is not on a registry yet: depend on it by
+//! path (`llm-host-conformance = { path = "../llm-host/conformance" }`, as a
+//! dev-dependency) or by git, from the same checkout as your plugin-api.
 //!
 //! [`StoreAdapterBox`]: llm_host_plugin_api::StoreAdapterBox
 

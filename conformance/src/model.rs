@@ -67,7 +67,7 @@
 //! | `steps.no_panic` | `no_panic` in steps |
 //! | `steps.no_blocking` | every `start`, `step` and drop of the stepped runs returned within [`ModelOptions::step_bound`] (20 ms) |
 //! | `steps.wake` | a step that answered `PENDING` in the simple request was woken (from another thread) and stepped again; `Skip` when no step answered `PENDING` |
-//! | `unknown_settings` | the settings plus `surely_not_a_setting` are refused as `invalid_settings`, naming the key (a warning otherwise: the host runs such a plugin, but typos in config.toml go unnoticed) |
+//! | `unknown_settings` | the settings plus `surely_not_a_setting` are refused as `invalid_settings`, naming the key (a warning otherwise: the host runs such a plugin, but typos in config.toml go unnoticed); `Skip` when `construct` failed, since then the settings alone are refused |
 
 use std::fmt;
 use std::fmt::Write as _;
@@ -99,8 +99,10 @@ pub enum Verdict {
     Fail,
     /// Not run: it does not apply to this adapter (the steps checks of an
     /// adapter that is not stepped, the wake check of one that never answers
-    /// `PENDING`), or it needs an adapter and none could be built (then
-    /// `construct` fails). A skip alone does not fail the suite.
+    /// `PENDING`; the `shared_*` store checks of a store in process, the
+    /// store's `expiry` check without a TTL), or it needs an adapter and none
+    /// could be built (then `construct` fails). A skip alone does not fail
+    /// the suite.
     Skip,
 }
 
@@ -217,7 +219,7 @@ pub fn check_names() -> Vec<&'static str> {
 /// check (a bug in the suite) fails that check alone.
 pub fn check_model(make: MakeModel<'_>, options: &ModelOptions) -> Vec<ModelCheck> {
     let mut results = Vec::new();
-    match make(&options.settings) {
+    let built = match make(&options.settings) {
         Err(err) => {
             results.push(ModelCheck::new(
                 "construct",
@@ -234,6 +236,7 @@ pub fn check_model(make: MakeModel<'_>, options: &ModelOptions) -> Vec<ModelChec
                     "no adapter to check (see construct)",
                 ));
             }
+            false
         }
         Ok(adapter) => {
             results.push(ModelCheck::new(
@@ -250,11 +253,26 @@ pub fn check_model(make: MakeModel<'_>, options: &ModelOptions) -> Vec<ModelChec
                     results.push(ModelCheck::new(name, Verdict::Skip, NOT_STEPPED));
                 }
             }
+            true
         }
-    }
-    results.push(unknown_settings(make, &options.settings));
+    };
+    results.push(if built {
+        unknown_settings(make, &options.settings)
+    } else {
+        ModelCheck::new(
+            "unknown_settings",
+            Verdict::Skip,
+            UNKNOWN_SETTINGS_UNTESTABLE,
+        )
+    });
     results
 }
+
+/// Why `unknown_settings` is skipped when the settings themselves are
+/// refused: a refusal of them plus a typo could be for either.
+pub const UNKNOWN_SETTINGS_UNTESTABLE: &str =
+    "the settings alone were refused (see construct), so a refusal of them plus an unknown key \
+     would tell nothing: fix the settings to check it";
 
 /// The checks of one way of running turns: [`GENERATE_CHECKS`] or
 /// [`STEPS_CHECKS`].
@@ -1662,8 +1680,8 @@ mod tests {
         );
         assert_eq!(verdict(&results, "cancel").0, Verdict::Skip);
         let (unknown, detail) = verdict(&results, "unknown_settings");
-        assert_eq!(unknown, Verdict::Warn, "{detail}");
-        assert!(detail.contains("does not name the key"), "{detail}");
+        assert_eq!(unknown, Verdict::Skip, "{detail}");
+        assert!(detail.contains("settings alone were refused"), "{detail}");
     }
 
     /// A stepped model with one flaw at most: the prompt's words, one a

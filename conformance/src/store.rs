@@ -4,7 +4,10 @@
 //! answers one [`CheckResult`] per check; [`assert_store_conforms`] does the
 //! same and panics with a readable report when any check fails, for use in a
 //! `#[test]`. Each check gets a fresh adapter from the closure and drives it
-//! through the FFI trait object ([`StoreAdapterBox`]), as the host does.
+//! through the FFI trait object ([`StoreAdapterBox`]), as the host does; the
+//! `shared_*` checks build a second adapter with it, as a second host would.
+//! [`check_store_with`] and [`assert_store_conforms_with`] take
+//! [`StoreOptions`] too: the TTL the settings set, for the `expiry` check.
 //!
 //! The checks are safe to run against a real server that other runs share:
 //! every session id starts with `conf-` and a token unique to the run, the
@@ -31,8 +34,45 @@
 //! | `concurrent_create` | 8 threads create one session at once: exactly one wins |
 //! | `concurrent_cas` | 8 threads save one session at the same version: exactly one `Saved`, the rest `Conflict` |
 //! | `concurrent_increments` | 4 threads x 10 load-modify-save loops with retry: all 40 applied exactly once |
+//! | `shared_cas` | two adapters built from the same settings (two views of one store, as two hosts have) see each other's saves, and in 50 rounds of two saves at the same version racing from two threads, one through each adapter, exactly one wins each round. `Skip` for a store that is [in process](llm_host_plugin_api::StoreAdapter::in_process) (its adapters never share sessions) |
+//! | `shared_increments` | 2 adapters x 2 threads x 10 load-modify-save loops with retry: all 40 applied exactly once. `Skip` for a store in process |
 //! | `updated_at` | `updated_at_ms` is set and within 10 minutes of this machine's clock |
 //! | `ping` | ping answers Ok |
+//! | `expiry` | with [`StoreOptions::ttl`] (`ttl_secs` in the settings of `llm-host check`), sessions left alone for the TTL plus 1 s are absent: `load` answers none, `list` leaves them out, `delete` answers false, a save at the old version conflicts with current 0 and one at version 0 creates version 1. `Skip` without a TTL, or with one over [`MAX_CHECKED_TTL`] (the check waits it out) |
+//!
+//! A store that keeps its compare-and-set atomic only inside one adapter
+//! value (a lock of its own around a read and a write of shared storage)
+//! passes the `concurrent_*` checks and fails the `shared_*` ones: two hosts
+//! are two adapters. A store that says it is not in process but whose
+//! adapters keep separate sessions fails `shared_cas` too.
+//!
+//! To check expiry, build the adapters with a short TTL, 1 or 2 s (every
+//! session of the other checks must then stay in use that long, which they
+//! do), and give it in the options:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use llm_host_conformance::store::{self, StoreOptions};
+//! use llm_host_plugin_api::Plugin;
+//!
+//! # struct MyPlugin;
+//! # impl Plugin for MyPlugin {
+//! #     const NAME: &'static str = "mine";
+//! #     const VERSION: &'static str = "0.1.0";
+//! #     const KINDS: llm_host_plugin_api::Kinds = llm_host_plugin_api::Kinds::STORE;
+//! # }
+//! #[test]
+//! fn my_store_conforms_and_expires() {
+//!     let settings = r#"{"path": "/tmp/x", "ttl_secs": 2}"#;
+//!     let options = StoreOptions::from_settings(settings); // ttl: Some(2 s)
+//!     assert_eq!(options.ttl, Some(Duration::from_secs(2)));
+//!     store::assert_store_conforms_with(&|| MyPlugin::new_store(settings), &options);
+//! }
+//! ```
+//!
+//! `llm-host check PATH.so --kind store --settings '{"ttl_secs": 2}'` does the
+//! same with a built library.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -47,6 +87,7 @@ use llm_host_plugin_api::{
     ListQuery, PluginError, SaveOutcome, SessionPage, StoreAdapterBox, StoredSession,
 };
 
+pub use crate::model::Verdict;
 use crate::support::unique_token;
 
 /// The outcome of one check.
@@ -54,43 +95,124 @@ use crate::support::unique_token;
 pub struct CheckResult {
     /// The check's name (see the module docs for the list).
     pub name: &'static str,
-    /// Whether the adapter passed it.
+    /// Whether the check did not fail: it passed, or it was skipped (see
+    /// `verdict`). A skip does not fail the suite.
     pub passed: bool,
-    /// What was found: on failure, what went wrong; on success, a short note.
+    /// What it concluded: [`Verdict::Pass`], [`Verdict::Fail`], or
+    /// [`Verdict::Skip`] for a check that does not apply (the `shared_*`
+    /// checks of a store in process, `expiry` without a TTL). Store checks
+    /// never warn.
+    pub verdict: Verdict,
+    /// What was found: on failure, what went wrong; on success, a short
+    /// note; when skipped, why.
     pub detail: String,
+}
+
+impl CheckResult {
+    fn new(name: &'static str, verdict: Verdict, detail: String) -> Self {
+        Self {
+            name,
+            passed: verdict != Verdict::Fail,
+            verdict,
+            detail,
+        }
+    }
 }
 
 impl fmt::Display for CheckResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mark = if self.passed { "ok  " } else { "FAIL" };
+        let mark = match self.verdict {
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "skip",
+            Verdict::Warn => "warn",
+            Verdict::Pass => "ok  ",
+        };
         write!(f, "{mark} {}: {}", self.name, self.detail)
     }
 }
 
 /// The closure the suite builds adapters with: usually a plugin's
-/// `new_store` with fixed settings.
+/// `new_store` with fixed settings. It is called once per check, and twice
+/// for the `shared_*` checks: every adapter it makes must be a view of the
+/// same store (the same file, server, prefix), as those of two hosts with
+/// the same settings are, not a fresh one.
 pub type MakeStore<'a> = &'a dyn Fn() -> Result<StoreAdapterBox, PluginError>;
 
-type Check = fn(&Run, &Client<'_>) -> Result<String, String>;
+/// The longest TTL the `expiry` check waits out (it waits the TTL plus 1 s);
+/// with a longer one it is skipped.
+pub const MAX_CHECKED_TTL: Duration = Duration::from_secs(10);
+
+/// What the settings the adapters are built with promise, beyond the
+/// contract every store keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The TTL the settings set (`ttl_secs`, by convention): the `expiry`
+    /// check then leaves sessions alone for this long plus 1 s and checks
+    /// that they are gone. `None` skips it, and so does a TTL over
+    /// [`MAX_CHECKED_TTL`]. Give 1 or 2 s: the check waits it out.
+    pub ttl: Option<Duration>,
+}
+
+impl StoreOptions {
+    /// The options the adapter settings `settings` (a JSON object's text)
+    /// imply: `ttl_secs`, if it is a whole number, as the TTL.
+    pub fn from_settings(settings: &str) -> Self {
+        let ttl = serde_json::from_str::<Value>(settings)
+            .ok()
+            .and_then(|settings| settings.get("ttl_secs").and_then(Value::as_u64))
+            .map(Duration::from_secs);
+        Self { ttl }
+    }
+}
+
+/// What a check found when it did not fail.
+enum Found {
+    Pass(String),
+    Skip(String),
+}
+
+impl From<String> for Found {
+    fn from(detail: String) -> Self {
+        Found::Pass(detail)
+    }
+}
+
+/// What a check gets besides its adapter: the run, the closure that builds
+/// more adapters, and the options.
+struct Suite<'a> {
+    run: Run,
+    make: MakeStore<'a>,
+    options: &'a StoreOptions,
+}
+
+enum Check {
+    /// Against one adapter; passes or fails.
+    One(fn(&Run, &Client<'_>) -> Result<String, String>),
+    /// May build more adapters, look at the options, or not apply.
+    Suite(fn(&Suite<'_>, &Client<'_>) -> Result<Found, String>),
+}
 
 const CHECKS: &[(&str, Check)] = &[
-    ("load_absent", load_absent),
-    ("create", create),
-    ("create_conflict", create_conflict),
-    ("update_round_trip", update_round_trip),
-    ("large_document", large_document),
-    ("stale_save", stale_save),
-    ("absent_save", absent_save),
-    ("delete", delete),
-    ("recreate_after_delete", recreate_after_delete),
-    ("list_by_owner", list_by_owner),
-    ("list_after", list_after),
-    ("list_all_owners", list_all_owners),
-    ("concurrent_create", concurrent_create),
-    ("concurrent_cas", concurrent_cas),
-    ("concurrent_increments", concurrent_increments),
-    ("updated_at", updated_at),
-    ("ping", ping),
+    ("load_absent", Check::One(load_absent)),
+    ("create", Check::One(create)),
+    ("create_conflict", Check::One(create_conflict)),
+    ("update_round_trip", Check::One(update_round_trip)),
+    ("large_document", Check::One(large_document)),
+    ("stale_save", Check::One(stale_save)),
+    ("absent_save", Check::One(absent_save)),
+    ("delete", Check::One(delete)),
+    ("recreate_after_delete", Check::One(recreate_after_delete)),
+    ("list_by_owner", Check::One(list_by_owner)),
+    ("list_after", Check::One(list_after)),
+    ("list_all_owners", Check::One(list_all_owners)),
+    ("concurrent_create", Check::One(concurrent_create)),
+    ("concurrent_cas", Check::One(concurrent_cas)),
+    ("concurrent_increments", Check::One(concurrent_increments)),
+    ("shared_cas", Check::Suite(shared_cas)),
+    ("shared_increments", Check::Suite(shared_increments)),
+    ("updated_at", Check::One(updated_at)),
+    ("ping", Check::One(ping)),
+    ("expiry", Check::Suite(expiry)),
 ];
 
 /// The names of the checks [`check_store`] runs, in order.
@@ -99,11 +221,22 @@ pub fn check_names() -> Vec<&'static str> {
 }
 
 /// Runs every check, each against a fresh adapter from `make`, and answers
-/// one result per check, in the order of [`check_names`]. Never panics: a
+/// one result per check, in the order of [`check_names`], with the default
+/// [`StoreOptions`] (no TTL: `expiry` is skipped). Never panics: a
 /// constructor error, an adapter error or a panic inside a check (a bug in
 /// the suite) fails that check alone.
 pub fn check_store(make: MakeStore<'_>) -> Vec<CheckResult> {
-    let run = Run::new();
+    check_store_with(make, &StoreOptions::default())
+}
+
+/// [`check_store`] with `options`: what the settings `make` builds with
+/// promise (a TTL).
+pub fn check_store_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<CheckResult> {
+    let suite = Suite {
+        run: Run::new(),
+        make,
+        options,
+    };
     CHECKS
         .iter()
         .map(|(name, check)| {
@@ -111,25 +244,24 @@ pub fn check_store(make: MakeStore<'_>) -> Vec<CheckResult> {
                 Err(err) => Err(format!("could not build the adapter: {err}")),
                 Ok(adapter) => {
                     let client = Client(&adapter);
-                    let outcome = catch_unwind(AssertUnwindSafe(|| check(&run, &client)))
-                        .unwrap_or_else(|panic| {
-                            Err(format!(
-                                "the check panicked: {}",
-                                panic_message(panic.as_ref())
-                            ))
-                        });
-                    run.clean_up(name, &client);
+                    let outcome = catch_unwind(AssertUnwindSafe(|| match check {
+                        Check::One(check) => check(&suite.run, &client).map(Found::from),
+                        Check::Suite(check) => check(&suite, &client),
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(format!(
+                            "the check panicked: {}",
+                            panic_message(panic.as_ref())
+                        ))
+                    });
+                    suite.run.clean_up(name, &client);
                     outcome
                 }
             };
-            let (passed, detail) = match outcome {
-                Ok(detail) => (true, detail),
-                Err(detail) => (false, detail),
-            };
-            CheckResult {
-                name,
-                passed,
-                detail,
+            match outcome {
+                Ok(Found::Pass(detail)) => CheckResult::new(name, Verdict::Pass, detail),
+                Ok(Found::Skip(detail)) => CheckResult::new(name, Verdict::Skip, detail),
+                Err(detail) => CheckResult::new(name, Verdict::Fail, detail),
             }
         })
         .collect()
@@ -137,10 +269,12 @@ pub fn check_store(make: MakeStore<'_>) -> Vec<CheckResult> {
 
 /// A report of `results`: a summary line, then one line per check.
 pub fn report(results: &[CheckResult]) -> String {
-    let failed = results.iter().filter(|r| !r.passed).count();
+    let count = |verdict| results.iter().filter(|r| r.verdict == verdict).count();
     let mut text = format!(
-        "store conformance: {} passed, {failed} failed\n",
-        results.len() - failed
+        "store conformance: {} passed, {} failed, {} skipped\n",
+        count(Verdict::Pass),
+        count(Verdict::Fail),
+        count(Verdict::Skip)
     );
     for result in results {
         text.push_str(&format!("  {result}\n"));
@@ -149,14 +283,24 @@ pub fn report(results: &[CheckResult]) -> String {
 }
 
 /// Runs [`check_store`] and panics with the [`report`] if any check failed;
-/// answers the results otherwise.
+/// answers the results otherwise (skips included: a skipped check does not
+/// apply to the store).
 ///
 /// # Panics
 ///
 /// When the adapter fails a check: the message lists every failed check and
 /// what went wrong.
 pub fn assert_store_conforms(make: MakeStore<'_>) -> Vec<CheckResult> {
-    let results = check_store(make);
+    assert_store_conforms_with(make, &StoreOptions::default())
+}
+
+/// [`assert_store_conforms`] with `options` (see [`check_store_with`]).
+///
+/// # Panics
+///
+/// When the adapter fails a check, as [`assert_store_conforms`].
+pub fn assert_store_conforms_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<CheckResult> {
+    let results = check_store_with(make, options);
     if results.iter().any(|r| !r.passed) {
         let failed: Vec<String> = results
             .iter()
@@ -794,12 +938,35 @@ fn exactly_one_winner(outcomes: &[SaveOutcome], expected: u64) -> Result<usize, 
 fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String> {
     let id = run.id("concurrent_increments", "s");
     let (threads, increments) = (4usize, 10usize);
-    store.save_ok(&id, 0, "o", &json!({"n": 0, "log": []}).to_string())?;
+    let conflicts = increment_together(&[store], &id, threads, increments)?;
+    Ok(format!(
+        "{threads} threads x {increments} increments all applied once ({conflicts} conflicts retried)"
+    ))
+}
+
+/// Creates session `id` holding a counter at 0 and an empty log, then runs
+/// `threads` threads through each of `stores`, each applying `increments`
+/// load-modify-save loops (retried on conflict) that count up and log
+/// themselves; checks that every increment was applied exactly once.
+/// Answers how many conflicts were retried.
+fn increment_together(
+    stores: &[&Client<'_>],
+    id: &str,
+    threads: usize,
+    increments: usize,
+) -> Result<u64, String> {
+    let first = stores.first().ok_or("no store to increment through")?;
+    first.save_ok(id, 0, "o", &json!({"n": 0, "log": []}).to_string())?;
     let deadline = Instant::now() + Duration::from_secs(120);
+    let workers: Vec<(usize, &Client<'_>)> = stores
+        .iter()
+        .flat_map(|store| std::iter::repeat_n(*store, threads))
+        .enumerate()
+        .collect();
     let conflicts = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let id = &id;
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|&(t, store)| {
                 scope.spawn(move || -> Result<u64, String> {
                     let mut conflicts = 0u64;
                     for i in 0..increments {
@@ -850,8 +1017,8 @@ fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String
             .collect();
         join_all(handles)
     })?;
-    let total = threads * increments;
-    let session = store.load_some(&id)?;
+    let total = workers.len() * increments;
+    let session = first.load_some(id)?;
     if session.version != total as u64 + 1 {
         return Err(format!(
             "after {total} increments the version is {}, expected {}",
@@ -863,7 +1030,8 @@ fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String
         .map_err(|err| format!("the final document is not JSON: {err}"))?;
     if doc["n"].as_u64() != Some(total as u64) {
         return Err(format!(
-            "after {total} increments the counter is {}, expected {total}",
+            "after {total} increments the counter is {}, expected {total}: increments were \
+             lost, so two saves at one version both succeeded",
             doc["n"]
         ));
     }
@@ -873,8 +1041,9 @@ fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String
             .entry(entry.as_str().unwrap_or("?").to_owned())
             .or_default() += 1;
     }
-    let wanted: BTreeSet<String> = (0..threads)
-        .flat_map(|t| (0..increments).map(move |i| format!("t{t}-{i}")))
+    let wanted: BTreeSet<String> = workers
+        .iter()
+        .flat_map(|&(t, _)| (0..increments).map(move |i| format!("t{t}-{i}")))
         .collect();
     let twice: Vec<&String> = seen
         .iter()
@@ -887,10 +1056,105 @@ fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String
             "the log does not hold each increment once: applied twice {twice:?}, missing {missing:?}"
         ));
     }
-    Ok(format!(
-        "{threads} threads x {increments} increments all applied once ({} conflicts retried)",
-        conflicts.iter().sum::<u64>()
-    ))
+    Ok(conflicts.iter().sum())
+}
+
+/// Why the `shared_*` checks skip a store in process.
+const IN_PROCESS: &str = "the store is in process (its in_process() answers true): its adapters \
+                          never share sessions and no other host can reach them, so there is no \
+                          atomicity across adapters to check";
+
+/// A second adapter of the store `store` belongs to, built from the same
+/// settings: a second view of one backing store, as a second host has. None
+/// for a store in process, whose adapters share nothing.
+fn second_adapter(
+    suite: &Suite<'_>,
+    store: &Client<'_>,
+) -> Result<Option<StoreAdapterBox>, String> {
+    if store.0.in_process() {
+        return Ok(None);
+    }
+    (suite.make)()
+        .map(Some)
+        .map_err(|err| format!("could not build a second adapter: {err}"))
+}
+
+/// Fails unless session `id`, saved at `version` through another adapter,
+/// loads through `b` at that version: the adapters share one store.
+fn sees_saves_of(b: &Client<'_>, id: &str, version: u64) -> Result<(), String> {
+    match b.load(id)? {
+        Some(session) if session.version == version => Ok(()),
+        found => Err(format!(
+            "a session saved at version {version} through one adapter loads as {} through \
+             another built from the same settings: the two do not share one store, as two \
+             hosts must (a store that keeps its sessions in this process's memory answers \
+             in_process() = true)",
+            match found {
+                Some(session) => format!("version {}", session.version),
+                None => "none".to_owned(),
+            }
+        )),
+    }
+}
+
+fn shared_cas(suite: &Suite<'_>, a: &Client<'_>) -> Result<Found, String> {
+    let Some(second) = second_adapter(suite, a)? else {
+        return Ok(Found::Skip(IN_PROCESS.to_owned()));
+    };
+    let b = Client(&second);
+    let id = suite.run.id("shared_cas", "s");
+    a.save_ok(&id, 0, "o", r#"{"round":0}"#)?;
+    sees_saves_of(&b, &id, 1)?;
+    let rounds = 50u64;
+    let barrier = Barrier::new(2);
+    for round in 1..=rounds {
+        let outcomes = std::thread::scope(|scope| {
+            let handles: Vec<_> = [a, &b]
+                .into_iter()
+                .enumerate()
+                .map(|(n, store)| {
+                    let (barrier, id) = (&barrier, &id);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        store.save(id, round, "o", &format!(r#"{{"round":{round},"by":{n}}}"#))
+                    })
+                })
+                .collect();
+            join_all(handles)
+        })?;
+        let winner = exactly_one_winner(&outcomes, round).map_err(|problem| {
+            format!("round {round} of two saves racing through two adapters: {problem}")
+        })?;
+        // The loser's adapter sees the winner's save.
+        let loser = if winner == 0 { &b } else { a };
+        loser.expect(
+            &id,
+            round + 1,
+            "o",
+            &format!(r#"{{"round":{round},"by":{winner}}}"#),
+        )?;
+    }
+    Ok(Found::Pass(format!(
+        "two adapters built from the same settings share one store; in {rounds} rounds of two \
+         saves at one version racing through them, exactly one won each round"
+    )))
+}
+
+fn shared_increments(suite: &Suite<'_>, a: &Client<'_>) -> Result<Found, String> {
+    let Some(second) = second_adapter(suite, a)? else {
+        return Ok(Found::Skip(IN_PROCESS.to_owned()));
+    };
+    let b = Client(&second);
+    let probe = suite.run.id("shared_increments", "probe");
+    a.save_ok(&probe, 0, "o", "{}")?;
+    sees_saves_of(&b, &probe, 1)?;
+    let id = suite.run.id("shared_increments", "s");
+    let (threads, increments) = (2usize, 10usize);
+    let conflicts = increment_together(&[a, &b], &id, threads, increments)?;
+    Ok(Found::Pass(format!(
+        "2 adapters x {threads} threads x {increments} increments all applied once \
+         ({conflicts} conflicts retried)"
+    )))
 }
 
 fn updated_at(run: &Run, store: &Client<'_>) -> Result<String, String> {
@@ -921,6 +1185,73 @@ fn ping(_run: &Run, store: &Client<'_>) -> Result<String, String> {
         .into_result()
         .map(|()| "ping answers Ok".into())
         .map_err(|err| format!("ping failed: {err}"))
+}
+
+/// Why `expiry` is skipped without a TTL.
+const NO_TTL: &str = "give ttl_secs in --settings to check expiry (StoreOptions::ttl in a test); \
+                      1 or 2 keeps the wait short";
+
+fn expiry(suite: &Suite<'_>, store: &Client<'_>) -> Result<Found, String> {
+    let Some(ttl) = suite.options.ttl else {
+        return Ok(Found::Skip(NO_TTL.to_owned()));
+    };
+    let secs = ttl.as_secs_f64();
+    if ttl > MAX_CHECKED_TTL {
+        return Ok(Found::Skip(format!(
+            "ttl_secs is {secs}, and the check would wait that long plus 1 s: give ttl_secs of \
+             at most {} in --settings (1 or 2 keeps the wait short) to check expiry",
+            MAX_CHECKED_TTL.as_secs()
+        )));
+    }
+    let run = &suite.run;
+    let owner = run.owner("expiry");
+    let [loaded, deleted, saved] = ["load", "delete", "save"].map(|part| run.id("expiry", part));
+    for id in [&loaded, &deleted, &saved] {
+        store.save_ok(id, 0, &owner, r#"{"life":1}"#)?;
+    }
+    store.save_ok(&saved, 1, &owner, r#"{"life":1,"more":true}"#)?;
+    // From the last save on, nothing touches these sessions.
+    let wait = ttl + Duration::from_secs(1);
+    std::thread::sleep(wait);
+    let idle = format!(
+        "left alone for {:.1} s with ttl_secs {secs}",
+        wait.as_secs_f64()
+    );
+    let page = store.list(&owner, "", 10)?;
+    if !page.ids.is_empty() {
+        return Err(format!(
+            "sessions {idle} are still listed: {:?}",
+            page.ids.iter().map(RString::as_str).collect::<Vec<_>>()
+        ));
+    }
+    if let Some(session) = store.load(&loaded)? {
+        return Err(format!(
+            "a session {idle} still loads (version {})",
+            session.version
+        ));
+    }
+    if store.delete(&deleted)? {
+        return Err(format!("delete of a session {idle} answered true"));
+    }
+    match store.save(&saved, 2, &owner, r#"{"life":"stale"}"#)? {
+        SaveOutcome::Conflict { current: 0 } => {}
+        other => {
+            return Err(format!(
+                "a save at its old version 2 of a session {idle} answered {other:?}, expected \
+                 Conflict {{ current: 0 }}: an expired session is absent"
+            ))
+        }
+    }
+    store.save_ok(&saved, 0, &owner, r#"{"life":2}"#)?;
+    store.expect(&saved, 1, &owner, r#"{"life":2}"#)?;
+    // Gone for good: an expired session left in storage goes with a delete.
+    if store.delete(&loaded)? {
+        return Err(format!("delete of a session {idle} answered true"));
+    }
+    Ok(Found::Pass(format!(
+        "sessions {idle} were absent to list, load and delete, and a save created one anew at \
+         version 1"
+    )))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 //!
 //! A host therefore checks a library against today's layout first and, if
 //! that fails and the library says it was built against an earlier version,
-//! against each layout that version was published with, kept here under the
+//! against each layout that version was released with, kept here under the
 //! same type names (abi_stable compares a type's name, its package's name and
 //! its `0.minor` version, not its module path). A library that matches one is
 //! driven through that layout's types only: the host wraps its adapters into
@@ -32,7 +32,7 @@
 //! A release that changes the layout of any type reachable from `PluginMod`
 //! (it can only append: see each type's evolution rule) first freezes the
 //! layout it replaces here, as a module `vX_Y_Z` (or a submodule per layout,
-//! if one version number was published with several), holding a copy of
+//! if one version number was released with several), holding a copy of
 //! every prefix type that changed or refers to one that changed, down to
 //! `PluginMod` itself, with the same names, field names, parameter names and
 //! `#[sabi(last_prefix_field)]` placements; types that did not change are
@@ -47,7 +47,7 @@ use abi_stable::{
 
 use crate::{EventSinkRef, PluginError, PluginInfo};
 
-/// plugin-api 0.1.0, published with three layouts (every later one appended
+/// plugin-api 0.1.0, released with three layouts (every later one appended
 /// to the one before, or moved a `last_prefix_field`):
 ///
 /// - [`initial`](v0_1_0::initial): as first released (commit 9a21da3);
@@ -214,7 +214,7 @@ pub mod v0_1_0 {
         }
     }
 
-    /// plugin-api 0.1.0 as last published: today's `HostApi` and
+    /// plugin-api 0.1.0 as last released: today's `HostApi` and
     /// `StoreAdapter`, the `ModelAdapter` of before turns in steps.
     pub mod in_process {
         use super::*;

@@ -29,7 +29,7 @@ impl ErrorKind {
     pub const UNSUPPORTED: ErrorKind = ErrorKind(5);
     /// Stored data could not be read back (corrupt or of an unknown format).
     pub const CORRUPT: ErrorKind = ErrorKind(6);
-    /// A panic inside the plugin, caught by [`guard`](crate::guard).
+    /// A panic inside the plugin, caught by [`guard`](fn@crate::guard).
     pub const PANIC: ErrorKind = ErrorKind(7);
     /// Anything else.
     pub const INTERNAL: ErrorKind = ErrorKind(8);

@@ -2,28 +2,95 @@
 //!
 //! A plugin is a shared library (`crate-type = ["cdylib", "rlib"]`) that
 //! provides model adapters, store adapters, or both. It implements [`Plugin`]
-//! and exports it with [`export_plugin!`]:
+//! and exports it with [`export_plugin!`]. A whole model plugin, which
+//! answers the prompt back word by word:
 //!
-//! ```ignore
-//! use llm_host_plugin_api::{self as api, Kinds, Plugin, PluginError, ModelAdapterBox};
+//! ```
+//! use llm_host_plugin_api::{
+//!     self as api, FinishReason, Kinds, Model, ModelAdapterBox, ModelRequest, Plugin,
+//!     PluginError, Sink,
+//! };
 //!
-//! struct Shout;
+//! /// The `settings` of its `[models.NAME]` entry in the host's config.toml.
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)] // a typo is an error naming the key
+//! struct Settings {
+//!     #[serde(default)]
+//!     shout: bool,
+//! }
 //!
-//! impl Plugin for Shout {
-//!     const NAME: &'static str = "shout";
-//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-//!     const KINDS: Kinds = Kinds::MODEL;
+//! /// The model: one value per `[models.NAME]` entry, called from many threads.
+//! struct Parrot {
+//!     shout: bool,
+//! }
 //!
-//!     fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {
-//!         let settings: MySettings = api::parse_settings(settings)?;
-//!         Ok(api::model_adapter(MyModel::new(settings)))
+//! impl Model for Parrot {
+//!     fn generate(&self, request: ModelRequest, sink: &mut Sink<'_>) -> Result<(), PluginError> {
+//!         let prompt = request.messages.last().map_or("", |m| m.content.as_str());
+//!         let answer = if self.shout { prompt.to_uppercase() } else { prompt.to_owned() };
+//!         sink.start("", "parrot");
+//!         for word in answer.split_inclusive(' ') {
+//!             if sink.text(word).is_stop() {
+//!                 return Ok(()); // cancelled: return at once, send nothing more
+//!             }
+//!         }
+//!         sink.end(FinishReason::STOP);
+//!         Ok(())
 //!     }
 //! }
 //!
-//! api::export_plugin!(Shout);
+//! /// The plugin: its name in config.toml (`plugin = "parrot"`) and constructors.
+//! pub struct ParrotPlugin;
+//!
+//! impl Plugin for ParrotPlugin {
+//!     const NAME: &'static str = "parrot";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const DESCRIPTION: &'static str = "answers the prompt back";
+//!     const KINDS: Kinds = Kinds::MODEL;
+//!
+//!     fn new_model(settings: &str) -> Result<ModelAdapterBox, PluginError> {
+//!         let settings: Settings = api::parse_settings(settings)?;
+//!         Ok(api::model_adapter(Parrot { shout: settings.shout }))
+//!     }
+//!     // `new_store` is not overridden: it answers `ErrorKind::UNSUPPORTED`.
+//! }
+//!
+//! // The library's root module, which the host loads. Once, at the crate root.
+//! api::export_plugin!(ParrotPlugin);
+//!
+//! # fn main() {
+//! // What the host does with the entry's settings:
+//! assert!(ParrotPlugin::new_model(r#"{"shout": true}"#).is_ok());
+//! let Err(err) = ParrotPlugin::new_model(r#"{"shout": "yes"}"#) else {
+//!     panic!("a string is not a bool");
+//! };
+//! assert_eq!(err.kind, api::ErrorKind::INVALID_SETTINGS);
+//! assert!(err.message.starts_with("shout: invalid type: string"), "{err}");
+//! # }
 //! ```
 //!
-//! Layout:
+//! Build it with `cargo build --release` and check the library as the host
+//! would load it: `llm-host check target/release/libNAME.so`.
+//! `llm-host new-plugin NAME --kind model|store` writes a crate like this one,
+//! with tests and the conformance suite; PLUGIN-GUIDE.md in llm-host's
+//! repository is the whole contract, in prose.
+//!
+//! # Depending on it
+//!
+//! This crate is not on a registry yet. Depend on it by path, on the
+//! `plugin-api/` of an llm-host checkout, or by git:
+//!
+//! ```toml
+//! [dependencies]
+//! llm-host-plugin-api = { path = "../llm-host/plugin-api" }
+//! # or: llm-host-plugin-api = { git = "URL of the llm-host repository", rev = "COMMIT" }
+//! ```
+//!
+//! Build against a plugin-api with the host's `0.minor`, at least as new as
+//! the host's (see [Compatibility](#compatibility)).
+//!
+//! # Layout
+//!
 //! - [`PluginMod`]: the root module the host loads (info, init, constructors).
 //! - [`model`]: [`ModelAdapter`], the [`EventSink`] it streams into, and the
 //!   request types; [`Model`] is the Rust-side trait to implement.
@@ -32,7 +99,42 @@
 //! - [`store`]: [`StoreAdapter`] with versioned conditional saves; [`Store`]
 //!   is the Rust-side trait.
 //! - [`host`]: the [`HostApi`] given at init (logging) and the log macros.
-//! - [`guard`]: turns panics into error values; every entry point runs in it.
+//! - [`mod@guard`]: turns panics into error values; every entry point runs in
+//!   it.
+//! - [`RString`], [`RVec`], [`ROption`], [`RStr`], [`RResult`]: the FFI-safe
+//!   standard types of [`abi_stable`] that the contract's types are made of
+//!   (see [below](#the-ffi-safe-types)).
+//!
+//! # The FFI-safe types
+//!
+//! Values that cross the boundary are made of abi_stable's FFI-safe
+//! counterparts of the standard types, because the host and each plugin have
+//! a std and an allocator of their own. They are re-exported here, so a
+//! plugin needs no abi_stable dependency of its own. The Rust-side traits
+//! ([`Model`], [`Store`], [`SteppedModel`]) take and give `&str`, `String`
+//! and `Option` wherever they can; where you do meet one, it converts:
+//!
+//! ```
+//! use llm_host_plugin_api::{ROption, RStr, RString, RVec};
+//!
+//! let owner: RString = "key-1".into(); // from &str or String
+//! let back: String = owner.clone().into_string(); // or String::from(owner)
+//! assert_eq!(owner.as_str(), "key-1"); // and it derefs to &str
+//!
+//! let ids: RVec<RString> = vec!["a".into(), "b".into()].into(); // from a Vec
+//! let ids: Vec<String> = ids.into_iter().map(RString::into_string).collect();
+//! assert_eq!(ids, ["a", "b"]);
+//!
+//! let next: ROption<RString> = ROption::from(Some(RString::from("b"))); // from an Option
+//! let next: Option<String> = next.into_option().map(RString::into_string);
+//! assert_eq!(next.as_deref(), Some("b"));
+//!
+//! let borrowed: RStr<'_> = "a".into(); // a borrowed &str, for calls into adapters
+//! assert_eq!(borrowed.as_str(), "a");
+//! ```
+//!
+//! The store's types have constructors that take plain Rust values:
+//! [`StoredSession::new`], [`SessionPage::new`] and [`SessionPage::from_ids`].
 //!
 //! # Compatibility
 //!
@@ -82,8 +184,13 @@
 //! 5. A change that cannot follow these rules is a new `0.minor`: every plugin
 //!    must be rebuilt, and the host refuses the old ones with a message that
 //!    says so.
+//!
+//! What never crosses the boundary is not part of the layout: inherent
+//! methods and helper functions written in plain Rust (such as
+//! [`StoredSession::new`] or [`parse_settings`]), documentation and
+//! re-exports may be added in any release.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 // abi_stable's `#[sabi_trait]` expands to impls inside a const block.
 #![allow(non_local_definitions)]
 
@@ -98,13 +205,8 @@ pub mod store;
 use std::fmt;
 
 use abi_stable::{
-    declare_root_module_statics,
-    library::RootModule,
-    package_version_strings,
-    prefix_type::PrefixTypeTrait,
-    sabi_types::VersionStrings,
-    std_types::{RResult, RStr, RString},
-    StableAbi,
+    declare_root_module_statics, library::RootModule, package_version_strings,
+    prefix_type::PrefixTypeTrait, sabi_types::VersionStrings, StableAbi,
 };
 use serde::de::DeserializeOwned;
 
@@ -125,8 +227,14 @@ pub use store::{
     StoreAdapter_TO, StoredSession,
 };
 
-#[doc(hidden)]
+/// abi_stable 0.11, the crate the contract's FFI types come from, at the
+/// version the host uses. Name it from here (`llm_host_plugin_api::abi_stable`)
+/// rather than as a dependency of your own: a library built with another
+/// abi_stable `0.minor` is refused.
 pub use abi_stable;
+/// The FFI-safe standard types the contract is made of; see
+/// [the crate docs](crate#the-ffi-safe-types) for their conversions.
+pub use abi_stable::std_types::{ROption, RResult, RStr, RString, RVec};
 /// The JSON library the contract uses, for plugins that need no other.
 pub use serde_json;
 
@@ -284,8 +392,11 @@ pub trait Plugin: 'static {
     }
 }
 
-/// Parses adapter settings into `T`, with an error that names the bad key.
-/// Use `#[serde(deny_unknown_fields)]` on `T` so typos are reported.
+/// Parses adapter settings into `T`, with an error ([`ErrorKind::INVALID_SETTINGS`])
+/// that names the bad key by its path: `delay_ms: invalid type: string "x",
+/// expected u64`, `retry.delay_ms: ...` for a nested one. Use
+/// `#[serde(deny_unknown_fields)]` on `T` so typos are reported
+/// (`dela_ms: unknown field ...`). Empty settings parse as `{}`.
 pub fn parse_settings<T: DeserializeOwned>(settings: &str) -> Result<T, PluginError> {
     let text = if settings.trim().is_empty() {
         "{}"
@@ -295,16 +406,31 @@ pub fn parse_settings<T: DeserializeOwned>(settings: &str) -> Result<T, PluginEr
     let mut json = serde_json::Deserializer::from_str(text);
     let parsed = serde_path_to_error::deserialize(&mut json).map_err(|err| {
         let path = err.path().to_string();
-        let err = err.into_inner();
+        let err = settings_error(&err.into_inner());
         PluginError::invalid_settings(if path == "." {
-            err.to_string()
+            err
         } else {
             format!("{path}: {err}")
         })
     })?;
     json.end()
-        .map_err(|err| PluginError::invalid_settings(err.to_string()))?;
+        .map_err(|err| PluginError::invalid_settings(settings_error(&err)))?;
     Ok(parsed)
+}
+
+/// serde_json's message for a value it could not take, without its
+/// `at line L column C`: the host writes the settings' JSON itself (from
+/// config.toml), so the position would only mislead. Syntax errors keep it.
+fn settings_error(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    if !err.is_data() {
+        return text;
+    }
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    match text.strip_suffix(&position) {
+        Some(message) => message.to_owned(),
+        None => text,
+    }
 }
 
 #[doc(hidden)]
@@ -418,10 +544,10 @@ mod tests {
         assert!(parse_settings::<Settings>(r#"{"delay_ms": 3}"#).is_ok());
         // A value of the wrong type names its key, nested keys by their path.
         let err = parse_settings::<Settings>(r#"{"delay_ms": "3"}"#).expect_err("a string");
-        assert!(
-            err.message.starts_with("delay_ms: invalid type: string"),
-            "{}",
-            err.message
+        // Without a position in JSON the operator never wrote.
+        assert_eq!(
+            err.message.as_str(),
+            r#"delay_ms: invalid type: string "3", expected u64"#
         );
         #[derive(serde::Deserialize, Debug)]
         #[allow(dead_code)]

@@ -408,7 +408,7 @@ impl<M: Model> ModelAdapter for ModelShim<M> {
 }
 
 /// Wraps a [`Model`] into the trait object the host takes. Every call into
-/// it runs under [`guard`].
+/// it runs under [`guard`](fn@crate::guard).
 pub fn model_adapter(model: impl Model) -> ModelAdapterBox {
     ModelAdapter_TO::from_value(ModelShim(model), TD_Opaque)
 }

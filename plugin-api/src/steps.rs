@@ -2,13 +2,12 @@
 //! or simulated model, one paced by a clock, one fed by a thread or event
 //! loop of its own) runs its turns step by step on the host's async workers,
 //! instead of each turn holding a thread of its own inside
-//! [`ModelAdapter::generate`](crate::ModelAdapter::generate). A thousand
-//! paced streams then cost a thousand small state machines, not a thousand
-//! threads, and an instant model streams without a single thread hop.
+//! [`ModelAdapter::generate`]. A thousand paced streams then cost a thousand
+//! small state machines, not a thousand threads, and an instant model
+//! streams without a single thread hop.
 //!
-//! The host asks [`ModelAdapter::stepped`](crate::ModelAdapter::stepped) once
-//! per adapter. For a stepped adapter it calls
-//! [`ModelAdapter::start`](crate::ModelAdapter::start) once per turn, then
+//! The host asks [`ModelAdapter::stepped`] once per adapter. For a stepped
+//! adapter it calls [`ModelAdapter::start`] once per turn, then
 //! [`TurnStepper::step`] until it answers [`Step::DONE`]. Each step emits the
 //! events that are ready into the sink, in the order the module
 //! [`model`](crate::model) gives, and answers what comes next:
@@ -286,7 +285,7 @@ impl TurnWaker for Arc<Signal> {
 }
 
 /// Wraps a [`SteppedModel`] into the trait object the host takes. Every call
-/// into it runs under [`guard`]; its `generate` runs the steps on the
+/// into it runs under [`guard`](fn@crate::guard); its `generate` runs the steps on the
 /// calling thread.
 pub fn stepped_model_adapter(model: impl SteppedModel) -> ModelAdapterBox {
     ModelAdapter_TO::from_value(SteppedShim(model), TD_Opaque)

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llm_host_plugin_api::{
-    self as api, abi_stable::std_types::ROption, Kinds, Plugin, PluginError, SaveOutcome,
-    SessionPage, Store, StoreAdapterBox, StoredSession,
+    self as api, Kinds, Plugin, PluginError, SaveOutcome, SessionPage, Store, StoreAdapterBox,
+    StoredSession,
 };
 use serde::Deserialize;
 
@@ -128,12 +128,7 @@ impl Store for MemoryStore {
         sessions.by_id.insert(
             id.to_owned(),
             Entry {
-                session: StoredSession {
-                    version,
-                    owner: owner.into(),
-                    data: data.into(),
-                    updated_at_ms: now_ms(),
-                },
+                session: StoredSession::new(version, owner, data, now_ms()),
                 touched: now,
             },
         );
@@ -158,22 +153,14 @@ impl Store for MemoryStore {
         } else {
             Bound::Excluded(after)
         };
-        let limit = limit.max(1) as usize;
-        let mut ids: Vec<String> = sessions
+        let ids = sessions
             .by_id
             .range::<str, _>((start, Bound::Unbounded))
             .filter(|(_, entry)| !self.expired(entry, now))
             .filter(|(_, entry)| owner.is_empty() || entry.session.owner == owner)
-            .map(|(id, _)| id.clone())
-            .take(limit + 1)
-            .collect();
-        let more = ids.len() > limit;
-        ids.truncate(limit);
-        let next = if more { ids.last().cloned() } else { None };
-        Ok(SessionPage {
-            ids: ids.into_iter().map(Into::into).collect(),
-            next: ROption::from(next.map(Into::into)),
-        })
+            .map(|(id, _)| id.clone());
+        // The first `limit` of them, and `next` if more follow.
+        Ok(SessionPage::from_ids(ids, limit))
     }
 }
 

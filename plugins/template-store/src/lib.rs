@@ -21,6 +21,10 @@
 //! - **Expiry, optional.** With `ttl_secs`, a session not loaded or saved for
 //!   that long is absent for every call, and saves sweep such files out now
 //!   and then. A file's modification time is when its session was last used.
+//! - **Not in process.** `in_process` keeps its default, false: the sessions
+//!   are on disk, where other hosts reach them, and every call does I/O, so
+//!   the host calls the store on its blocking threads and claims a session
+//!   for a turn before running it.
 //! - Settings parsed with [`api::parse_settings`] into a struct with
 //!   `deny_unknown_fields` and checked; the directory is resolved against the
 //!   host's config file with [`api::host::resolve_path`].
@@ -33,7 +37,8 @@
 //! See PLUGIN-GUIDE.md in llm-host's repository for the whole contract (its
 //! section "Stores" for what each call must do), and run the conformance
 //! suite against the built library:
-//! `llm-host check target/release/libllm_plugin_template_store.so --kind store`.
+//! `llm-host check target/release/libllm_plugin_template_store.so --kind store`
+//! (add `--settings '{"ttl_secs": 2}'` to check expiry too).
 //!
 //! In config.toml:
 //!
@@ -55,8 +60,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 // Import the plugin-api under a short name: its macros (`api::info!`,
 // `api::export_plugin!`) and helpers read well that way.
 use llm_host_plugin_api::{
-    self as api, abi_stable::std_types::ROption, serde_json, ErrorKind, Kinds, Plugin, PluginError,
-    SaveOutcome, SessionPage, Store, StoreAdapterBox, StoredSession,
+    self as api, serde_json, ErrorKind, Kinds, Plugin, PluginError, SaveOutcome, SessionPage,
+    Store, StoreAdapterBox, StoredSession,
 };
 use serde::{Deserialize, Serialize};
 
@@ -387,12 +392,12 @@ impl Store for FileStore {
             file.set_modified(SystemTime::now())
                 .map_err(|err| io_error(&path, "touching", err))?;
         }
-        Ok(Some(StoredSession {
-            version: header.version,
-            owner: header.owner.into(),
-            data: data.into(),
-            updated_at_ms: header.updated_at_ms,
-        }))
+        Ok(Some(StoredSession::new(
+            header.version,
+            header.owner,
+            data,
+            header.updated_at_ms,
+        )))
     }
 
     fn save(
@@ -449,34 +454,22 @@ impl Store for FileStore {
         }
         // Ascending byte order (how `str` compares), not file name order.
         ids.sort_unstable();
-        let limit = limit.max(1) as usize;
-        let mut page: Vec<String> = Vec::new();
-        let mut more = false;
-        for id in ids {
-            let path = self.path(&id)?;
-            let header = match self.header(&path) {
+        // The sessions to list: read lazily, so only the headers the page
+        // needs are read.
+        let listed = ids.into_iter().filter(|id| {
+            let header = match self.path(id).and_then(|path| self.header(&path)) {
                 Ok(Some(header)) => header,
                 // Deleted since the directory was read, or expired.
-                Ok(None) => continue,
+                Ok(None) => return false,
                 Err(err) => {
                     api::warn!("left out of a listing: {err}");
-                    continue;
+                    return false;
                 }
             };
-            if !owner.is_empty() && header.owner != owner {
-                continue;
-            }
-            if page.len() == limit {
-                more = true;
-                break;
-            }
-            page.push(id);
-        }
-        let next = if more { page.last().cloned() } else { None };
-        Ok(SessionPage {
-            ids: page.into_iter().map(Into::into).collect(),
-            next: ROption::from(next.map(Into::into)),
-        })
+            owner.is_empty() || header.owner == owner
+        });
+        // The first `limit` of them, and `next` (the last one) if more follow.
+        Ok(SessionPage::from_ids(listed, limit))
     }
 
     /// Ready when the directory is there and its lock file can be opened.

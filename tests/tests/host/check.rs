@@ -95,6 +95,13 @@ const STORE_CHECKS: &[&str] = &[
     "store.unknown_settings",
 ];
 
+/// The store checks of two adapters built from the same settings racing on
+/// one session, which a store in process skips.
+const SHARED_CHECKS: &[&str] = &["store.shared_cas", "store.shared_increments"];
+
+/// The expiry check, which runs only with `ttl_secs` in the settings.
+const EXPIRY: &str = "store.expiry";
+
 /// `checks` pass and `skipped` are skipped (which does not fail the run),
 /// with nothing else in the report.
 fn assert_conforms(exit: &Exit, checks: &[&str], skipped: &[&str]) {
@@ -174,12 +181,41 @@ fn echo_conforms() {
     assert_verdict(&exit, "PASS", "model.steps.no_blocking", "none over 20ms");
 }
 
-// The memory plugin passes every store check.
+// The memory plugin passes every store check. It is in process, so the
+// checks of two adapters sharing one store are skipped; expiry is checked
+// only with the ttl_secs given.
 #[test]
 fn memory_conforms() {
     let exit = check(&[path(Plugin::Memory)]);
-    assert_conforms(&exit, STORE_CHECKS, &[]);
+    let skipped = [SHARED_CHECKS, &[EXPIRY]].concat();
+    assert_conforms(&exit, STORE_CHECKS, &skipped);
     assert!(!exit.stdout.contains("model."), "{exit}");
+    for name in SHARED_CHECKS {
+        assert_verdict(
+            &exit,
+            "SKIP",
+            name,
+            "the store is in process (its in_process() answers true)",
+        );
+    }
+    assert_verdict(
+        &exit,
+        "SKIP",
+        EXPIRY,
+        "give ttl_secs in --settings to check expiry",
+    );
+
+    let began = Instant::now();
+    let exit = check(&[path(Plugin::Memory), "--settings", r#"{"ttl_secs": 1}"#]);
+    let passed = [STORE_CHECKS, &[EXPIRY]].concat();
+    assert_conforms(&exit, &passed, SHARED_CHECKS);
+    assert_verdict(
+        &exit,
+        "PASS",
+        EXPIRY,
+        "sessions left alone for 2.0 s with ttl_secs 1 were absent",
+    );
+    assert!(began.elapsed() < Duration::from_secs(60), "{exit}");
 }
 
 // The template plugin passes every model check, with settings of its own
@@ -201,13 +237,14 @@ fn the_template_conforms() {
 }
 
 // The store template passes every store check, with sessions as files in
-// the directory its settings name (a TTL set, so loads touch the files), and
-// leaves none of them behind.
+// the directory its settings name (a short TTL set, so loads touch the files
+// and expiry is checked), the races between two adapters of one directory
+// included, and leaves none of them behind.
 #[test]
 fn the_store_template_conforms() {
     let workdir = Workdir::new(&[]);
     let dir = workdir.path().join("sessions");
-    let settings = serde_json::json!({ "dir": dir, "ttl_secs": 3600 }).to_string();
+    let settings = serde_json::json!({ "dir": dir, "ttl_secs": 2 }).to_string();
     let exit = workdir.run(&[
         "check",
         path(Plugin::TemplateStore),
@@ -216,8 +253,16 @@ fn the_store_template_conforms() {
         "--settings",
         &settings,
     ]);
-    assert_conforms(&exit, STORE_CHECKS, &[]);
+    let passed = [STORE_CHECKS, SHARED_CHECKS, &[EXPIRY]].concat();
+    assert_conforms(&exit, &passed, &[]);
     assert_verdict(&exit, "PASS", "load", "plugin `template-store`");
+    assert_verdict(
+        &exit,
+        "PASS",
+        "store.shared_cas",
+        "exactly one won each round",
+    );
+    assert_verdict(&exit, "PASS", EXPIRY, "with ttl_secs 2 were absent");
     assert!(!exit.stdout.contains("model."), "{exit}");
     let left: Vec<_> = std::fs::read_dir(&dir)
         .expect("the store made its directory")
@@ -407,6 +452,14 @@ fn refused_settings_are_reported_verbatim() {
     );
     assert_verdict(&exit, "SKIP", "model.cancel", "see construct");
     assert_verdict(&exit, "SKIP", "model.steps.cancel", "see construct");
+    // The settings alone are refused: a typo added to them tells nothing.
+    assert_verdict(
+        &exit,
+        "SKIP",
+        "model.unknown_settings",
+        "the settings alone were refused",
+    );
+    assert!(!exit.stdout.contains("WARN"), "{exit}");
 }
 
 // Libraries the host would refuse are refused the same way.
@@ -480,4 +533,29 @@ fn a_json_report_for_ci() {
     assert_eq!(report["conforms"], true);
     assert_eq!(report["summary"]["failed"], 0);
     assert!(!exit.stdout.contains(" INFO "), "{exit}");
+}
+
+// A store that refuses its settings fails construct; the suite and the
+// unknown-settings check, which need settings it takes, are skipped.
+#[test]
+fn a_store_that_refuses_its_settings_skips_the_rest() {
+    let exit = check(&[
+        path(Plugin::TemplateStore),
+        "--settings",
+        r#"{"ttl_secs": 0}"#,
+    ]);
+    assert_eq!(exit.status.code(), Some(1), "{exit}");
+    assert_verdict(
+        &exit,
+        "FAIL",
+        "store.construct",
+        "ttl_secs: must be at least 1",
+    );
+    assert_verdict(&exit, "SKIP", "store.suite", "see store.construct");
+    assert_verdict(
+        &exit,
+        "SKIP",
+        "store.unknown_settings",
+        "the settings alone were refused",
+    );
 }

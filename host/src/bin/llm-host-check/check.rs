@@ -13,7 +13,10 @@
 //!   `start`/`step` as the host runs it (`model.steps.*`: the same checks,
 //!   plus that no call blocks and that a pending step is woken);
 //! - store adapters get [`store`](llm_host_conformance::store)'s suite, plus
-//!   the unknown-settings check.
+//!   the unknown-settings check. Each check builds a fresh adapter from the
+//!   settings, the `store.shared_*` checks a second one (as a second host
+//!   would), and a `ttl_secs` in the settings is the TTL `store.expiry`
+//!   waits out.
 //!
 //! Every check prints one line, `PASS name: note`, `WARN name: detail`,
 //! `FAIL name: detail` or `SKIP name: why`, then a summary line. Warnings and
@@ -403,7 +406,7 @@ fn check_model(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
 }
 
 fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>) -> io::Result<()> {
-    match plugin.new_store(settings) {
+    let built = match plugin.new_store(settings) {
         Err(err) => {
             report.line(
                 "store.construct",
@@ -415,6 +418,7 @@ fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
                 model::Verdict::Skip,
                 "no adapter to check (see store.construct)".to_owned(),
             )?;
+            false
         }
         Ok(_) => {
             report.line(
@@ -426,15 +430,24 @@ fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
                 "note: the store suite builds a fresh adapter with these settings for each check",
             )?;
             let make = || plugin.new_store(settings);
-            for result in store::check_store(&make) {
-                let verdict = if result.passed {
-                    model::Verdict::Pass
-                } else {
-                    model::Verdict::Fail
-                };
-                report.line(&format!("store.{}", result.name), verdict, result.detail)?;
+            // The TTL the settings give (`ttl_secs`), for the expiry check.
+            let options = store::StoreOptions::from_settings(&settings.to_string());
+            for result in store::check_store_with(&make, &options) {
+                report.line(
+                    &format!("store.{}", result.name),
+                    result.verdict,
+                    result.detail,
+                )?;
             }
+            true
         }
+    };
+    if !built {
+        return report.line(
+            "store.unknown_settings",
+            model::Verdict::Skip,
+            model::UNKNOWN_SETTINGS_UNTESTABLE.to_owned(),
+        );
     }
     let make = |settings: &str| plugin.new_store(&parse(settings)?).map(|_| ());
     let (verdict, detail) = model::unknown_settings_verdict(&make, &settings.to_string());
