@@ -4,7 +4,8 @@
 //!
 //! A reload runs in two phases. *Prepare* does everything that can fail: read
 //! and validate the config, scan the plugin directory (each library checked
-//! for completeness, staged under its content hash and loaded), and build
+//! for completeness and its name learnt by a probe in a child process; the
+//! ones the config names staged under their content hash and loaded), and build
 //! every adapter that changed. *Swap* then replaces the whole active set in
 //! one store. A failed prepare changes nothing: the running set keeps
 //! serving and the error is logged and kept for `GET /v1/plugins`.
