@@ -18,6 +18,8 @@ mod common;
 mod compat;
 #[path = "host/failures.rs"]
 mod failures;
+#[path = "host/openai_http.rs"]
+mod openai_http;
 #[path = "host/operations.rs"]
 mod operations;
 #[path = "host/packaging.rs"]

@@ -8,7 +8,8 @@
 //!   it runs (ownership, leases, sequence reservations, fencing).
 //! - [`commit`]: saving a finished turn.
 //! - [`sink`]: a turn's model events into numbered frames and an answer.
-//! - [`turn`]: one turn from prompt to end frame; stepped and blocking models.
+//! - [`turn`]: one turn from prompt to end frame; stepped and blocking models;
+//!   a model run once over given messages, with no session ([`turn::run_unsaved`]).
 //! - [`locks`]: one turn of a session at a time on this host.
 //!
 //! The guarantees (PROTOCOL.md "Guarantees"): a session belongs to the key

@@ -9,6 +9,9 @@
 //! slow client cannot grow the host's memory. Cancel, the turn's deadline or
 //! a lost lease make the sink answer stop, and the model returns at its next
 //! event (a stepped turn is dropped at once).
+//!
+//! [`run_unsaved`] runs a model once over messages the client gives, with no
+//! session to claim or save, through the same sink and frames.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,9 +26,9 @@ use super::document::MessagesJson;
 use super::locks::SessionLocks;
 use super::ports::{Frames, Model, ModelError, Next, SessionStore, Stepper};
 use super::sink::{Failure, Status, TurnControl, TurnSink, STEP_FRAMES};
-use super::{Prompt, Scope};
+use super::{Prompt, Scope, TurnSettings};
 use crate::metrics::metrics;
-use crate::protocol::{now_ms, Meta, TurnEvent, SOURCE_HOST};
+use crate::protocol::{now_ms, Framer, Meta, TurnEvent, SOURCE_HOST};
 
 /// What became of a turn: for the access log and the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +223,124 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     report.status = status;
     report.duration = started.elapsed();
     report
+}
+
+/// A conversation to run without a session ([`run_unsaved`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Unsaved<'a> {
+    /// The run's id: the model request's `interactionId` and the frames'.
+    pub interaction_id: &'a str,
+    /// The conversation as the client gave it, ending with the message the
+    /// model answers.
+    pub messages: &'a [Message],
+    /// Per-turn parameters.
+    pub params: &'a TurnParams,
+}
+
+/// Runs `model` once over `unsaved`'s messages, with no session: nothing is
+/// loaded, claimed or saved, and no other turn is waited for. Its frames go
+/// into `frames` as a turn's do, numbered from 1: the model's events, then
+/// the `interaction.turn` end frame. `control` stops it, as does
+/// `settings.turn_timeout` (model error `turn_timeout`); like a turn, it is
+/// counted in the turn metrics. For clients that keep their conversation
+/// themselves (the OpenAI-compatible HTTP API without a session).
+pub async fn run_unsaved<M: Model, F: Frames>(
+    frames: &F,
+    framer: Framer,
+    settings: TurnSettings,
+    model: Arc<M>,
+    unsaved: Unsaved<'_>,
+    control: Arc<TurnControl>,
+) -> Report {
+    let started = Instant::now();
+    let interaction_id = unsaved.interaction_id;
+    let request = serde_json::to_string(&RequestRef {
+        session_id: "",
+        interaction_id,
+        backend: model.name(),
+        messages: unsaved.messages,
+        params: unsaved.params,
+    });
+    let sink = TurnSink::new(
+        framer,
+        control.clone(),
+        interaction_id.to_owned(),
+        0,
+        settings.max_turn_events,
+        started,
+    );
+    let generating = generate(frames, model, request, sink);
+    let generated = match settings.turn_timeout {
+        None => generating.await,
+        Some(limit) => {
+            tokio::pin!(generating);
+            tokio::select! {
+                generated = &mut generating => generated,
+                () = tokio::time::sleep(limit) => {
+                    control.fail(past_deadline(limit));
+                    generating.await
+                }
+            }
+        }
+    };
+    let mut report = Report::new(Status::Failed, interaction_id.to_owned(), None, started);
+    let (status, last_sequence) = match generated {
+        Some((mut sink, status)) => {
+            report.usage = sink.usage;
+            report.first_token = sink.first_output;
+            report.code = sink.error_code.take();
+            count_tokens(sink.usage);
+            (status, sink.sequence)
+        }
+        None => (Status::Failed, 0),
+    };
+    let metrics = metrics();
+    metrics
+        .turn_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .turns
+        .get_or_create(&[("status", status.as_str())])
+        .inc();
+    let end_sequence = last_sequence + 1;
+    let frame = framer.turn(
+        &TurnEvent::End {
+            status: status.as_str(),
+            interaction_id,
+            prompt_id: None,
+        },
+        &Meta::now(end_sequence, SOURCE_HOST, Some(interaction_id)),
+    );
+    frames
+        .send_numbered(&mut vec![Bytes::from(frame)], end_sequence)
+        .await;
+    report.status = status;
+    report.duration = started.elapsed();
+    report
+}
+
+/// Why a turn past its deadline is stopped.
+fn past_deadline(limit: std::time::Duration) -> Failure {
+    Failure {
+        code: "turn_timeout",
+        message: format!(
+            "the turn ran longer than {} s (server.turn_timeout_secs)",
+            limit.as_secs()
+        ),
+    }
+}
+
+/// Counts the tokens a model reported in `llm_host_tokens_total`.
+fn count_tokens(usage: Option<llm_host_plugin_api::Usage>) {
+    if let Some(usage) = usage {
+        let tokens = &metrics().tokens;
+        tokens
+            .get_or_create(&[("kind", "input")])
+            .inc_by(usage.input_tokens);
+        tokens
+            .get_or_create(&[("kind", "output")])
+            .inc_by(usage.output_tokens);
+    }
 }
 
 /// Commits the turn; answers its status, failed if it was not saved (with
@@ -440,6 +561,60 @@ impl RequestRef<'_> {
 mod tests {
     use super::*;
     use llm_host_plugin_api::{ModelRequest, ToolCall};
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsaved_run_streams_the_given_messages_and_ends() {
+        use crate::core::fakes::{FakeFrames, FakeModel};
+        use crate::protocol::Envelope;
+        let framer = Framer {
+            envelope: Envelope::Flat,
+        };
+        let messages = [
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "hi there"),
+        ];
+        let params = TurnParams::default();
+        let unsaved = Unsaved {
+            interaction_id: "chatcmpl-1",
+            messages: &messages,
+            params: &params,
+        };
+        let model = Arc::new(FakeModel::new(std::time::Duration::from_millis(10)));
+
+        let frames = FakeFrames::default();
+        let control = Arc::new(TurnControl::default());
+        let settings = crate::core::TurnSettings::default();
+        let report = run_unsaved(&frames, framer, settings, model.clone(), unsaved, control).await;
+        assert_eq!(report.status, Status::Completed);
+        assert_eq!(report.interaction_id, "chatcmpl-1");
+        assert_eq!(frames.text(), "echo: hi there");
+        let all = frames.all();
+        let last = all.last().expect("frames");
+        assert_eq!(last["name"], "interaction.turn");
+        assert_eq!(last["data"]["event"]["status"], "completed");
+        let sequences = frames.turn_sequences();
+        let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+        assert_eq!(sequences, expected);
+
+        // Cancelled: the model stops at its next event.
+        let frames = FakeFrames::default();
+        let control = Arc::new(TurnControl::default());
+        control.cancel();
+        let report = run_unsaved(&frames, framer, settings, model.clone(), unsaved, control).await;
+        assert_eq!(report.status, Status::Cancelled);
+
+        // Past the deadline: `turn_timeout`.
+        let frames = FakeFrames::default();
+        let settings = crate::core::TurnSettings {
+            turn_timeout: Some(std::time::Duration::from_millis(15)),
+            ..settings
+        };
+        let control = Arc::new(TurnControl::default());
+        let report = run_unsaved(&frames, framer, settings, model, unsaved, control).await;
+        assert_eq!(report.status, Status::Failed);
+        assert_eq!(report.code.as_deref(), Some("turn_timeout"));
+        assert_eq!(frames.codes(), ["turn_timeout"]);
+    }
 
     #[test]
     fn the_borrowed_request_is_a_model_request() {

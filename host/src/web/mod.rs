@@ -8,6 +8,7 @@
 //! - [`queue`]: a connection's prompt queue, its limits, its turns.
 //! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
+//! - [`openai`]: the OpenAI-compatible HTTP API: chat completions, models.
 //! - [`auth`]: API keys and who may do what.
 //! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
 
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod connection;
 pub mod listener;
+pub mod openai;
 pub mod outbox;
 pub mod queue;
 pub mod redact;

@@ -64,7 +64,9 @@ pub fn routes(
     allowed_origin(host.clone())
         .and(
             websocket(host.clone())
-                .or(super::admin::routes(host))
+                .or(super::admin::routes(host.clone()))
+                .unify()
+                .or(super::openai::routes(host))
                 .unify(),
         )
         .recover(|rejection: warp::Rejection| async move {

@@ -80,6 +80,7 @@ async fn each_turn_leaves_an_access_log_line() {
     ] {
         assert!(line.contains(field), "{field} not in {line}");
     }
+    assert!(host.logged("prompt refused").await, "{}", host.log());
     let audit = host.log();
     assert!(
         audit
@@ -194,7 +195,7 @@ async fn reloads_report_what_changed_to_whom_it_concerns() {
     client.send_text("still echo").await;
     let turn = client.read_turn().await;
     assert!(turn.diagnostics().is_empty(), "{}", turn.dump());
-    assert!(host.log().contains("API key `bob` added"), "{}", host.log());
+    assert!(host.logged("API key `bob` added").await, "{}", host.log());
 }
 
 // Rotating a key: its secrets come from key_file, read again on every
