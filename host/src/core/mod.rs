@@ -8,7 +8,8 @@
 //!   it runs (ownership, leases, sequence reservations, fencing).
 //! - [`commit`]: saving a finished turn.
 //! - [`sink`]: a turn's model events into numbered frames and an answer.
-//! - [`turn`]: one turn from prompt to end frame; stepped and blocking models;
+//! - [`turn`]: one turn from prompt to end frame (and [`generate`], the model
+//!   run in steps or on the blocking pool);
 //!   a model run once over given messages, with no session ([`turn::run_unsaved`]).
 //! - [`locks`]: one turn of a session at a time on this host.
 //!
@@ -21,6 +22,7 @@
 pub mod claim;
 pub mod commit;
 pub mod document;
+mod generate;
 pub mod locks;
 pub mod ports;
 pub mod sink;
