@@ -31,6 +31,9 @@ pub struct TurnControl {
     failure: Mutex<Option<Failure>>,
     /// Wakes a turn that waits (a pause, a pending step, a busy session).
     pub(super) stopped: Notify,
+    /// Set just before the turn's end frame goes out: from then on there
+    /// is nothing left to cancel.
+    ended: AtomicBool,
 }
 
 impl TurnControl {
@@ -47,6 +50,17 @@ impl TurnControl {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(failure);
         self.cancel();
+    }
+
+    /// The turn is ending: its end frame is about to go out.
+    pub(super) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// Whether the turn's end frame has gone out (or is about to): a cancel
+    /// that comes now has nothing to cancel.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Whether the turn must stop.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::fakes::{Client, FakeModel, FakeStore};
 use super::locks::SessionLocks;
-use super::sink::Status;
+use super::sink::{Status, TurnControl};
 use super::{turn, Prompt, TurnSettings};
 
 fn pairs(messages: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -49,6 +49,24 @@ async fn a_turn_is_claimed_streamed_and_saved() {
         assert!(doc.get("lease").is_none(), "the lease is released");
         assert_eq!(store.owner("s").as_deref(), Some("alice"));
     }
+}
+
+// A turn is marked ended before its end frame goes out, so that a cancel
+// the client sends right after that frame is told there is nothing to
+// cancel instead of being swallowed by a turn that is already over.
+#[tokio::test(start_paused = true)]
+async fn a_turn_is_marked_ended_before_its_end_frame() {
+    let store = FakeStore::new(false);
+    let locks = SessionLocks::default();
+    let model = FakeModel::new(Duration::ZERO);
+    let client = Client::new("host-1", &store, "s", "alice");
+    let control = Arc::new(TurnControl::default());
+    assert!(!control.has_ended());
+    let status = client
+        .prompt_with(&locks, &model, "hi", control.clone())
+        .await;
+    assert_eq!(status, Status::Completed);
+    assert!(control.has_ended());
 }
 
 #[tokio::test(start_paused = true)]

@@ -146,6 +146,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
                     Status::Failed
                 }
             };
+            control.end();
             end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
             return Report::new(status, turn, code, started);
         }
@@ -219,6 +220,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     metrics()
         .turn_seconds
         .observe(started.elapsed().as_secs_f64());
+    control.end();
     end_turn(scope, end_sequence, &interaction_id, prompt_id, status).await;
     report.status = status;
     report.duration = started.elapsed();
@@ -303,6 +305,7 @@ pub async fn run_unsaved<M: Model, F: Frames>(
         .get_or_create(&[("status", status.as_str())])
         .inc();
     let end_sequence = last_sequence + 1;
+    control.end();
     let frame = framer.turn(
         &TurnEvent::End {
             status: status.as_str(),

@@ -29,11 +29,14 @@ pub(super) fn turn_running(current: &CurrentTurn) -> bool {
 pub(super) fn cancel_current(current: &CurrentTurn) -> bool {
     let guard = current.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
-        Some(control) => {
+        // A turn whose end frame went out is over for the client, even if
+        // the worker has not cleared it yet: a cancel now is answered
+        // `nothing_to_cancel`, not swallowed.
+        Some(control) if !control.has_ended() => {
             control.cancel();
             true
         }
-        None => false,
+        _ => false,
     }
 }
 

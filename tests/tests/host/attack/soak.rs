@@ -275,6 +275,14 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
 
     assert!(host.is_running(), "the host died; log:\n{}", host.log());
     fresh_turn(&host, "after the soak").await;
+    if !log.bugs.is_empty() {
+        let host_log = host.log();
+        let tail: Vec<&str> = host_log.lines().rev().take(120).collect();
+        eprintln!(
+            "the host's last log lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     assert!(log.bugs.is_empty(), "seed {seed}:\n{}", log.bugs.join("\n"));
     assert!(
         rss_peak < RSS_BOUND_MIB,

@@ -24,6 +24,8 @@ pub(super) struct Conn {
     command: bool,
     /// Connected with `?model=slow_echo`: plain prompts run slowly.
     slow: bool,
+    /// The last frame sent (its start), for a report of a stall.
+    last: String,
 }
 
 impl Conn {
@@ -56,7 +58,12 @@ impl Conn {
             .await
             .map_err(|_| stall("connect"))?
             .map_err(|_| End::Closed)?;
-        let mut conn = Conn { ws, command, slow };
+        let mut conn = Conn {
+            ws,
+            command,
+            slow,
+            last: String::new(),
+        };
         // Or the store failed to load the session: a diagnostic, close 1013.
         let open = conn.recv().await?;
         let (id, resumed) = (&open.event()["sessionId"], &open.event()["resumed"]);
@@ -67,16 +74,22 @@ impl Conn {
     }
 
     pub(super) async fn send(&mut self, message: Message) -> Result<(), End> {
+        self.last = match &message {
+            Message::Text(text) => text.as_str().chars().take(120).collect(),
+            other => format!("{other:?}").chars().take(60).collect(),
+        };
         let sent = timeout(WAIT, self.ws.send(message)).await;
         sent.map_err(|_| stall("send"))?.map_err(|_| End::Closed)
     }
 
     /// The next frame; pings and pongs are skipped.
     pub(super) async fn recv(&mut self) -> Result<Frame, End> {
+        // One deadline for the frame, however many pings come meanwhile.
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let text = match timeout(WAIT, self.ws.next())
+            let text = match tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .map_err(|_| stall("read"))?
+                .map_err(|_| stall(&format!("read (after {})", self.last)))?
             {
                 Some(Ok(Message::Text(text))) => text.as_str().to_owned(),
                 Some(Ok(Message::Binary(_))) => return Err(End::Bug("a binary frame".into())),
@@ -115,7 +128,10 @@ impl Conn {
         if frame.is_turn_end() && frame.event()["status"] == "refused" {
             Ok(())
         } else {
-            Err(End::Bug(format!("a refusal without its end: {}", frame.text)))
+            Err(End::Bug(format!(
+                "a refusal without its end: {}",
+                frame.text
+            )))
         }
     }
 
