@@ -89,7 +89,10 @@ pub async fn serve(
             .store(true, std::sync::atomic::Ordering::Release);
         let drain = draining.active.load().config.server.drain_secs;
         if drain > 0 {
-            tracing::info!(drain_secs = drain, "draining: /readyz answers 503; still serving");
+            tracing::info!(
+                drain_secs = drain,
+                "draining: /readyz answers 503; still serving"
+            );
             tokio::time::sleep(Duration::from_secs(drain)).await;
         }
         let _ = draining.shutdown.send(true);
@@ -132,7 +135,11 @@ pub fn validate(config: &Path) -> ExitCode {
     };
     let active = host.active.load_full();
     let mut problems = Vec::new();
-    if let Some(problem) = active.config.auth.exposure_problem(active.config.server.listen) {
+    if let Some(problem) = active
+        .config
+        .auth
+        .exposure_problem(active.config.server.listen)
+    {
         problems.push(problem);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -155,7 +162,10 @@ pub fn validate(config: &Path) -> ExitCode {
         }
     });
     if !problems.is_empty() {
-        eprintln!("llm-host: the config would not serve:\n{}", problems.join("\n"));
+        eprintln!(
+            "llm-host: the config would not serve:\n{}",
+            problems.join("\n")
+        );
         return ExitCode::FAILURE;
     }
     println!(

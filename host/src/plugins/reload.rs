@@ -301,7 +301,11 @@ fn auth_changes(was: &crate::config::AuthConfig, now: &crate::config::AuthConfig
             Some(_) => {}
         }
     }
-    for old in was.keys.iter().filter(|old| !now.keys.iter().any(|k| k.id == old.id)) {
+    for old in was
+        .keys
+        .iter()
+        .filter(|old| !now.keys.iter().any(|k| k.id == old.id))
+    {
         changes.push(format!(
             "API key `{}` removed; its open sockets are closed",
             old.id

@@ -176,11 +176,22 @@ async fn the_install_script_assembles_a_layout_that_serves() {
     );
     let mut plugins: Vec<String> = std::fs::read_dir(dest.path().join("plugins"))
         .expect("plugins/")
-        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     plugins.sort();
     assert_eq!(plugins.len(), 8, "{plugins:?}");
-    assert!(plugins.iter().all(|name| name.starts_with("libllm_plugin_")), "{plugins:?}");
+    assert!(
+        plugins
+            .iter()
+            .all(|name| name.starts_with("libllm_plugin_")),
+        "{plugins:?}"
+    );
     use std::os::unix::fs::PermissionsExt;
     for name in &plugins {
         let mode = std::fs::metadata(dest.path().join("plugins").join(name))
