@@ -194,15 +194,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
             report.usage = sink.usage;
             report.first_token = sink.first_output;
             report.code = sink.error_code.take();
-            if let Some(usage) = sink.usage {
-                let tokens = &metrics().tokens;
-                tokens
-                    .get_or_create(&[("kind", "input")])
-                    .inc_by(usage.input_tokens);
-                tokens
-                    .get_or_create(&[("kind", "output")])
-                    .inc_by(usage.output_tokens);
-            }
+            count_tokens(sink.usage);
             (status, sink.sequence, sink.assistant_message())
         }
         None => (Status::Failed, attachment.sequence(), None),

@@ -2,6 +2,7 @@
 //! socket. It turns client frames into prompts for the turn core and hands
 //! the core an [`outbox::Outbox`] to write frames into.
 //!
+//! - [`access`]: the access log and metrics of each finished turn, from any door.
 //! - [`listener`]: accepting connections, header timeouts, pending caps.
 //! - [`server`]: the routes and the WebSocket upgrade.
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
@@ -12,6 +13,7 @@
 //! - [`auth`]: API keys and who may do what.
 //! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod connection;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::access::{record_turn, TurnOf};
 use super::connection::Connection;
 use crate::core::sink::{Status, TurnControl};
 use crate::core::{self, Prompt, Scope};
@@ -260,35 +261,14 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
     };
     let backend_name = backend.name.clone();
     let report = core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await;
-    access_log(conn, &backend_name, &report);
-    metrics().turn_of(
-        &backend_name,
-        report.status.as_str(),
-        report.code.as_deref(),
-        report.usage,
-    );
+    let of = TurnOf {
+        api: "websocket",
+        key: conn.caller.id(),
+        client: conn.peer,
+        session: &conn.attachment.session_id,
+        request: None,
+        backend: &backend_name,
+    };
+    record_turn(&of, &report);
     report.status
-}
-
-/// The access log: one line per turn, target `llm_host::access` (so
-/// `RUST_LOG=llm_host::access=info` keeps it alone), as JSON fields with
-/// `LLM_HOST_LOG_FORMAT=json`.
-fn access_log(conn: &Connection, backend: &str, report: &core::turn::Report) {
-    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let usage = report.usage.unwrap_or_default();
-    tracing::info!(
-        target: "llm_host::access",
-        key = conn.caller.id(),
-        client = %conn.peer.map(|peer| peer.to_string()).unwrap_or_default(),
-        session = %conn.attachment.session_id,
-        backend,
-        turn = %report.interaction_id,
-        status = report.status.as_str(),
-        code = report.code.as_deref().unwrap_or(""),
-        duration_ms = millis(report.duration),
-        first_token_ms = report.first_token.map(millis),
-        input_tokens = usage.input_tokens,
-        output_tokens = usage.output_tokens,
-        "turn"
-    );
 }

@@ -49,6 +49,7 @@ use crate::metrics::metrics;
 use crate::plugins::runtime::{Active, ModelBackend, StoreBackend};
 use crate::protocol::{now_ms, Envelope, Framer};
 use crate::state::HostState;
+use crate::web::access::{record_turn, TurnOf};
 use crate::web::auth::Caller;
 
 /// The request header that names the session a request is a turn of.
@@ -461,13 +462,15 @@ impl Job {
                 turn.await
             }
         };
-        self.access_log(&report);
-        metrics().turn_of(
-            &self.backend.name,
-            report.status.as_str(),
-            report.code.as_deref(),
-            report.usage,
-        );
+        let of = TurnOf {
+            api: "openai",
+            key: self.caller.id(),
+            client: self.peer,
+            session: self.session.as_deref().unwrap_or(""),
+            request: Some(&self.id),
+            backend: &self.backend.name,
+        };
+        record_turn(&of, &report);
     }
 
     async fn turn(&self) -> Report {
@@ -527,29 +530,5 @@ impl Job {
                 .await
             }
         }
-    }
-
-    /// The access log's line for the turn, as a socket's turn has
-    /// (target `llm_host::access`), with `api = "openai"`.
-    fn access_log(&self, report: &Report) {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let usage = report.usage.unwrap_or_default();
-        tracing::info!(
-            target: "llm_host::access",
-            api = "openai",
-            key = self.caller.id(),
-            client = %self.peer.map(|peer| peer.to_string()).unwrap_or_default(),
-            session = self.session.as_deref().unwrap_or(""),
-            request = %self.id,
-            backend = %self.backend.name,
-            turn = %report.interaction_id,
-            status = report.status.as_str(),
-            code = report.code.as_deref().unwrap_or(""),
-            duration_ms = millis(report.duration),
-            first_token_ms = report.first_token.map(millis),
-            input_tokens = usage.input_tokens,
-            output_tokens = usage.output_tokens,
-            "turn"
-        );
     }
 }

@@ -1,0 +1,57 @@
+//! The access log and the metrics by backend: one record per finished turn,
+//! whichever door it came in by (a session socket, the OpenAI-compatible
+//! HTTP API).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::core::turn::Report;
+use crate::metrics::metrics;
+
+/// Who a finished turn was for.
+pub struct TurnOf<'a> {
+    /// The door: `websocket` or `openai`.
+    pub api: &'static str,
+    /// The API key's id (`anonymous` in open mode).
+    pub key: &'a str,
+    /// The client's address.
+    pub client: Option<SocketAddr>,
+    /// The session (empty for an HTTP request without one).
+    pub session: &'a str,
+    /// The HTTP request's id, for a turn that was one.
+    pub request: Option<&'a str>,
+    /// The backend that ran it.
+    pub backend: &'a str,
+}
+
+/// Records a finished turn: one line with target `llm_host::access` (so
+/// `RUST_LOG=llm_host::access=info` keeps it alone; JSON fields with
+/// `LLM_HOST_LOG_FORMAT=json`), and the turn and its tokens in the metrics
+/// by backend.
+pub fn record_turn(of: &TurnOf<'_>, report: &Report) {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let usage = report.usage.unwrap_or_default();
+    tracing::info!(
+        target: "llm_host::access",
+        api = of.api,
+        key = of.key,
+        client = of.client.map(tracing::field::display),
+        session = %of.session,
+        request = of.request,
+        backend = of.backend,
+        turn = %report.interaction_id,
+        status = report.status.as_str(),
+        code = report.code.as_deref().unwrap_or(""),
+        duration_ms = millis(report.duration),
+        first_token_ms = report.first_token.map(millis),
+        input_tokens = usage.input_tokens,
+        output_tokens = usage.output_tokens,
+        "turn"
+    );
+    metrics().turn_of(
+        of.backend,
+        report.status.as_str(),
+        report.code.as_deref(),
+        report.usage,
+    );
+}
