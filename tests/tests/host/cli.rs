@@ -149,18 +149,7 @@ fn a_bad_backend_setting_fails_the_start() {
 // the installed host serves a turn from that layout.
 #[tokio::test]
 async fn the_install_script_assembles_a_layout_that_serves() {
-    let packages = [
-        "llm-host",
-        "llm-plugin-echo",
-        "llm-plugin-memory",
-        "llm-plugin-sqlite",
-        "llm-plugin-redis",
-        "llm-plugin-postgres",
-        "llm-plugin-openai",
-        "llm-plugin-anthropic",
-        "llm-plugin-ollama",
-    ];
-    let built = llm_host_tests::build_packages(&packages);
+    let built = llm_host_tests::build_packages(crate::common::SHIPPED);
     let dest = tempfile::tempdir().expect("a temporary directory");
     let output = std::process::Command::new("bash")
         .arg(llm_host_tests::workspace_root().join("scripts/install.sh"))

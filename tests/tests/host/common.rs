@@ -1,6 +1,12 @@
-//! Assertions shared by the test modules.
+//! Assertions and helpers shared by the test modules.
 
-use llm_host_tests::{Frame, Turn};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llm_host_conformance::support::skip_or_fail;
+use llm_host_tests::{http, Frame, Host, Turn};
 use serde_json::Value;
 
 /// Which envelope a host was configured with.
@@ -191,4 +197,132 @@ pub fn assert_echo_turn(turn: &Turn, prompt: &str, input_tokens: u64, interactio
         Some(input_tokens),
         "usage.inputTokens counts the words of the whole conversation:\n{dump}"
     );
+}
+
+/// A private redis-server that keeps its data on disk (an append-only file
+/// synced before each write is answered: what it acknowledged survives a
+/// kill), so it can be stopped and started again with the sessions it had;
+/// killed on drop.
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    pub fn start(dir: &Path, port: u16) -> Option<PrivateRedis> {
+        let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(binary) = binary else {
+            skip_or_fail("no redis-server binary for a private Redis server");
+            return None;
+        };
+        let child = Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(PrivateRedis {
+            child: Some(child),
+            port,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut again = PrivateRedis::start(&self.dir, self.port).expect("redis-server restarts");
+        self.child = again.child.take();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The packages `scripts/install.sh` installs (the Dockerfile's builder
+/// stage runs it): the host and the shipped plugins.
+pub const SHIPPED: &[&str] = &[
+    "llm-host",
+    "llm-plugin-echo",
+    "llm-plugin-memory",
+    "llm-plugin-sqlite",
+    "llm-plugin-redis",
+    "llm-plugin-postgres",
+    "llm-plugin-openai",
+    "llm-plugin-anthropic",
+    "llm-plugin-ollama",
+];
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Session `id` as `GET /v1/sessions/{id}` answers it (which must be 200).
+pub async fn stored(host: &Host, id: &str) -> Value {
+    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
+    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
+    reply.json()
+}
+
+/// The messages of a stored `session`, as `role: content`.
+pub fn contents(session: &Value) -> Vec<String> {
+    session["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("messages is an array: {session}"))
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["role"].as_str().unwrap_or("?"),
+                m["content"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// The stored messages of session `id`, as `role: content`.
+pub async fn stored_messages(host: &Host, id: &str) -> Vec<String> {
+    contents(&stored(host, id).await)
 }

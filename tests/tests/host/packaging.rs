@@ -18,7 +18,7 @@
 //! a test that misses one says it skipped, and fails instead under `CI=true`.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,23 +31,12 @@ use llm_host_tests::{
 };
 use tempfile::TempDir;
 
+use crate::common::{free_port, SHIPPED};
+
 /// The secrets the packaged config reads from `LLM_HOST_API_KEY` and
 /// `LLM_HOST_ADMIN_KEY`.
 const CLIENT_KEY: &str = "packaging-client-key-0123456789";
 const ADMIN_KEY: &str = "packaging-admin-key-0123456789";
-
-/// What `scripts/install.sh` installs (the Dockerfile's builder stage runs it).
-const SHIPPED: &[&str] = &[
-    "llm-host",
-    "llm-plugin-echo",
-    "llm-plugin-memory",
-    "llm-plugin-sqlite",
-    "llm-plugin-redis",
-    "llm-plugin-postgres",
-    "llm-plugin-openai",
-    "llm-plugin-anthropic",
-    "llm-plugin-ollama",
-];
 
 fn packaging_file(name: &str) -> String {
     let path = workspace_root().join("packaging").join(name);
@@ -81,13 +70,6 @@ fn unit_setting<'a>(unit: &'a str, key: &str) -> &'a str {
     unit.lines()
         .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
         .unwrap_or_else(|| panic!("the unit has no {key}= line"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 fn run(command: &mut Command) -> (ExitStatus, String) {

@@ -20,6 +20,8 @@ use llm_host_tests::{
 };
 use serde_json::Value;
 
+use crate::common::stored_messages;
+
 /// How long a reload may take to show (debounce is 200 ms).
 const RELOAD_WAIT: Duration = Duration::from_secs(20);
 
@@ -213,27 +215,6 @@ async fn wait_until_used(host: &Host, name: &str, entry: &str) {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// `role: content` of each stored message of session `id`.
-async fn stored_messages(host: &Host, id: &str) -> Vec<String> {
-    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
-    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
-    reply.json()["messages"]
-        .as_array()
-        .map(|messages| {
-            messages
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{}: {}",
-                        m["role"].as_str().unwrap_or("?"),
-                        m["content"].as_str().unwrap_or("")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 // The quick start's model plugin: written, built outside the workspace,

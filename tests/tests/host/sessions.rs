@@ -2,7 +2,9 @@
 
 use llm_host_tests::{http, json, words, Config, Host, Turn};
 
-use crate::common::{assert_contiguous, assert_echo_turn, assert_session_open, Envelope};
+use crate::common::{
+    assert_contiguous, assert_echo_turn, assert_session_open, stored_messages, Envelope,
+};
 
 // History reaches the model across turns and across a reconnect with ?session=, and turn ids continue.
 #[tokio::test]
@@ -81,25 +83,6 @@ async fn turns_of_two_connections_take_turns_on_one_history() {
     history += words("echo: four five");
     assert_echo_turn(&turn, "five", history, "turn-4");
     assert_contiguous(&turn, last + 1);
-}
-
-/// The stored messages of session `id`, as `role: content`.
-async fn stored_messages(host: &Host, id: &str) -> Vec<String> {
-    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
-    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
-    let session = reply.json();
-    session["messages"]
-        .as_array()
-        .unwrap_or_else(|| panic!("messages is an array: {session}"))
-        .iter()
-        .map(|m| {
-            format!(
-                "{}: {}",
-                m["role"].as_str().unwrap_or("?"),
-                m["content"].as_str().unwrap_or("?")
-            )
-        })
-        .collect()
 }
 
 // A session deleted while a connection is open is not brought back by its next turn: that turn starts an empty history.

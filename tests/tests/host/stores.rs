@@ -6,13 +6,15 @@
 //! reach one says it skipped, and fails instead under `CI=true`.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use llm_host_conformance::support::{env_or, skip_or_fail, unique_token};
 use llm_host_tests::{artifacts, http, Client, Config, Host, Turn, Workdir};
+
+use crate::common::{contents, free_port, stored, PrivateRedis};
 use serde_json::Value;
 
 /// A store the tests can run the host on.
@@ -115,30 +117,6 @@ fn start_host_with_env(kind: Kind, config: &Config, env: &[(&str, &str)]) -> Hos
     );
     workdir.write_config(&text);
     Host::start_with_env(workdir, &[], env)
-}
-
-async fn stored(host: &Host, id: &str) -> Value {
-    let reply = http(host.addr(), "GET", &format!("/v1/sessions/{id}")).await;
-    assert_eq!(reply.status, 200, "GET /v1/sessions/{id}: {}", reply.body);
-    reply.json()
-}
-
-fn contents(session: &Value) -> Vec<String> {
-    session["messages"]
-        .as_array()
-        .map(|messages| {
-            messages
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{}: {}",
-                        m["role"].as_str().unwrap_or("?"),
-                        m["content"].as_str().unwrap_or("")
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 // A session survives a host restart on sqlite, redis and postgres.
@@ -305,89 +283,6 @@ async fn two_hosts_sharing_a_store_lose_nothing() {
         assert_nothing_lost(&stored(&one, &id).await, &writers, &turns, &what);
         let _ = http(one.addr(), "DELETE", &format!("/v1/sessions/{id}")).await;
     }
-}
-
-/// A private redis-server that keeps its data on disk, so it can be stopped
-/// and started again with the sessions it had.
-struct PrivateRedis {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl PrivateRedis {
-    fn start(dir: &Path, port: u16) -> Option<PrivateRedis> {
-        let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
-        let Some(binary) = binary else {
-            skip_or_fail("no redis-server binary for the outage test");
-            return None;
-        };
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !reachable(&format!("127.0.0.1:{port}")) {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(PrivateRedis {
-            child: Some(child),
-            port,
-            dir: dir.to_owned(),
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
-    fn freeze(&self, frozen: bool) {
-        if let Some(child) = &self.child {
-            let signal = if frozen { "-STOP" } else { "-CONT" };
-            let status = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill {signal}");
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        let mut again = PrivateRedis::start(&self.dir, self.port).expect("redis-server restarts");
-        self.child = again.child.take();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 // The store goes away mid-turn: the turn fails with a store error, the host goes on,

@@ -14,13 +14,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use llm_host_conformance::support::{skip_or_fail, unique_token};
+use llm_host_conformance::support::unique_token;
 use llm_host_tests::{artifacts, http, json, Config, Frame, Host, Turn, Workdir, COMMAND_PROTOCOL};
+
+use crate::common::{free_port, PrivateRedis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
@@ -68,52 +68,6 @@ impl Rng {
 
     fn pick<T: Clone>(&mut self, items: &[T]) -> T {
         items[self.below(items.len())].clone()
-    }
-}
-
-/// A private redis-server, killed on drop, with an append-only file synced
-/// before each write is answered: what it acknowledged survives a kill.
-struct Redis(Child);
-
-impl Redis {
-    /// None (skipped; under CI a failure) when redis-server is not installed.
-    fn start(dir: &Path, port: u16) -> Option<Redis> {
-        let Some(binary) = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
-            .into_iter()
-            .find(|path| Path::new(path).exists())
-        else {
-            skip_or_fail("no redis-server binary for the soak test");
-            return None;
-        };
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let redis = Redis(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(redis)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -207,11 +161,8 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
     let seed = env_number("LLM_HOST_SOAK_SEED").unwrap_or(now.as_nanos() as u64);
     eprintln!("soak: {CLIENTS} clients for {secs} s, LLM_HOST_SOAK_SEED={seed}");
     let dir = tempfile::tempdir().expect("a directory for redis");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let Some(mut redis) = Redis::start(dir.path(), port) else {
+    let port = free_port();
+    let Some(mut redis) = PrivateRedis::start(dir.path(), port) else {
         return;
     };
     let mut host = start_host(port);
@@ -244,10 +195,9 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
         let late = Duration::from_secs(secs) + 5 * WAIT;
         assert!(started.elapsed() < late, "the clients did not finish");
         if !restarted && started.elapsed() >= Duration::from_secs(secs) / 2 {
-            drop(redis);
+            redis.stop();
             sleep(Duration::from_secs(1)).await;
-            redis = tokio::task::block_in_place(|| Redis::start(dir.path(), port))
-                .expect("redis-server starts again");
+            tokio::task::block_in_place(|| redis.restart());
             restarted = true;
             eprintln!(
                 "soak: Redis was down from {:?}",
