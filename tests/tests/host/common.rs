@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use llm_host_conformance::support::skip_or_fail;
-use llm_host_tests::{http, Frame, Host, Turn};
+use llm_host_tests::{http, http_with, Frame, Host, Turn};
 use serde_json::Value;
 
 /// Which envelope a host was configured with.
@@ -325,4 +325,16 @@ pub fn contents(session: &Value) -> Vec<String> {
 /// The stored messages of session `id`, as `role: content`.
 pub async fn stored_messages(host: &Host, id: &str) -> Vec<String> {
     contents(&stored(host, id).await)
+}
+
+/// `POST /v1/reload` with the admin key `key`, which must answer 200.
+pub async fn reload_as(host: &Host, key: &str) {
+    let reply = http_with(
+        host.addr(),
+        "POST",
+        "/v1/reload",
+        &[("Authorization", &format!("Bearer {key}"))],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "POST /v1/reload: {}", reply.body);
 }

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use llm_host_tests::{http, json, Config, Host};
 
+use crate::common::reload_as;
+
 // With server.drain_secs, SIGTERM turns /readyz to 503 at once while the
 // host goes on serving, new connections included; then it stops.
 #[tokio::test]
@@ -171,15 +173,8 @@ async fn reloads_report_what_changed_to_whom_it_concerns() {
         .to_toml()
         .replacen("{ tokens = 3 }", "{ tokens = 4 }", 1);
     host.workdir().write_config(&edited);
-    let reply = llm_host_tests::http_with(
-        host.addr(),
-        "POST",
-        "/v1/reload",
-        &[("Authorization", &format!("Bearer {OPS}"))],
-    )
-    .await;
     // The watcher may have applied it first; either way the log says it.
-    assert!(reply.status == 200, "{}", reply.body);
+    reload_as(&host, OPS).await;
     let notice = short.next_json().await;
     assert_eq!(notice.diagnostic_code(), "reloaded", "{}", notice.text);
     let message = notice.entry()["message"].as_str().unwrap_or_default();
@@ -217,21 +212,11 @@ async fn a_key_is_rotated_without_a_gap() {
     let keys = workdir.path().join("alice.keys");
     std::fs::write(&keys, format!("{OLD}\n")).expect("write the key file");
     let host = Host::start_in(workdir, &[]);
-    let reload = || async {
-        let reply = llm_host_tests::http_with(
-            host.addr(),
-            "POST",
-            "/v1/reload",
-            &[("Authorization", &format!("Bearer {OPS}"))],
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-    };
     let mut old = host.connect(&format!("/v1/ws?token={OLD}")).await;
     old.next_json().await;
 
     std::fs::write(&keys, format!("# rotating\n{OLD}\n{NEW}\n")).expect("write");
-    reload().await;
+    reload_as(&host, OPS).await;
     let mut new = host.connect(&format!("/v1/ws?token={NEW}")).await;
     new.next_json().await;
     old.send_text("old still works").await;
@@ -251,7 +236,7 @@ async fn a_key_is_rotated_without_a_gap() {
     assert!(!listed.to_string().contains(OLD), "{listed}");
 
     std::fs::write(&keys, format!("{NEW}\n")).expect("write");
-    reload().await;
+    reload_as(&host, OPS).await;
     let ending = loop {
         match old.next_text().await {
             Ok(_) => continue,

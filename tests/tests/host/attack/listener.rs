@@ -189,14 +189,7 @@ async fn a_revoked_key_loses_its_open_sockets() {
         ..Config::default()
     };
     host.workdir().write_config(&changed.to_toml());
-    let reply = llm_host_tests::http_with(
-        host.addr(),
-        "POST",
-        "/v1/reload",
-        &[("Authorization", &format!("Bearer {OPS}"))],
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    crate::common::reload_as(&host, OPS).await;
 
     for socket in [&mut bob, &mut slow] {
         let mut codes = Vec::new();
