@@ -107,11 +107,13 @@ impl Tally {
     }
 
     /// Counts held by `name` now.
+    #[cfg(test)]
     pub fn held(&self, name: &str) -> usize {
         self.inner.lock().get(name).copied().unwrap_or(0)
     }
 
     /// Counts held by every name together.
+    #[cfg(test)]
     pub fn total(&self) -> usize {
         self.inner.total.load(Ordering::Acquire)
     }

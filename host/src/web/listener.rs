@@ -85,12 +85,18 @@ pub async fn serve<F>(
             },
             () = &mut shutdown => break,
         };
-        let server = host.active.load().config.server.clone();
-        let Some(pending) = host.pending.try_take(
-            &peer.ip().to_string(),
-            server.max_pending_per_address,
-            server.max_pending_connections,
-        ) else {
+        let (per_address, total, header_timeout) = {
+            let server = &host.active.load().config.server;
+            (
+                server.max_pending_per_address,
+                server.max_pending_connections,
+                Duration::from_secs(server.header_read_timeout_secs),
+            )
+        };
+        let Some(pending) = host
+            .pending
+            .try_take(&peer.ip().to_string(), per_address, total)
+        else {
             metrics().refuse("too_many_pending");
             tracing::debug!(%peer, "closed: too many connections not upgraded");
             drop(stream);
@@ -108,7 +114,7 @@ pub async fn serve<F>(
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(server.header_read_timeout_secs))
+            .header_read_timeout(header_timeout)
             .max_buf_size(64 * 1024);
         let mut stopping = stopping.clone();
         let open = open_tx.clone();

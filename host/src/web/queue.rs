@@ -105,7 +105,9 @@ pub(super) fn over_token_limit(
 /// Checks `prompt` against the limits and queues it, or tells the client
 /// why it was not run.
 pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt) {
-    let server = conn.host.active.load().config.server.clone();
+    // The active set, not a copy of its [server]: this runs for every prompt.
+    let active = conn.host.active.load_full();
+    let server = &active.config.server;
     let id = prompt.id.as_deref();
     if prompt.text.len() > server.max_prompt_bytes {
         let message = format!(
