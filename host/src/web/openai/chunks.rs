@@ -130,24 +130,9 @@ impl Chunks {
 
 #[cfg(test)]
 mod tests {
+    use super::super::response::tests::{answer_of, text};
     use super::*;
     use llm_host_plugin_api::{ToolCall, Usage};
-
-    fn answer_of(events: &[Event]) -> Answer {
-        let mut answer = Answer::default();
-        for event in events {
-            answer.add(event);
-        }
-        answer
-    }
-
-    fn text(t: &str) -> Event {
-        Event::Delta {
-            text: Some(t.into()),
-            reasoning: None,
-            tool_call: None,
-        }
-    }
 
     fn data(chunk: &Bytes) -> Value {
         let text = std::str::from_utf8(chunk).expect("UTF-8");

@@ -297,7 +297,7 @@ fn host_failure(code: &str, message: &str) -> ApiError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::protocol::{Envelope, Framer, Meta, ModelEvent, TurnEvent, SOURCE_MODEL};
     use bytes::BytesMut;
@@ -442,7 +442,8 @@ mod tests {
         assert_eq!(finish_reason(Some("cancelled"), false), "stop");
     }
 
-    fn answer_of(events: &[Event]) -> Answer {
+    /// The answer `events` make (also for the chunks' tests).
+    pub(in crate::web::openai) fn answer_of(events: &[Event]) -> Answer {
         let mut answer = Answer::default();
         for event in events {
             answer.add(event);
@@ -450,7 +451,8 @@ mod tests {
         answer
     }
 
-    fn text(t: &str) -> Event {
+    /// A text delta.
+    pub(in crate::web::openai) fn text(t: &str) -> Event {
         Event::Delta {
             text: Some(t.into()),
             reasoning: None,
