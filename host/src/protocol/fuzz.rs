@@ -484,15 +484,21 @@ fn tokens() -> impl Strategy<Value = String> {
     vec(select(tokens), 0..40).prop_map(|tokens| tokens.concat())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// 256 cases a property, or `PROPTEST_CASES`; failures are printed, not
+/// written to a regressions file.
+fn config() -> ProptestConfig {
+    ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
             .ok()
             .and_then(|cases| cases.parse().ok())
             .unwrap_or(256),
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
 
     // Guards the socket task against any text frame (any text, JSON-ish
     // tokens, bytes a broken encoder sent made UTF-8): parsing never panics,

@@ -169,14 +169,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     // Guards every model frame the host writes: one JSON object on one line
     // that reads back to the values written, in either envelope; and the hot
