@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llm_host_plugin_api::{
-    codes, FinishReason, ModelRequest, PluginError, Role, Sink, Step, SteppedModel, Steps, Usage,
-    Waker,
+    codes, FinishReason, Message, ModelRequest, PluginError, Role, Sink, Step, SteppedModel, Steps,
+    ToolCall, Usage, Waker,
 };
 use serde::Deserialize;
 
@@ -30,11 +30,27 @@ pub struct EchoSettings {
     /// host's timer.
     #[serde(default)]
     pub threaded: bool,
+    /// Call the tools the request declares, deterministically, instead of
+    /// answering at once (see [`Echo`]'s tool calls).
+    #[serde(default)]
+    pub call_tools: bool,
+    /// With `call_tools`: how many rounds of calls a prompt gets before echo
+    /// answers (default 1).
+    pub tool_rounds: Option<u64>,
 }
 
 /// The echo model. Its turns run in steps on the host's workers (see
 /// `llm_host_plugin_api::steps`): a paced turn sleeps on the host's timer,
 /// not on a thread.
+///
+/// Tool calls (`call_tools`): when the request declares tools and fewer
+/// than `tool_rounds` rounds of calls have been made since the last user
+/// message (a round is an assistant message with tool calls), echo calls
+/// every declared tool, in order, with arguments `{"prompt": PROMPT}` and
+/// ids `call_N_I` (N: the request's message count, I: the tool's index),
+/// and finishes with `tool-calls`. Otherwise it answers `echo:` followed by
+/// the prompt's words and then the words of every tool result since that
+/// user message, so a test sees the results reach the model.
 pub struct Echo {
     settings: EchoSettings,
     prefix: &'static str,
@@ -61,21 +77,57 @@ impl Echo {
             }
             return tokens;
         }
-        let prompt = request
-            .messages
-            .iter()
-            .rev()
-            .find(|m| m.role == Role::User)
-            .map(|m| m.content.as_str())
-            .unwrap_or_default();
+        let (prompt, since) = last_prompt(request);
         tokens.text.push_str(self.prefix);
         tokens.ends.push(tokens.text.len());
-        for word in prompt.split_whitespace() {
+        let results = since
+            .iter()
+            .filter(|m| m.role == Role::Tool)
+            .map(|m| m.content.as_str());
+        for word in std::iter::once(prompt).chain(results).flat_map(str::split_whitespace) {
             tokens.text.push(' ');
             tokens.text.push_str(word);
             tokens.ends.push(tokens.text.len());
         }
         tokens
+    }
+
+    /// The tool calls this turn makes instead of answering, if any (see
+    /// [`Echo`]).
+    fn tool_calls(&self, request: &ModelRequest) -> Vec<ToolCall> {
+        if !self.settings.call_tools || request.params.tools.is_empty() {
+            return Vec::new();
+        }
+        let (prompt, since) = last_prompt(request);
+        let rounds = since
+            .iter()
+            .filter(|m| m.role == Role::Assistant && !m.tool_calls.is_empty())
+            .count() as u64;
+        if rounds >= self.settings.tool_rounds.unwrap_or(1) {
+            return Vec::new();
+        }
+        let arguments = llm_host_plugin_api::serde_json::json!({ "prompt": prompt }).to_string();
+        let count = request.messages.len();
+        request
+            .params
+            .tools
+            .iter()
+            .enumerate()
+            .map(|(index, tool)| ToolCall {
+                id: format!("call_{count}_{index}"),
+                name: tool.name.clone(),
+                arguments: arguments.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The last user message's text, and the messages after it.
+fn last_prompt(request: &ModelRequest) -> (&str, &[Message]) {
+    let messages = &request.messages;
+    match messages.iter().rposition(|m| m.role == Role::User) {
+        Some(at) => (messages[at].content.as_str(), &messages[at + 1..]),
+        None => ("", &messages[..]),
     }
 }
 
@@ -131,8 +183,17 @@ impl SteppedModel for Echo {
 
     fn start(&self, request: ModelRequest, waker: Waker) -> Result<EchoTurn, PluginError> {
         let input_tokens: u64 = request.messages.iter().map(|m| words(&m.content)).sum();
-        let mut tokens = self.tokens(&request);
-        let mut reason = FinishReason::STOP;
+        let calls = self.tool_calls(&request);
+        let mut tokens = if calls.is_empty() {
+            self.tokens(&request)
+        } else {
+            Tokens::default()
+        };
+        let mut reason = if calls.is_empty() {
+            FinishReason::STOP
+        } else {
+            FinishReason::TOOL_CALLS
+        };
         if let Some(max) = request.params.max_tokens {
             if (max as usize) < tokens.len() {
                 tokens.truncate(max as usize);
@@ -147,6 +208,7 @@ impl SteppedModel for Echo {
             settings: self.settings.clone(),
             feed,
             tokens,
+            calls,
             sent: 0,
             started: false,
             due: None,
@@ -194,6 +256,8 @@ pub struct EchoTurn {
     settings: EchoSettings,
     feed: Option<Arc<Feed>>,
     tokens: Tokens,
+    /// Tool calls made at the start, before any token.
+    calls: Vec<ToolCall>,
     sent: usize,
     started: bool,
     /// When the next token is due (paced turns).
@@ -209,6 +273,11 @@ impl Steps for EchoTurn {
             self.started = true;
             if sink.start("", "echo").is_stop() {
                 return Ok(Step::DONE);
+            }
+            for call in &self.calls {
+                if sink.tool_call(call).is_stop() {
+                    return Ok(Step::DONE);
+                }
             }
         }
         let mut this_step = 0;
@@ -245,7 +314,7 @@ impl Steps for EchoTurn {
             self.sent += 1;
             this_step += 1;
         }
-        let output_tokens = self.tokens.len() as u64;
+        let output_tokens = (self.tokens.len() + self.calls.len()) as u64;
         sink.usage(Usage {
             input_tokens: self.input_tokens,
             output_tokens,

@@ -261,3 +261,104 @@ fn a_threaded_turn_is_pending_until_its_thread_made_tokens_ready() {
         ]
     );
 }
+
+/// Runs `settings` on `messages` with tools `lookup` and `weather` declared.
+fn run_with_tools(settings: &str, messages: Vec<Message>) -> Vec<String> {
+    let adapter = EchoPlugin::new_model(settings).expect("settings accepted");
+    let tool = |name: &str| llm_host_plugin_api::ToolSpec {
+        name: name.into(),
+        ..Default::default()
+    };
+    let request = ModelRequest {
+        messages,
+        params: TurnParams {
+            tools: vec![tool("lookup"), tool("weather")],
+            ..TurnParams::default()
+        },
+        ..ModelRequest::default()
+    };
+    let json = llm_host_plugin_api::serde_json::to_string(&request).expect("request serializes");
+    let mut recorder = Recorder::default();
+    let sink = EventSink_TO::from_ptr(&mut recorder, TD_Opaque);
+    adapter
+        .generate(json.as_str().into(), sink)
+        .into_result()
+        .expect("echo runs");
+    recorder.events
+}
+
+/// An assistant message calling `lookup` and `weather` with ids `call_N_0`
+/// and `call_N_1`, and the two results.
+fn round(n: usize, results: [&str; 2]) -> Vec<Message> {
+    let call = |index: usize, name: &str| llm_host_plugin_api::ToolCall {
+        id: format!("call_{n}_{index}"),
+        name: name.into(),
+        arguments: r#"{"prompt":"rain?"}"#.into(),
+    };
+    let result = |index: usize, text: &str| Message {
+        tool_call_id: Some(format!("call_{n}_{index}")),
+        ..Message::new(Role::Tool, text)
+    };
+    vec![
+        Message {
+            tool_calls: vec![call(0, "lookup"), call(1, "weather")],
+            ..Message::new(Role::Assistant, "")
+        },
+        result(0, results[0]),
+        result(1, results[1]),
+    ]
+}
+
+#[test]
+fn call_tools_calls_every_declared_tool_then_answers_with_the_results() {
+    let prompt = vec![Message::new(Role::User, "rain?")];
+    assert_eq!(
+        run_with_tools(r#"{"call_tools": true}"#, prompt.clone()),
+        [
+            "start echo",
+            r#"tool call_1_0 lookup {"prompt":"rain?"}"#,
+            r#"tool call_1_1 weather {"prompt":"rain?"}"#,
+            "usage 1 2",
+            "end tool-calls"
+        ]
+    );
+    let answered = [prompt.clone(), round(1, ["wet", "very cold"])].concat();
+    assert_eq!(
+        run_with_tools(r#"{"call_tools": true}"#, answered),
+        [
+            "start echo",
+            "text \"echo:\"",
+            "text \" rain?\"",
+            "text \" wet\"",
+            "text \" very\"",
+            "text \" cold\"",
+            "usage 4 5",
+            "end stop"
+        ]
+    );
+    // Two rounds: the second round's ids follow the request's length.
+    let once = [prompt.clone(), round(1, ["wet", "cold"])].concat();
+    let events = run_with_tools(r#"{"call_tools": true, "tool_rounds": 2}"#, once);
+    assert_eq!(events[1], r#"tool call_4_0 lookup {"prompt":"rain?"}"#);
+    assert_eq!(events.last().map(String::as_str), Some("end tool-calls"));
+    // Without call_tools, declared tools are ignored.
+    assert_eq!(
+        run_with_tools("{}", prompt).last().map(String::as_str),
+        Some("end stop")
+    );
+}
+
+#[test]
+fn a_new_user_message_starts_the_rounds_again() {
+    let history = [
+        vec![Message::new(Role::User, "rain?")],
+        round(1, ["wet", "cold"]),
+        vec![
+            Message::new(Role::Assistant, "echo: rain? wet cold"),
+            Message::new(Role::User, "snow?"),
+        ],
+    ]
+    .concat();
+    let events = run_with_tools(r#"{"call_tools": true}"#, history);
+    assert_eq!(events[1], r#"tool call_6_0 lookup {"prompt":"snow?"}"#);
+}
