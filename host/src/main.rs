@@ -17,6 +17,8 @@ usage:
                                              the conformance suite against it
   llm-host new-plugin NAME --kind model|store [--dir PATH] [--api PATH]
                                              write a new plugin crate from the template
+  llm-host chat [--url URL] [--session ID] [--model NAME] [--key KEY]
+                                             chat with a running host in the terminal
   llm-host --help | --version
 
 PATH defaults to ./config.toml. Logging: RUST_LOG (default `info`).";
@@ -83,6 +85,10 @@ fn main() -> ExitCode {
     if args.peek().is_some_and(|arg| arg == "new-plugin") {
         args.next();
         return llm_host::scaffold::main(args);
+    }
+    if args.peek().is_some_and(|arg| arg == "chat") {
+        args.next();
+        return llm_host::chat::main(args);
     }
     // Hidden: the host runs itself this way to learn what a library is
     // without loading it into its own process.
