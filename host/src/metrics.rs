@@ -83,6 +83,10 @@ pub struct Metrics {
     pub store_errors: Family<Label, Counter>,
     /// Requests and prompts refused by a limit or by authentication, by `reason`.
     pub refused: Family<Label, Counter>,
+    /// Trace spans the collector took.
+    pub spans_exported: Counter,
+    /// Trace spans dropped, by `reason` (`queue_full`, `export_failed`).
+    pub spans_dropped: Family<Label, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -110,6 +114,8 @@ impl Metrics {
             store_seconds: Family::new_with_constructor(latency_histogram),
             store_errors: Family::default(),
             refused: Family::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +189,16 @@ impl Metrics {
             "refused",
             "Requests and prompts refused by a limit or authentication, by reason",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "spans_exported",
+            "Trace spans the OTLP collector took",
+            metrics.spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Trace spans dropped (queue full, export failed), by reason",
+            metrics.spans_dropped.clone(),
         );
         Metrics {
             registry,

@@ -251,6 +251,9 @@ pub(crate) fn describe(old: &Active, new: &Active) -> Notice {
                 .to_owned(),
         );
     }
+    if was.telemetry != now.telemetry {
+        changes.push("[telemetry] changed: applies to turns that end from now on".to_owned());
+    }
     if changes.is_empty() {
         changes.push("plugin libraries rescanned; no backend or store changed".to_owned());
     }
