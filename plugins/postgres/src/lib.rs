@@ -25,6 +25,10 @@
 //! down and recovers by itself once it answers. A connection that breaks is
 //! closed with every idle one, and the call that met it is retried once on a
 //! new connection.
+//!
+//! Modules: `schema` (the table and its migrations), `queries` (the
+//! statements), `tls` (libpq's `sslmode` and its files), `conninfo` (the TLS
+//! keys taken out of `url`).
 
 use std::error::Error as _;
 use std::fmt;
@@ -37,44 +41,25 @@ use llm_host_plugin_api::{
     self as api, abi_stable::std_types::ROption, ErrorKind, Kinds, Plugin, PluginError,
     SaveOutcome, SessionPage, Store, StoreAdapterBox, StoredSession,
 };
-use postgres::{config::Host, error::SqlState, Client, Config, NoTls, Row, Statement};
+use postgres::{config::Host, error::SqlState, Client, Config, Row, Statement};
 use serde::Deserialize;
 
 use llm_plugin_pool::{Attempt, Connect, Failure, Pool};
+
+mod conninfo;
+mod queries;
+mod schema;
+mod tls;
+
+use queries::{queries, Query, QUERIES};
+
+pub use schema::{MIGRATIONS_TABLE, SCHEMA_VERSION};
 
 /// The most ids one listing answers, whatever `limit` asks.
 pub const MAX_PAGE: u32 = 1000;
 
 /// The longest `ttl_secs` taken: 100 years.
 pub const MAX_TTL_SECS: u64 = 100 * 365 * 24 * 3600;
-
-/// The table that records applied migrations, per session table.
-pub const MIGRATIONS_TABLE: &str = "llm_host_schema_migrations";
-
-/// The schema version this plugin writes.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
-
-/// The key of the advisory lock migrations hold (`llmhost1` in ASCII).
-const MIGRATION_LOCK: i64 = 0x6c6c_6d68_6f73_7431;
-
-/// Migrations, in order: entry `n` takes a table from version `n` to
-/// `n + 1`. `{table}` is replaced by the quoted table name, `{name}` by the
-/// bare one.
-const MIGRATIONS: &[&str] = &["CREATE TABLE {table} (
-         id            text COLLATE \"C\" NOT NULL PRIMARY KEY,
-         version       bigint NOT NULL,
-         owner         text   NOT NULL,
-         data          text   NOT NULL,
-         updated_at_ms bigint NOT NULL,
-         touched_at_ms bigint NOT NULL
-     ) WITH (fillfactor = 90);
-     CREATE INDEX {name}_owner_id ON {table} (owner, id);"];
-
-/// The server's clock in Unix milliseconds, fixed for one statement.
-const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::bigint";
-
-/// How many expired rows one sweep deletes at most.
-const SWEEP_BATCH: i64 = 500;
 
 /// The PostgreSQL store's settings.
 #[derive(Deserialize, Debug, Clone)]
@@ -103,6 +88,22 @@ pub struct PostgresSettings {
     /// stalled server fails the call instead of holding it.
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// TLS, as libpq's `sslmode`: `disable`, `prefer` (the default; with
+    /// `sslrootcert = "system"`, `verify-full`), `require`, `verify-ca` or
+    /// `verify-full`. May be given in `url` instead, as may the files below.
+    #[serde(default)]
+    pub sslmode: Option<String>,
+    /// The PEM file of the roots the server's certificate must chain to, or
+    /// `system` for the Mozilla roots compiled into the plugin.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+    /// A client certificate (PEM, with its chain), for servers that ask.
+    #[serde(default)]
+    pub sslcert: Option<String>,
+    /// The client certificate's unencrypted PEM private key, readable by its
+    /// owner only.
+    #[serde(default)]
+    pub sslkey: Option<String>,
 }
 
 fn default_statement_timeout_ms() -> u64 {
@@ -134,96 +135,12 @@ impl Default for PostgresSettings {
             pool_size: default_pool_size(),
             connect_timeout_ms: default_connect_timeout_ms(),
             statement_timeout_ms: default_statement_timeout_ms(),
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
         }
     }
-}
-
-/// The statements the store runs, prepared once per connection.
-#[derive(Clone, Copy)]
-enum Query {
-    Load,
-    LoadTouching,
-    PurgeOne,
-    Create,
-    Update,
-    Current,
-    Same,
-    Delete,
-    ListAll,
-    ListOwner,
-    Sweep,
-}
-
-const QUERIES: usize = 11;
-
-/// The text of every [`Query`] for one table.
-fn queries(table: &str) -> [String; QUERIES] {
-    let live = |ttl: &str| format!("({ttl}::bigint IS NULL OR touched_at_ms > {NOW_MS} - {ttl})");
-    let sql = |query: Query| -> String {
-        match query {
-            Query::Load => {
-                format!("SELECT version, owner, data, updated_at_ms FROM {table} WHERE id = $1")
-            }
-            Query::LoadTouching => format!(
-                "UPDATE {table} SET touched_at_ms = {NOW_MS}
-                 WHERE id = $1 AND touched_at_ms > {NOW_MS} - $2::bigint
-                 RETURNING version, owner, data, updated_at_ms"
-            ),
-            Query::PurgeOne => format!(
-                "DELETE FROM {table} WHERE id = $1 AND touched_at_ms <= {NOW_MS} - $2::bigint"
-            ),
-            Query::Create => format!(
-                "INSERT INTO {table} AS s (id, version, owner, data, updated_at_ms, touched_at_ms)
-                 VALUES ($1, 1, $2, $3, {NOW_MS}, {NOW_MS})
-                 ON CONFLICT (id) DO UPDATE SET
-                     version = 1, owner = EXCLUDED.owner, data = EXCLUDED.data,
-                     updated_at_ms = EXCLUDED.updated_at_ms,
-                     touched_at_ms = EXCLUDED.touched_at_ms
-                 WHERE s.touched_at_ms <= EXCLUDED.touched_at_ms - $4::bigint
-                 RETURNING s.version"
-            ),
-            Query::Update => format!(
-                "UPDATE {table}
-                 SET version = version + 1, owner = $3, data = $4,
-                     updated_at_ms = {NOW_MS}, touched_at_ms = {NOW_MS}
-                 WHERE id = $1 AND version = $2 AND {}
-                 RETURNING version",
-                live("$5")
-            ),
-            Query::Current => format!("SELECT version, {} FROM {table} WHERE id = $1", live("$2")),
-            Query::Same => format!(
-                "SELECT owner = $3 AND data = $4 FROM {table} WHERE id = $1 AND version = $2"
-            ),
-            Query::Delete => format!("DELETE FROM {table} WHERE id = $1 RETURNING {}", live("$2")),
-            Query::ListAll => format!(
-                "SELECT id FROM {table} WHERE id > $1 AND {} ORDER BY id LIMIT $3",
-                live("$2")
-            ),
-            Query::ListOwner => format!(
-                "SELECT id FROM {table} WHERE owner = $1 AND id > $2 AND {} ORDER BY id LIMIT $4",
-                live("$3")
-            ),
-            Query::Sweep => format!(
-                "DELETE FROM {table} WHERE id IN (
-                     SELECT id FROM {table} WHERE touched_at_ms <= {NOW_MS} - $1::bigint
-                     LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED)"
-            ),
-        }
-    };
-    [
-        Query::Load,
-        Query::LoadTouching,
-        Query::PurgeOne,
-        Query::Create,
-        Query::Update,
-        Query::Current,
-        Query::Same,
-        Query::Delete,
-        Query::ListAll,
-        Query::ListOwner,
-        Query::Sweep,
-    ]
-    .map(sql)
 }
 
 /// A connection and the statements prepared on it.
@@ -235,6 +152,7 @@ struct Conn {
 /// Opens connections, and migrates the table on the first.
 struct Connector {
     config: Config,
+    tls: tls::Tls,
     /// `postgres 127.0.0.1:5432/test table llm_host_sessions`, for messages
     /// (never the password).
     target: String,
@@ -249,12 +167,9 @@ impl Connect for Connector {
     type Conn = Conn;
 
     fn connect(&self) -> Result<Conn, PluginError> {
-        let mut client = self.config.connect(NoTls).map_err(|err| {
-            PluginError::unavailable(format!(
-                "{}: cannot connect: {}",
-                self.target,
-                describe(&err)
-            ))
+        let mut client = self.config.connect(self.tls.clone()).map_err(|err| {
+            let why = self.tls.explain(&err).unwrap_or_else(|| describe(&err));
+            PluginError::unavailable(format!("{}: cannot connect: {why}", self.target))
         })?;
         if !self.migrated.load(Ordering::Acquire) {
             let _one_at_a_time = self
@@ -262,7 +177,7 @@ impl Connect for Connector {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if !self.migrated.load(Ordering::Acquire) {
-                self.migrate(&mut client)?;
+                schema::migrate(&mut client, &self.target, &self.table)?;
                 self.migrated.store(true, Ordering::Release);
             }
         }
@@ -277,87 +192,8 @@ impl Connect for Connector {
     }
 }
 
-impl Connector {
-    /// Brings the table to [`SCHEMA_VERSION`].
-    fn migrate(&self, client: &mut Client) -> Result<(), PluginError> {
-        let failed = |what: &str| {
-            let what = what.to_owned();
-            move |err: postgres::Error| {
-                let kind = match err.code() {
-                    Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => {
-                        ErrorKind::UNAVAILABLE
-                    }
-                    Some(_) => ErrorKind::INTERNAL,
-                    None => ErrorKind::UNAVAILABLE,
-                };
-                PluginError::new(
-                    kind,
-                    format!("{}: {what} failed: {}", self.target, describe(&err)),
-                )
-            }
-        };
-        let mut tx = client
-            .transaction()
-            .map_err(failed("starting the schema migration"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .map_err(failed("taking the migration lock"))?;
-        tx.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
-                 table_name text        NOT NULL,
-                 version    integer     NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (table_name, version)
-             )"
-        ))
-        .map_err(failed(&format!("creating {MIGRATIONS_TABLE}")))?;
-        let found: i32 = tx
-            .query_one(
-                &format!(
-                    "SELECT COALESCE(MAX(version), 0) FROM {MIGRATIONS_TABLE} WHERE table_name = $1"
-                ),
-                &[&self.table],
-            )
-            .and_then(|row| row.try_get(0))
-            .map_err(failed(&format!("reading {MIGRATIONS_TABLE}")))?;
-        if found > SCHEMA_VERSION {
-            return Err(PluginError::new(
-                ErrorKind::UNSUPPORTED,
-                format!(
-                    "{}: the table is at schema version {found}, newer than this plugin knows \
-                     ({SCHEMA_VERSION}): upgrade the plugin",
-                    self.target
-                ),
-            ));
-        }
-        for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-            let to = from as i32 + 1;
-            let sql = sql
-                .replace("{table}", &quote(&self.table))
-                .replace("{name}", &self.table);
-            tx.batch_execute(&sql)
-                .map_err(failed(&format!("migrating the table to version {to}")))?;
-            tx.execute(
-                &format!("INSERT INTO {MIGRATIONS_TABLE} (table_name, version) VALUES ($1, $2)"),
-                &[&self.table, &to],
-            )
-            .map_err(failed(&format!(
-                "recording version {to} in {MIGRATIONS_TABLE}"
-            )))?;
-        }
-        tx.commit()
-            .map_err(failed("committing the schema migration"))?;
-        if found < SCHEMA_VERSION {
-            api::info!(
-                "{}: schema brought from version {found} to {SCHEMA_VERSION}",
-                self.target
-            );
-        }
-        Ok(())
-    }
-}
-
 /// A PostgreSQL error with its cause (the server's message for db errors).
-fn describe(err: &postgres::Error) -> String {
+pub(crate) fn describe(err: &postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
         return format!("{}: {}", db.severity(), db.message())
             + &db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
@@ -377,7 +213,7 @@ fn describe(err: &postgres::Error) -> String {
 }
 
 /// `name` as a quoted identifier.
-fn quote(name: &str) -> String {
+pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -431,6 +267,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("target", &self.pool.manager().target())
+            .field("sslmode", &self.pool.manager().tls.mode())
             .field("ttl_ms", &self.ttl_ms)
             .finish()
     }
@@ -442,7 +279,8 @@ type RawSession = (i64, String, String, i64);
 impl PostgresStore {
     /// A store for `settings`; checks them, connects on first use.
     pub fn new(settings: PostgresSettings) -> Result<Self, PluginError> {
-        let mut config = Config::from_str(&settings.url).map_err(|err| {
+        let (url, from_url) = conninfo::split_url(&settings.url)?;
+        let mut config = Config::from_str(&url).map_err(|err| {
             // The URL may hold a password: name the problem, not the URL.
             PluginError::invalid_settings(format!(
                 "url: not a PostgreSQL connection string ({}): expected \
@@ -512,9 +350,20 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("llm-host");
         }
+        let tls = tls::Tls::new(
+            tls::TlsParams {
+                sslmode: settings.sslmode,
+                sslrootcert: settings.sslrootcert,
+                sslcert: settings.sslcert,
+                sslkey: settings.sslkey,
+            }
+            .merge(from_url)?,
+        )?;
+        tls.apply(&mut config)?;
         let target = describe_target(&config, table);
         let connector = Connector {
             config,
+            tls,
             target,
             table: table.to_owned(),
             queries: queries(&quote(table)),
@@ -955,12 +804,5 @@ mod tests {
                 .map_err(|err| Failure::Failed(PluginError::internal(describe(&err))))
         });
         assert_eq!(dropped, Ok(()));
-    }
-
-    #[test]
-    fn every_query_is_written_for_the_table() {
-        let all = queries("\"t\"");
-        assert!(all.iter().all(|sql| sql.contains("\"t\"")));
-        assert!(all[Query::Sweep as usize].contains("SKIP LOCKED"));
     }
 }

@@ -9,121 +9,15 @@
 use std::thread::sleep;
 use std::time::Duration;
 
+use llm_host_conformance::store;
 use llm_host_conformance::support::{
     listed_ids as list, save_empty as save, stored_version as load,
 };
-use llm_host_conformance::{store, support};
 use llm_host_plugin_api::{ErrorKind, Plugin, SaveOutcome, StoreAdapterBox};
 use llm_plugin_postgres::{PostgresPlugin, MIGRATIONS_TABLE};
 
-fn url() -> String {
-    support::env_or(
-        "LLM_HOST_TEST_POSTGRES_URL",
-        "host=127.0.0.1 user=postgres dbname=test",
-    )
-}
-
-/// `url` with `application_name` set, in the URL's own form.
-fn with_application_name(url: &str, name: &str) -> String {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let joiner = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{joiner}application_name={name}")
-    } else {
-        format!("{url} application_name={name}")
-    }
-}
-
-/// A connection of the test's own, and the table and application name the
-/// test's stores use; drops the table when dropped.
-struct Server {
-    client: postgres::Client,
-    table: String,
-    application_name: String,
-}
-
-impl Server {
-    /// Connects, or skips (fails under CI) when nothing answers.
-    fn connect() -> Option<Server> {
-        let url = url();
-        let token = support::unique_token();
-        let client = support::require(
-            url.parse::<postgres::Config>()
-                .and_then(|mut config| {
-                    config
-                        .connect_timeout(Duration::from_secs(3))
-                        .connect(postgres::NoTls)
-                })
-                .map_err(|err| {
-                    // tokio-postgres puts the reason in the error's source.
-                    let mut text = err.to_string();
-                    let mut source = std::error::Error::source(&err);
-                    while let Some(cause) = source {
-                        text = format!("{text}: {cause}");
-                        source = cause.source();
-                    }
-                    text
-                }),
-            &format!("no PostgreSQL server at `{url}` (set LLM_HOST_TEST_POSTGRES_URL)"),
-        )?;
-        Some(Server {
-            client,
-            table: format!("llm_host_test_{token}"),
-            application_name: format!("llm-host-test-{token}"),
-        })
-    }
-
-    fn settings(&self, extra: &str) -> String {
-        let url = with_application_name(&url(), &self.application_name);
-        let mut json = format!(
-            r#"{{"url": {url:?}, "table": {:?}, "pool_size": 4"#,
-            self.table
-        );
-        if !extra.is_empty() {
-            json.push_str(", ");
-            json.push_str(extra);
-        }
-        json.push('}');
-        json
-    }
-
-    fn adapter(&self, extra: &str) -> StoreAdapterBox {
-        match PostgresPlugin::new_store(&self.settings(extra)) {
-            Ok(store) => store,
-            Err(err) => panic!("the settings are valid: {err}"),
-        }
-    }
-
-    fn count(&mut self, sql: &str) -> i64 {
-        self.client
-            .query_one(sql, &[])
-            .and_then(|row| row.try_get(0))
-            .unwrap_or_else(|err| panic!("{sql}: {err}"))
-    }
-
-    /// Ends every connection of this test's stores, as an operator or a
-    /// failover would.
-    fn kill_store_connections(&mut self) -> i64 {
-        self.client
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = current_database() AND pid <> pg_backend_pid()
-                   AND application_name = $1",
-                &[&self.application_name],
-            )
-            .map(|rows| rows.len() as i64)
-            .expect("pg_terminate_backend")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.client.batch_execute(&format!(
-            "DROP TABLE IF EXISTS \"{0}\";
-             DELETE FROM {MIGRATIONS_TABLE} WHERE table_name = '{0}'",
-            self.table
-        ));
-    }
-}
+mod common;
+use common::Server;
 
 #[test]
 fn conforms() {
