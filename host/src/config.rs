@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod server;
+mod telemetry;
 mod vars;
 use server::RawServer;
 pub use server::ServerConfig;
+pub use telemetry::TelemetryConfig;
 
 pub use crate::protocol::Envelope;
 
@@ -37,6 +39,7 @@ struct RawConfig {
     models: BTreeMap<String, RawAdapter>,
     #[serde(default)]
     stores: BTreeMap<String, RawAdapter>,
+    telemetry: Option<telemetry::RawTelemetry>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -66,6 +69,12 @@ struct RawPlugins {
     watch: bool,
     #[serde(default = "default_debounce_ms")]
     debounce_ms: u64,
+    #[serde(default = "default_staging_grace_secs")]
+    staging_grace_secs: u64,
+}
+
+fn default_staging_grace_secs() -> u64 {
+    600
 }
 
 fn default_watch() -> bool {
@@ -165,6 +174,9 @@ pub struct PluginsConfig {
     pub watch: bool,
     /// How long files must be quiet before a reload, in milliseconds.
     pub debounce_ms: u64,
+    /// How long a staged copy that this host does not map (nor mapped in
+    /// the generation before) stays before it is removed, in seconds.
+    pub staging_grace_secs: u64,
 }
 
 /// A `[models.NAME]` or `[stores.NAME]` entry.
@@ -199,6 +211,8 @@ pub struct Config {
     pub models: BTreeMap<String, AdapterConfig>,
     /// Named stores.
     pub stores: BTreeMap<String, AdapterConfig>,
+    /// `[telemetry]`: traces exported over OTLP; none: no traces.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 impl Config {
@@ -254,6 +268,9 @@ impl Config {
         let auth = auth(raw.auth, base, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
+        let telemetry = raw
+            .telemetry
+            .map(|raw| telemetry::telemetry(raw, &mut problems));
         if !models.contains_key(&raw.defaults.model) {
             problems.push(format!(
                 "defaults.model: `{}` is not a [models.*] entry (have: {})",
@@ -266,6 +283,12 @@ impl Config {
                 "defaults.store: `{}` is not a [stores.*] entry (have: {})",
                 raw.defaults.store,
                 names(&stores)
+            ));
+        }
+        if raw.plugins.staging_grace_secs > YEAR_SECS {
+            problems.push(format!(
+                "plugins.staging_grace_secs: {} is more than a year ({YEAR_SECS} s)",
+                raw.plugins.staging_grace_secs
             ));
         }
         let dir = base.join(raw.plugins.dir);
@@ -282,15 +305,21 @@ impl Config {
                 staging_dir,
                 watch: raw.plugins.watch,
                 debounce_ms: raw.plugins.debounce_ms,
+                staging_grace_secs: raw.plugins.staging_grace_secs,
             },
             default_model: raw.defaults.model,
             default_store: raw.defaults.store,
             models,
             stores,
+            telemetry,
         };
         Ok((config, problems))
     }
 }
+
+/// The longest duration a setting in seconds may have: a year (and so no
+/// overflow when the host counts it in milliseconds).
+const YEAR_SECS: u64 = 365 * 24 * 3600;
 
 /// Shortest API key accepted.
 const MIN_KEY_LEN: usize = 16;

@@ -15,15 +15,19 @@
 //! Beside them: [`protocol`] (commands in, frames out: the wire format both
 //! the core and the edge write), [`config`] (config.toml, parsed strictly and
 //! validated), [`state`] (the running host: active set, reload, watcher),
-//! [`origins`] (which browser pages may use the host), [`limits`] and
-//! [`metrics`]. `llm-host check` is a binary of its own
-//! (`src/bin/llm-host-check`), so the serving binary carries no test suite;
+//! [`origins`] (which browser pages may use the host), [`limits`],
+//! [`metrics`] and [`telemetry`] (turns' trace spans, sent to an OTLP
+//! collector; it reads `web`'s record of a finished turn), [`usage`] (turns
+//! and tokens by key and backend, kept in the store). `llm-host check`
+//! is a binary of its own (`src/bin/llm-host-check`), so the serving binary
+//! carries no test suite;
 //! [`scaffold`] is `llm-host new-plugin`, a new plugin crate from the templates.
 //!
 //! Imports point one way: `core` uses only `protocol` and `metrics`;
 //! `plugins` uses `core` and `config`; `state` uses `plugins`; `web` uses all
 //! of those; [`serve`] starts `state` and `web`.
 
+pub mod chat;
 pub mod config;
 pub mod core;
 pub mod limits;
@@ -33,6 +37,8 @@ pub mod plugins;
 pub mod protocol;
 pub mod scaffold;
 pub mod state;
+pub mod telemetry;
+pub mod usage;
 pub mod web;
 
 use std::future::Future;
@@ -76,6 +82,8 @@ pub async fn serve(
         }
     }
     reload_on_hangup(host.clone());
+    state::flush_usage_periodically(host.clone());
+    telemetry::start(&host);
     if let Some(bound) = host.listening.get() {
         tracing::info!("listening on {bound}");
     }
@@ -116,6 +124,8 @@ pub async fn serve(
             "connections still open after the grace period; stopping anyway"
         );
     }
+    state::flush_usage(&host).await;
+    telemetry::stop().await;
     tracing::info!("stopped");
 }
 

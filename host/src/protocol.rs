@@ -368,7 +368,7 @@ mod command;
 mod fuzz;
 mod strict;
 
-pub use command::{Command, MAX_PROMPT_ID_BYTES};
+pub use command::{Command, MAX_CALL_ID_BYTES, MAX_PROMPT_ID_BYTES};
 
 #[cfg(test)]
 mod tests {

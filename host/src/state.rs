@@ -140,6 +140,7 @@ impl HostState {
         let loader = Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
         let (catalog, active) =
             Active::assemble(path, &loader, None).map_err(BootError::Problems)?;
+        clean_staging(&loader, &active, None);
         let reloader = Reloader::new(&active.config, &catalog);
         Ok(Arc::new(HostState {
             active: ArcSwap::from_pointee(active),
@@ -233,6 +234,53 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
     }
 }
 
+/// Adds this host's pending usage counts to the default store every
+/// `server.usage_flush_secs`, until shutdown (see [`crate::usage`]).
+pub fn flush_usage_periodically(host: Arc<HostState>) {
+    tokio::spawn(async move {
+        let mut stopping = host.shutdown.subscribe();
+        loop {
+            let every = host.active.load().config.server.usage_flush_secs;
+            let stopped = tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(every)) => false,
+                stopped = stopping.wait_for(|stop| *stop) => {
+                    drop(stopped);
+                    true
+                }
+            };
+            if stopped {
+                return;
+            }
+            flush_usage(&host).await;
+        }
+    });
+}
+
+/// Adds this host's pending usage counts to the default store now; a
+/// failure is logged, and the counts wait for the next flush.
+pub async fn flush_usage(host: &HostState) {
+    let active = host.active.load_full();
+    let Some(store) = active.store() else {
+        return;
+    };
+    let limit = active.config.server.turn_settings().store_timeout;
+    if let Err(err) = crate::usage::pending().flush(store, limit).await {
+        tracing::warn!(store = %store.name, error = %err, "usage not stored yet; will retry");
+    }
+}
+
+/// Removes the staged copies neither `active` nor the generation before it
+/// (`previous`) was built from, once unused for `plugins.staging_grace_secs`.
+fn clean_staging(loader: &Loader, active: &Active, previous: Option<&Active>) {
+    let keep = active
+        .staged()
+        .chain(previous.into_iter().flat_map(Active::staged))
+        .cloned()
+        .collect();
+    let grace = Duration::from_secs(active.config.plugins.staging_grace_secs);
+    loader.clean_staging(&keep, grace);
+}
+
 type Prepared = Option<(Active, crate::plugins::reload::Notice)>;
 
 fn prepare(host: &HostState) -> Result<Prepared, String> {
@@ -248,6 +296,7 @@ fn prepare(host: &HostState) -> Result<Prepared, String> {
         }
     }
     host.reloader.status().record_scan(&catalog);
+    clean_staging(&host.loader, &active, Some(&*old));
     let fingerprint = Fingerprint::of(&active.config, &catalog);
     let mut current = host
         .reloader

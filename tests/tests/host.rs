@@ -8,8 +8,12 @@
 mod attack;
 #[path = "host/backends.rs"]
 mod backends;
+#[path = "host/chat.rs"]
+mod chat;
 #[path = "host/check.rs"]
 mod check;
+#[path = "host/check_processes.rs"]
+mod check_processes;
 #[path = "host/cli.rs"]
 mod cli;
 #[path = "host/common.rs"]
@@ -24,6 +28,8 @@ mod openai_http;
 mod operations;
 #[path = "host/packaging.rs"]
 mod packaging;
+#[path = "host/page.rs"]
+mod page;
 #[path = "host/plugins.rs"]
 mod plugins;
 #[path = "host/production.rs"]
@@ -38,3 +44,7 @@ mod scaffold;
 mod sessions;
 #[path = "host/stores.rs"]
 mod stores;
+#[path = "host/telemetry.rs"]
+mod telemetry;
+#[path = "host/usage.rs"]
+mod usage;

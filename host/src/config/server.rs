@@ -33,6 +33,8 @@ pub(super) struct RawServer {
     max_queued_prompts_per_key: usize,
     max_history_bytes: usize,
     drain_secs: u64,
+    usage_flush_secs: u64,
+    tool_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -62,6 +64,8 @@ impl Default for RawServer {
             max_queued_prompts_per_key: 256,
             max_history_bytes: 16 << 20,
             drain_secs: 0,
+            usage_flush_secs: 10,
+            tool_timeout_secs: 120,
         }
     }
 }
@@ -135,6 +139,11 @@ pub struct ServerConfig {
     /// included) with `/readyz` answering 503, so that load balancers stop
     /// sending it clients before it stops accepting them.
     pub drain_secs: u64,
+    /// How often this host adds the usage it counted to the store
+    /// (`GET /v1/usage`), in seconds.
+    pub usage_flush_secs: u64,
+    /// How long a turn waits for the client's tool results, in seconds.
+    pub tool_timeout_secs: u64,
 }
 
 impl ServerConfig {
@@ -149,6 +158,7 @@ impl ServerConfig {
                 .then(|| Duration::from_secs(self.turn_timeout_secs)),
             max_turn_events: self.max_turn_events,
             max_history_bytes: self.max_history_bytes,
+            tool_timeout: Duration::from_secs(self.tool_timeout_secs),
         }
     }
 }
@@ -199,9 +209,6 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
             ));
         }
     }
-    // Durations in seconds: at most a year (and so no overflow when the
-    // host counts them in milliseconds).
-    const YEAR_SECS: u64 = 365 * 24 * 3600;
     for (key, value) in [
         ("idle_timeout_secs", raw.idle_timeout_secs),
         ("ping_interval_secs", raw.ping_interval_secs),
@@ -211,9 +218,10 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         ("header_read_timeout_secs", raw.header_read_timeout_secs),
         ("drain_secs", raw.drain_secs),
     ] {
-        if value > YEAR_SECS {
+        if value > super::YEAR_SECS {
             problems.push(format!(
-                "server.{key}: {value} is more than a year ({YEAR_SECS} s)"
+                "server.{key}: {value} is more than a year ({} s)",
+                super::YEAR_SECS
             ));
         }
     }
@@ -221,6 +229,8 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         ("lease_ms", raw.lease_ms, 100..=600_000),
         ("lease_renew_ms", raw.lease_renew_ms, 50..=300_000),
         ("store_timeout_ms", raw.store_timeout_ms, 10..=600_000),
+        ("usage_flush_secs", raw.usage_flush_secs, 1..=86_400),
+        ("tool_timeout_secs", raw.tool_timeout_secs, 1..=86_400),
         ("max_turn_events", raw.max_turn_events, 16..=1_000_000_000),
     ] {
         if !range.contains(&value) {
@@ -275,5 +285,7 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         max_queued_prompts_per_key: raw.max_queued_prompts_per_key,
         max_history_bytes: raw.max_history_bytes,
         drain_secs: raw.drain_secs,
+        usage_flush_secs: raw.usage_flush_secs,
+        tool_timeout_secs: raw.tool_timeout_secs,
     }
 }

@@ -130,3 +130,71 @@ fn limits_of_the_hardened_edge_are_checked() {
     let config = Config::parse(&text, Path::new(".")).expect("a good limit");
     assert_eq!(config.models["echo"].max_tokens_limit, Some(512));
 }
+
+#[test]
+fn telemetry_is_off_unless_configured_and_takes_defaults() {
+    let config = Config::parse(GOOD, Path::new(".")).expect("valid");
+    assert_eq!(config.telemetry, None);
+    let text = format!("{GOOD}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n");
+    let config = Config::parse(&text, Path::new(".")).expect("valid");
+    let telemetry = config.telemetry.expect("on");
+    assert_eq!(telemetry.service_name, "llm-host");
+    assert_eq!(telemetry.sample_ratio, 1.0);
+    assert_eq!(telemetry.export_timeout_ms, 10_000);
+    assert_eq!(telemetry.traces_url(), "http://127.0.0.1:4318/v1/traces");
+    let text = format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"http://collector:4318/otlp/\"\n\
+         service_name = \"chat-edge\"\nsample_ratio = 0.25\n\
+         headers = {{ Authorization = \"Bearer abc\" }}\n"
+    );
+    let telemetry = Config::parse(&text, Path::new("."))
+        .expect("valid")
+        .telemetry
+        .expect("on");
+    assert_eq!(
+        telemetry.traces_url(),
+        "http://collector:4318/otlp/v1/traces"
+    );
+    assert_eq!(telemetry.headers["authorization"], "Bearer abc");
+}
+
+#[test]
+fn telemetry_problems_are_named() {
+    let err = Config::parse(
+        &format!("{GOOD}\n[telemetry]\nendpoint = \"x\"\n"),
+        Path::new("."),
+    )
+    .expect_err("unknown key");
+    assert!(err.contains("endpoint"), "{err}");
+    let err =
+        Config::parse(&format!("{GOOD}\n[telemetry]\n"), Path::new(".")).expect_err("no endpoint");
+    assert!(err.contains("telemetry.otlp_endpoint: required"), "{err}");
+    let text = format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"https://collector:4318\"\n\
+         sample_ratio = 1.5\nexport_timeout_ms = 0\nmax_queued_spans = 0\nservice_name = \"\"\n\
+         headers = {{ \"bad name\" = \"x\", content-type = \"text/plain\", x-token = \"a\\nb\" }}\n"
+    );
+    let err = Config::parse(&text, Path::new(".")).expect_err("bad values");
+    for key in [
+        "telemetry.otlp_endpoint: `https://collector:4318` uses https",
+        "telemetry.sample_ratio: 1.5 is out of range",
+        "telemetry.export_timeout_ms: 0 is out of range",
+        "telemetry.max_queued_spans: 0 is out of range",
+        "telemetry.service_name",
+        "telemetry.headers: `bad name` is not an HTTP header name",
+        "telemetry.headers: `content-type` is set by the exporter",
+        "telemetry.headers.x-token: the value is not a valid",
+    ] {
+        assert!(err.contains(key), "{key} not in {err}");
+    }
+    assert!(!err.contains("a\nb"), "a header value is not shown: {err}");
+    for endpoint in [
+        "collector:4318",
+        "http://user:pw@collector:4318",
+        "http://collector:4318/?x=1",
+    ] {
+        let text = format!("{GOOD}\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
+        let err = Config::parse(&text, Path::new(".")).expect_err(endpoint);
+        assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+    }
+}

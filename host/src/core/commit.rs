@@ -43,11 +43,13 @@ impl CommitError {
 }
 
 /// Saves the finished turn, whose frames (its end frame included) are
-/// numbered through `end_sequence`; answers the session as saved.
+/// numbered through `end_sequence`, with `answers` appended (the model's
+/// answer; with tool round trips, each group's answer and the tool results
+/// between them); answers the session as saved.
 pub async fn commit<S: SessionStore, F: Frames>(
     scope: &Scope<'_, S, F>,
     claimed: Claimed,
-    answer: Option<Message>,
+    answers: Vec<Message>,
     end_sequence: u64,
 ) -> Result<Loaded, CommitError> {
     let turns = claimed.doc.turns;
@@ -59,7 +61,7 @@ pub async fn commit<S: SessionStore, F: Frames>(
             messages_json,
             ..
         } = &mut current;
-        if let Some(answer) = &answer {
+        for answer in &answers {
             doc.messages.push(answer.clone());
             messages_json.push(answer);
         }

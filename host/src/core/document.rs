@@ -15,6 +15,16 @@ pub fn valid_name(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// The prefix of the session ids that are the host's own (usage records):
+/// clients cannot name them.
+pub const RESERVED_PREFIX: &str = "_host:";
+
+/// Whether a client may name session `id`: a valid name (see
+/// [`valid_name`]) outside the host's own ids ([`RESERVED_PREFIX`]).
+pub fn valid_session_id(id: &str) -> bool {
+    valid_name(id) && !id.starts_with(RESERVED_PREFIX)
+}
+
 /// A fresh, unguessable session id.
 pub fn new_session_id() -> String {
     format!("session-{}", uuid::Uuid::new_v4())
@@ -39,6 +49,10 @@ pub struct SessionDoc {
     /// The claim of the turn running now, if one runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// The backend the last turn ran on: a client that resumes the session
+    /// without naming one goes on with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// A running turn's claim on its session: while it holds, no other host runs
@@ -79,6 +93,7 @@ impl SessionDoc {
             last_sequence: self.last_sequence,
             turns: self.turns,
             lease: self.lease.clone(),
+            model: self.model.clone(),
         }
     }
 }
@@ -320,18 +335,21 @@ mod tests {
                 last_sequence: 41,
                 turns: 3,
                 lease: None,
+                model: Some("echo \"2\"".to_owned()),
             },
             SessionDoc {
                 messages: vec![Message::new(llm_host_plugin_api::Role::User, "hi")],
                 last_sequence: 0,
                 turns: 1,
                 lease: Some(lease.clone()),
+                model: None,
             },
             SessionDoc {
                 messages: messages(),
                 last_sequence: u64::MAX,
                 turns: 4,
                 lease: Some(lease),
+                model: Some("llama".to_owned()),
             },
         ]
     }
@@ -389,6 +407,7 @@ mod tests {
             last_sequence: 50,
             turns: 5,
             lease: None,
+            model: None,
         });
         let newer: SessionDoc = serde_json::from_str(&stored).expect("loads");
         let (mut doc, mut json) = (newer, MessagesJson::default());

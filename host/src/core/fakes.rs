@@ -198,6 +198,8 @@ impl FakeModel {
 }
 
 pub struct FakeStepper {
+    /// Tool calls (id, name) made instead of answering.
+    calls: Vec<(String, String)>,
     words: Vec<String>,
     next: usize,
     pace: Duration,
@@ -217,6 +219,15 @@ impl Drop for FakeStepper {
 impl Stepper for FakeStepper {
     fn step(&mut self, sink: &mut TurnSink) -> Result<Next, ModelError> {
         if self.next == 0 && !sink.start("", "fake") {
+            return Ok(Next::Done);
+        }
+        if !self.calls.is_empty() {
+            for (id, name) in &self.calls {
+                if !sink.tool_call(id, name, "{}") {
+                    return Ok(Next::Done);
+                }
+            }
+            sink.end(llm_host_plugin_api::FinishReason::TOOL_CALLS);
             return Ok(Next::Done);
         }
         if self.next == self.words.len() {
@@ -272,10 +283,12 @@ impl Model for FakeModel {
             *now += 1;
             *most = (*most).max(*now);
         }
+        let (calls, prompt) = tool_calls(&request, prompt);
         let words = std::iter::once("echo:".to_owned())
             .chain(prompt.split_whitespace().map(str::to_owned))
             .collect();
         Ok(FakeStepper {
+            calls,
             words,
             next: 0,
             pace: self.pace,
@@ -283,6 +296,51 @@ impl Model for FakeModel {
             streaming: self.streaming.clone(),
         })
     }
+}
+
+/// With tools declared, the fake model calls each (ids `call-N-I`, N the
+/// request's message count) while fewer than two rounds of calls followed
+/// the last user message; then it answers with the tool results' text.
+/// Without tools it answers `prompt`.
+fn tool_calls(request: &Value, prompt: String) -> (Vec<(String, String)>, String) {
+    let tools: Vec<String> = request["params"]["tools"]
+        .as_array()
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    if tools.is_empty() {
+        return (Vec::new(), prompt);
+    }
+    let last_user = messages
+        .iter()
+        .rposition(|m| m["role"] == "user")
+        .unwrap_or_default();
+    let since = &messages[last_user + 1..];
+    let rounds = since
+        .iter()
+        .filter(|m| m["role"] == "assistant" && m["toolCalls"].is_array())
+        .count();
+    if rounds < 2 {
+        let count = messages.len();
+        let calls = tools
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| (format!("call-{count}-{i}"), name))
+            .collect();
+        return (calls, String::new());
+    }
+    let results = since
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .filter_map(|m| m["content"].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    (Vec::new(), results)
 }
 
 /// A client: every frame it was sent, parsed.
@@ -414,6 +472,7 @@ impl Client {
             text: text.to_owned(),
             model: None,
             params: Box::default(),
+            round_trips: false,
         };
         turn::run(
             &self.scope(),

@@ -8,6 +8,7 @@
 //!   it runs (ownership, leases, sequence reservations, fencing).
 //! - [`commit`]: saving a finished turn.
 //! - [`sink`]: a turn's model events into numbered frames and an answer.
+//! - [`report`]: what became of a turn, and when its parts ran.
 //! - [`turn`]: one turn from prompt to end frame (and [`generate`], the model
 //!   run in steps or on the blocking pool);
 //!   a model run once over given messages, with no session ([`turn::run_unsaved`]).
@@ -25,11 +26,14 @@ pub mod document;
 mod generate;
 pub mod locks;
 pub mod ports;
+pub mod report;
+mod rounds;
 pub mod sink;
+pub mod tools;
 pub mod turn;
 
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 #[cfg(test)]
 mod properties;
 #[cfg(test)]
@@ -52,6 +56,10 @@ pub struct Prompt {
     pub text: String,
     /// The backend for this turn, when the client named one.
     pub model: Option<String>,
+    /// Whether the client can send tool results (command mode): then a
+    /// model group that ends calling tools waits for them (see
+    /// [`rounds`]).
+    pub round_trips: bool,
     /// Per-turn parameters (boxed: the prompt queue allocates its slots
     /// up front for every connection).
     pub params: Box<TurnParams>,
@@ -72,6 +80,8 @@ pub struct TurnSettings {
     pub max_turn_events: u64,
     /// Largest a session's messages may grow, in bytes of JSON.
     pub max_history_bytes: usize,
+    /// The longest a turn waits for the results of a group's tool calls.
+    pub tool_timeout: Duration,
 }
 
 impl Default for TurnSettings {
@@ -83,6 +93,7 @@ impl Default for TurnSettings {
             turn_timeout: Some(Duration::from_secs(600)),
             max_turn_events: 1_000_000,
             max_history_bytes: 16 << 20,
+            tool_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct TurnControl {
     /// Set just before the turn's end frame goes out: from then on there
     /// is nothing left to cancel.
     ended: AtomicBool,
+    /// The results of the tool calls the turn waits on.
+    pub tools: super::tools::ToolResults,
 }
 
 impl TurnControl {
@@ -161,6 +163,9 @@ pub struct TurnSink {
     pub(super) first_output: Option<std::time::Duration>,
     /// The code of the model's error event, if it failed.
     pub(super) error_code: Option<String>,
+    /// Why the model's generation ended (`stop`, `length`, `tool-calls`,
+    /// `cancelled`), once its end event went out.
+    pub(super) finish_reason: Option<&'static str>,
 }
 
 impl TurnSink {
@@ -198,7 +203,25 @@ impl TurnSink {
             turn_started: started,
             first_output: None,
             error_code: None,
+            finish_reason: None,
         }
+    }
+
+    /// A sink for the turn's next model group (after tool results): its
+    /// frames numbered on from this one's, within the same reservation.
+    pub(super) fn next_group(&self) -> TurnSink {
+        let mut next = TurnSink::new(
+            self.framer,
+            self.control.clone(),
+            self.interaction_id.clone(),
+            self.sequence,
+            self.last_model_sequence + 2,
+            self.turn_started,
+        );
+        // The turn's first event and output were timed by the first group.
+        next.first_event_due = None;
+        next.first_output = self.first_output;
+        next
     }
 
     /// Whether the model must stop.
@@ -344,6 +367,7 @@ impl TurnSink {
                     (Status::Completed, FinishReason::STOP)
                 };
                 let diagnostics = std::mem::take(&mut self.diagnostics);
+                self.finish_reason = Some(reason.as_str());
                 let event = ModelEvent::End {
                     finish_reason: Some(reason.as_str()),
                     diagnostics: &diagnostics,
@@ -460,6 +484,7 @@ impl TurnSink {
             Status::Completed
         };
         let diagnostics = std::mem::take(&mut self.diagnostics);
+        self.finish_reason = Some(reason.as_str());
         self.finish(
             status,
             &ModelEvent::End {

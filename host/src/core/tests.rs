@@ -347,6 +347,7 @@ async fn the_turn_deadline_fails_the_turn_and_saves_it() {
         text: "a b c d e f g".to_owned(),
         model: None,
         params: Box::default(),
+        round_trips: false,
     };
     let report = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
     assert_eq!(report.status, Status::Failed);
@@ -373,6 +374,7 @@ async fn a_turn_cannot_spend_more_numbers_than_it_reserved() {
         text: (0..40).map(|i| format!("w{i} ")).collect(),
         model: None,
         params: Box::default(),
+        round_trips: false,
     };
     let report = turn::run(&scope, &locks, Arc::new(model), prompt, Arc::default()).await;
     assert_eq!(report.status, Status::Failed);

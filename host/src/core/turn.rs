@@ -25,41 +25,13 @@ use super::commit::{self, CommitError};
 use super::generate::{generate, RequestRef};
 use super::locks::SessionLocks;
 use super::ports::{Frames, Model, SessionStore};
+use super::rounds::{self, RoundTrips};
 use super::sink::{Failure, Status, TurnControl, TurnSink};
 use super::{Prompt, Scope, TurnSettings};
 use crate::metrics::metrics;
 use crate::protocol::{Framer, Meta, TurnEvent, SOURCE_HOST};
 
-/// What became of a turn: for the access log and the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    /// How it ended.
-    pub status: Status,
-    /// Its id (`turn-N`).
-    pub interaction_id: String,
-    /// The code it failed with (the model's error event, or the host's
-    /// diagnostic when the turn did not run or was not saved).
-    pub code: Option<String>,
-    /// The tokens the model reported.
-    pub usage: Option<llm_host_plugin_api::Usage>,
-    /// How long after the turn started its first output came.
-    pub first_token: Option<std::time::Duration>,
-    /// From the prompt's turn starting to its end frame.
-    pub duration: std::time::Duration,
-}
-
-impl Report {
-    fn new(status: Status, interaction_id: String, code: Option<&str>, started: Instant) -> Self {
-        Report {
-            status,
-            interaction_id,
-            code: code.map(str::to_owned),
-            usage: None,
-            first_token: None,
-            duration: started.elapsed(),
-        }
-    }
-}
+pub use super::report::{Phase, Report};
 
 /// Runs one turn of the scope's session with `model` to its end, including
 /// its save and its `interaction.turn` frame; answers how it ended.
@@ -107,7 +79,12 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
 
     let prompt_id = prompt.id.as_deref();
     let user = Message::new(Role::User, prompt.text);
-    let mut claimed = match claim::claim(scope, &user, &control).await {
+    let claim_began = started.elapsed();
+    let claimed = claim::claim(scope, &user, &control).await;
+    // A claim cancelled while another host held the session did not fail.
+    let claim_ok = matches!(claimed, Ok(_) | Err(ClaimError::Cancelled));
+    let claim_phase = Phase::until_now(started, claim_began, claim_ok);
+    let mut claimed = match claimed {
         Ok(claimed) => claimed,
         Err(err) => {
             let turn = attachment.next_turn_id();
@@ -148,7 +125,9 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
             };
             control.end();
             end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
-            return Report::new(status, turn, code, started);
+            let mut report = Report::new(status, turn, code, started);
+            report.claim = Some(claim_phase);
+            return report;
         }
     };
     let interaction_id = format!("turn-{}", claimed.doc.turns);
@@ -156,6 +135,11 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         .turns
         .fetch_max(claimed.doc.turns, std::sync::atomic::Ordering::Relaxed);
 
+    // Saved with the turn: a client resuming without naming a backend goes
+    // on with this one.
+    if claimed.doc.model.as_deref() != Some(model.name()) {
+        claimed.doc.model = Some(model.name().to_owned());
+    }
     let request = RequestRef {
         session_id: &attachment.session_id,
         interaction_id: &interaction_id,
@@ -172,12 +156,25 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         claimed.reserved,
         started,
     );
+    // A client that can send tool results gets round trips when it
+    // declared tools; the turn then builds its later requests on a copy of
+    // the history (the lease keeper holds the claim meanwhile).
+    let round_trips = (prompt.round_trips && !prompt.params.tools.is_empty()).then(|| RoundTrips {
+        messages: claimed.doc.messages.clone(),
+        messages_json: claimed.messages_json.clone(),
+        session_id: &attachment.session_id,
+        interaction_id: &interaction_id,
+        params: &prompt.params,
+        timeout: scope.settings.tool_timeout,
+    });
     // The lease is renewed while the model runs, in this task.
     let (done, finished) = oneshot::channel();
+    let model_began = started.elapsed();
     let generating = async {
-        let generated = generate(scope.frames, model, request, sink).await;
+        let groups = rounds::run(scope.frames, model, request, sink, round_trips).await;
+        let model_ended = started.elapsed();
         let _ = done.send(());
-        generated
+        (groups, model_ended)
     };
     let (generated, kept) = if claimed.token.is_some() {
         // Boxed: a turn on an in-process store (most turns) does not carry
@@ -188,21 +185,35 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         (generating.await, claimed)
     };
     claimed = kept;
+    let (groups, model_ended) = generated;
     let mut report = Report::new(Status::Failed, interaction_id.clone(), None, started);
-    let (mut status, last_model_sequence, answer) = match generated {
+    report.claim = Some(claim_phase);
+    let answers = groups.answers;
+    let (mut status, last_model_sequence) = match groups.last {
         Some((mut sink, status)) => {
-            report.usage = sink.usage;
-            report.first_token = sink.first_output;
-            report.code = sink.error_code.take();
+            report.took(&mut sink);
             count_tokens(sink.usage);
-            (status, sink.sequence, sink.assistant_message())
+            (status, sink.sequence)
         }
-        None => (Status::Failed, attachment.sequence(), None),
+        None => (Status::Failed, attachment.sequence()),
     };
+    if let Some(failure) = groups.wait_failure {
+        scope
+            .diagnostic("error", "host", failure.code, &failure.message)
+            .await;
+        report.code.get_or_insert_with(|| failure.code.to_owned());
+    }
+    report.model = Some(Phase {
+        start: model_began,
+        duration: model_ended.saturating_sub(model_began),
+        ok: status != Status::Failed,
+    });
 
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
-    let saved = save(scope, claimed, answer, end_sequence, status).await;
+    let commit_began = started.elapsed();
+    let saved = save(scope, claimed, answers, end_sequence, status).await;
+    report.commit = Some(Phase::until_now(started, commit_began, saved.1.is_none()));
     status = saved.0;
     if let Some(code) = saved.1 {
         report.code.get_or_insert_with(|| code.to_owned());
@@ -264,6 +275,7 @@ pub async fn run_unsaved<M: Model, F: Frames>(
         started,
     );
     let generating = generate(frames, model, request, sink);
+    let model_began = started.elapsed();
     let generated = match settings.turn_timeout {
         None => generating.await,
         Some(limit) => {
@@ -280,14 +292,17 @@ pub async fn run_unsaved<M: Model, F: Frames>(
     let mut report = Report::new(Status::Failed, interaction_id.to_owned(), None, started);
     let (status, last_sequence) = match generated {
         Some((mut sink, status)) => {
-            report.usage = sink.usage;
-            report.first_token = sink.first_output;
-            report.code = sink.error_code.take();
+            report.took(&mut sink);
             count_tokens(sink.usage);
             (status, sink.sequence)
         }
         None => (Status::Failed, 0),
     };
+    report.model = Some(Phase::until_now(
+        started,
+        model_began,
+        status != Status::Failed,
+    ));
     let metrics = metrics();
     metrics
         .turn_seconds
@@ -343,11 +358,11 @@ fn count_tokens(usage: Option<llm_host_plugin_api::Usage>) {
 async fn save<S: SessionStore, F: Frames>(
     scope: &Scope<'_, S, F>,
     claimed: Claimed,
-    answer: Option<Message>,
+    answers: Vec<Message>,
     end_sequence: u64,
     status: Status,
 ) -> (Status, Option<&'static str>) {
-    match commit::commit(scope, claimed, answer, end_sequence).await {
+    match commit::commit(scope, claimed, answers, end_sequence).await {
         Ok(saved) => {
             scope.attachment.remember(scope.store.name(), saved);
             (status, None)

@@ -34,17 +34,16 @@ use std::time::SystemTime;
 
 use abi_stable::{
     library::{lib_header_from_path, LibraryError},
-    std_types::{RStr, RString},
+    std_types::RStr,
 };
-use llm_host_plugin_api::{
-    HostApi, Kinds, LogLevel, ModelAdapterBox, PluginError, StoreAdapterBox, API_VERSION,
-};
+use llm_host_plugin_api::{Kinds, ModelAdapterBox, PluginError, StoreAdapterBox, API_VERSION};
 
 #[path = "compat.rs"]
 pub(crate) mod compat;
 
 use self::compat::Root;
 use super::library;
+pub(crate) use super::logger::PluginLogger;
 use super::probe::{Facts, Prober};
 use super::staging::{sha256_hex, Staging};
 
@@ -213,6 +212,19 @@ impl Loader {
             prober: Prober::current_exe(),
             loaded: Mutex::new(HashMap::new()),
             probed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Removes the staged copies not in `keep` once unused for `grace` (see
+    /// [`Staging::clean`]).
+    pub fn clean_staging(&self, keep: &BTreeSet<PathBuf>, grace: std::time::Duration) {
+        let removed = self.staging.clean(keep, grace);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                dir = %self.staging.dir().display(),
+                "removed unused staged plugin copies"
+            );
         }
     }
 
@@ -457,10 +469,7 @@ fn open(
              `{expected}`; not initialised"
         ));
     }
-    let logger = PluginLogger {
-        plugin: name.clone(),
-        base_dir: base_dir.to_string_lossy().into_owned(),
-    };
+    let logger = PluginLogger::new(&name, base_dir.to_string_lossy().into_owned());
     module
         .init(logger)
         .into_result()
@@ -562,44 +571,6 @@ fn describe(err: &LibraryError, built_against: Option<&str>) -> String {
             .map(|err| describe(err, built_against))
             .collect::<Vec<_>>()
             .join("; "),
-    }
-}
-
-/// The host API a plugin gets at init: its log lines go through the host's
-/// tracing subscriber, tagged with the plugin's name.
-pub(crate) struct PluginLogger {
-    plugin: String,
-    base_dir: String,
-}
-
-impl HostApi for PluginLogger {
-    fn log(&self, level: LogLevel, target: RStr<'_>, message: RStr<'_>) {
-        let (plugin, target, message) = (&self.plugin, target.as_str(), message.as_str());
-        match level {
-            LogLevel::ERROR => tracing::error!(plugin, target, "{message}"),
-            LogLevel::WARN => tracing::warn!(plugin, target, "{message}"),
-            LogLevel::INFO => tracing::info!(plugin, target, "{message}"),
-            LogLevel::DEBUG => tracing::debug!(plugin, target, "{message}"),
-            _ => tracing::trace!(plugin, target, "{message}"),
-        }
-    }
-
-    fn log_enabled(&self, level: LogLevel) -> bool {
-        match level {
-            LogLevel::ERROR => tracing::enabled!(tracing::Level::ERROR),
-            LogLevel::WARN => tracing::enabled!(tracing::Level::WARN),
-            LogLevel::INFO => tracing::enabled!(tracing::Level::INFO),
-            LogLevel::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
-            _ => tracing::enabled!(tracing::Level::TRACE),
-        }
-    }
-
-    fn host_version(&self) -> RString {
-        env!("CARGO_PKG_VERSION").into()
-    }
-
-    fn base_dir(&self) -> RString {
-        self.base_dir.as_str().into()
     }
 }
 

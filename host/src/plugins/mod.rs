@@ -4,6 +4,8 @@
 //!   plugins; ABI and version checks with readable errors.
 //! - [`library`]: reading a library file: who could have written it, and
 //!   whether it is a whole plugin library.
+//! - [`logger`]: the host API a plugin gets, and its log lines under a
+//!   target of its own (`llm_host::plugin::NAME`).
 //! - [`staging`]: the private staging directory and the content-hashed,
 //!   verified copies that are loaded.
 //! - [`probe`]: learning what a library is in a child process, so that no
@@ -15,6 +17,7 @@
 
 pub mod library;
 pub mod loader;
+pub mod logger;
 pub mod ports;
 pub mod probe;
 pub mod reload;

@@ -53,6 +53,12 @@ pub struct Active {
 }
 
 impl Active {
+    /// The staged copies this set's adapters were built from.
+    pub fn staged(&self) -> impl Iterator<Item = &std::path::PathBuf> {
+        let models = self.models.values().map(|m| &m.plugin.staged);
+        models.chain(self.stores.values().map(|s| &s.plugin.staged))
+    }
+
     /// Builds every configured adapter from `catalog`. Adapters of `previous`
     /// whose library and settings are unchanged are kept as they are. Fails
     /// with every problem found, each naming its config key.

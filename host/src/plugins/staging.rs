@@ -21,11 +21,21 @@
 //! - Copies are written to a random temporary name opened with
 //!   `O_CREAT | O_EXCL` (mode 0600), which fails on any existing entry, a
 //!   planted symlink included, and then renamed into place.
+//!
+//! The directory keeps what is in use: [`Staging::clean`] removes the
+//! copies (and temporary files left by a crash) that the host no longer
+//! maps, once none has been staged or reused for `plugins.staging_grace_secs`.
+//! A mapped library stays mapped after its file is removed, so removing a
+//! copy never disturbs a process that loaded it; the grace period protects
+//! another host of the same user sharing the directory between staging a
+//! copy (or reusing one, which renews its time) and mapping it.
 
+use std::collections::BTreeSet;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -120,7 +130,16 @@ impl Staging {
             .unwrap_or_else(|| "plugin".to_owned());
         let staged = self.dir.join(format!("{stem}-{}.so", &hash[..16]));
         match inspect(&staged, hash)? {
-            Existing::Good => return Ok(staged),
+            Existing::Good => {
+                // Reused: renew its time, so no host's cleaning takes it
+                // before it is mapped.
+                let renewed = File::open(&staged)
+                    .and_then(|file| file.set_modified(std::time::SystemTime::now()));
+                if let Err(err) = renewed {
+                    tracing::debug!(staged = %staged.display(), "cannot renew its time: {err}");
+                }
+                return Ok(staged);
+            }
             Existing::Missing => {}
             Existing::Bad(why) => {
                 tracing::warn!(staged = %staged.display(), "replacing a staged file: {why}");
@@ -166,6 +185,48 @@ impl Staging {
                 staged.display()
             )),
         }
+    }
+}
+
+impl Staging {
+    /// Removes the staged copies and leftover temporary files not in `keep`
+    /// whose time is older than `grace`; answers how many were removed.
+    /// Anything else in the directory is left alone.
+    pub fn clean(&self, keep: &BTreeSet<PathBuf>, grace: Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = (name.ends_with(".so") && !name.starts_with('.'))
+                || (name.starts_with('.') && name.ends_with(".tmp"));
+            if !ours || keep.contains(&path) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|at| now.duration_since(at).ok());
+            if !meta.is_file() || age.is_none_or(|age| age < grace) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::debug!(staged = %path.display(), "removed an unused staged copy");
+                }
+                Err(err) => {
+                    tracing::warn!(staged = %path.display(), "cannot remove an unused staged copy: {err}")
+                }
+            }
+        }
+        removed
     }
 }
 
@@ -483,6 +544,34 @@ mod tests {
             .expect("staged");
         assert_eq!(std::fs::read(&name).expect("read"), bytes);
         std::fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn cleaning_removes_old_unused_copies_only() {
+        let dir = tempdir();
+        let staging = Staging::new(dir.join("staging"));
+        staging.prepare().expect("prepare");
+        let bytes = b"library bytes";
+        let hash = sha256_hex(bytes);
+        let kept = staging
+            .stage(Path::new("libkept.so"), &hash, bytes)
+            .expect("stage");
+        let other = b"another library";
+        let unused = staging
+            .stage(Path::new("libold.so"), &sha256_hex(other), other)
+            .expect("stage");
+        let leftover = staging.dir().join(".libold-0123.tmp");
+        std::fs::write(&leftover, b"half").expect("write");
+        let foreign = staging.dir().join("notes.txt");
+        std::fs::write(&foreign, b"not ours").expect("write");
+        let keep = BTreeSet::from([kept.clone()]);
+        // Within the grace period nothing goes.
+        assert_eq!(staging.clean(&keep, Duration::from_secs(600)), 0);
+        assert!(unused.exists() && leftover.exists());
+        assert_eq!(staging.clean(&keep, Duration::ZERO), 2);
+        assert!(kept.exists(), "the copy in use stays");
+        assert!(!unused.exists() && !leftover.exists());
+        assert!(foreign.exists(), "files that are not copies are left alone");
     }
 
     #[test]

@@ -31,6 +31,19 @@ pub enum Command {
     },
     /// Stop the running turn.
     Cancel,
+    /// The result of a tool call the model made in the running turn: its
+    /// text (`content`), or why the tool failed (`error`), never both.
+    #[serde(rename = "tool_result", rename_all = "camelCase")]
+    ToolResult {
+        /// The call's id, from its `toolCall` event.
+        call_id: String,
+        /// What the tool answered.
+        #[serde(default)]
+        content: Option<String>,
+        /// Why the tool could not answer.
+        #[serde(default)]
+        error: Option<String>,
+    },
 }
 
 impl Command {
@@ -51,11 +64,14 @@ impl Command {
                     ));
                 }
             }
-            Some("prompt") => {}
+            Some("prompt" | "tool_result") => {}
             Some(other) => {
                 return Err((
                     "unknown_command",
-                    format!("unknown command type `{other}` (expected `prompt` or `cancel`)"),
+                    format!(
+                        "unknown command type `{other}` (expected `prompt`, `cancel` or \
+                         `tool_result`)"
+                    ),
                 ))
             }
             None => {
@@ -80,13 +96,33 @@ impl Command {
         }
         let command: Command = serde_json::from_str(text)
             .map_err(|err| ("bad_frame", format!("bad command: {err}")))?;
-        if let Command::Prompt { id: Some(id), .. } = &command {
-            if id.len() > MAX_PROMPT_ID_BYTES {
+        match &command {
+            Command::Prompt { id: Some(id), .. } if id.len() > MAX_PROMPT_ID_BYTES => {
                 return Err((
                     "bad_frame",
                     format!("bad command: a prompt id is at most {MAX_PROMPT_ID_BYTES} bytes"),
                 ));
             }
+            Command::ToolResult {
+                call_id,
+                content,
+                error,
+            } => {
+                if call_id.is_empty() || call_id.len() > MAX_CALL_ID_BYTES {
+                    return Err((
+                        "bad_frame",
+                        format!("bad command: a callId is 1 to {MAX_CALL_ID_BYTES} bytes"),
+                    ));
+                }
+                if content.is_some() == error.is_some() {
+                    return Err((
+                        "bad_frame",
+                        "bad command: a tool_result has `content` or `error`, one of them"
+                            .to_owned(),
+                    ));
+                }
+            }
+            _ => {}
         }
         Ok(command)
     }
@@ -94,3 +130,6 @@ impl Command {
 
 /// The longest prompt id a client may give.
 pub const MAX_PROMPT_ID_BYTES: usize = 128;
+
+/// The longest tool call id a tool result may name.
+pub const MAX_CALL_ID_BYTES: usize = 256;

@@ -38,10 +38,13 @@ fn with<T: Serialize>(mut object: Value, key: &str, value: Option<T>) -> Value {
 const CODES: [&str; 2] = ["bad_frame", "unknown_command"];
 /// The fields of a prompt command.
 const PROMPT_FIELDS: [&str; 5] = ["type", "id", "text", "model", "params"];
+/// The fields of a tool result command.
+const TOOL_RESULT_FIELDS: [&str; 4] = ["type", "callId", "content", "error"];
 /// The fields of `params` with a type; any other is passed on as it is.
 const TYPED: &str = "temperature maxTokens topP topK seed stop tools";
 /// More keys for generated objects: the real ones and near misses.
-const KEYS: &str = "type text model params name description parameters max_tokens Type texts";
+const KEYS: &str =
+    "type text model params name description parameters max_tokens Type texts callId content error";
 /// Characters JSON escapes, or that trip hand-written escaping.
 const AWKWARD: &str = "\"\\/\n\r\t\u{0}\u{8}\u{c}\u{1f}\u{7f}\u{2028}\u{2029}\u{feff}é🦀a ";
 
@@ -167,8 +170,10 @@ fn command_like() -> BoxedStrategy<Value> {
     let kind = prop_oneof![
         6 => Just(json!("prompt")),
         2 => Just(json!("cancel")),
+        2 => Just(json!("tool_result")),
         1 => json_value(),
     ];
+    let result_text = || prop::option::weighted(0.5, mostly_text()).boxed();
     let mostly = |good: BoxedStrategy<Value>| prop_oneof![4 => good, 1 => json_value()];
     let model = prop_oneof![Just(Value::Null), "[a-z]{0,6}".prop_map(Value::String)].boxed();
     let params = params(true).prop_map(|p| Value::Object(p.into_iter().collect()));
@@ -178,17 +183,27 @@ fn command_like() -> BoxedStrategy<Value> {
         prop::option::weighted(0.4, mostly(model)),
         prop::option::weighted(0.6, mostly(params.boxed())),
         prop::option::weighted(0.1, (key(), json_value())),
+        (result_text(), result_text(), result_text()),
     );
     fields
-        .prop_map(|(kind, text, model, params, other)| {
-            let mut fields: Map<String, Value> = other.into_iter().collect();
-            let named = ["text", "model", "params", "type"]
+        .prop_map(
+            |(kind, text, model, params, other, (call_id, content, error))| {
+                let mut fields: Map<String, Value> = other.into_iter().collect();
+                let named = [
+                    "text", "model", "params", "type", "callId", "content", "error",
+                ]
                 .into_iter()
-                .zip([text, model, params, kind]);
-            fields.extend(named.filter_map(|(name, value)| Some((name.to_owned(), value?))));
-            Value::Object(fields)
-        })
+                .zip([text, model, params, kind, call_id, content, error]);
+                fields.extend(named.filter_map(|(name, value)| Some((name.to_owned(), value?))));
+                Value::Object(fields)
+            },
+        )
         .boxed()
+}
+
+/// Mostly text, sometimes any JSON.
+fn mostly_text() -> BoxedStrategy<Value> {
+    prop_oneof![4 => text().prop_map(Value::String), 1 => json_value()].boxed()
 }
 
 // --- The grammar, written without serde --------------------------------------
@@ -203,6 +218,7 @@ fn expected(value: &Value) -> Result<Command, &'static str> {
         None => Err("bad_frame"),
         Some("cancel") if fields.len() == 1 => Ok(Command::Cancel),
         Some("prompt") => expected_prompt(fields).ok_or("bad_frame"),
+        Some("tool_result") => expected_tool_result(fields).ok_or("bad_frame"),
         Some("cancel") => Err("bad_frame"),
         Some(_) => Err("unknown_command"),
     }
@@ -226,6 +242,27 @@ fn expected_prompt(fields: &Map<String, Value>) -> Option<Command> {
         text: string(fields.get("text")?)?,
         model: nullable(fields.get("model"), string)?,
         params,
+    })
+}
+
+fn expected_tool_result(fields: &Map<String, Value>) -> Option<Command> {
+    let unknown = |key: &String| !TOOL_RESULT_FIELDS.contains(&key.as_str());
+    if fields.keys().any(unknown) {
+        return None;
+    }
+    let call_id = string(fields.get("callId")?)?;
+    if call_id.is_empty() || call_id.len() > MAX_CALL_ID_BYTES {
+        return None;
+    }
+    let content = nullable(fields.get("content"), string)?;
+    let error = nullable(fields.get("error"), string)?;
+    if content.is_some() == error.is_some() {
+        return None;
+    }
+    Some(Command::ToolResult {
+        call_id,
+        content,
+        error,
     })
 }
 

@@ -1,6 +1,6 @@
-//! The access log and the metrics by backend: one record per finished turn,
-//! whichever door it came in by (a session socket, the OpenAI-compatible
-//! HTTP API).
+//! The access log, the metrics by backend and the turn's trace spans: one
+//! record per finished turn, whichever door it came in by (a session
+//! socket, the OpenAI-compatible HTTP API).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,12 +22,19 @@ pub struct TurnOf<'a> {
     pub request: Option<&'a str>,
     /// The backend that ran it.
     pub backend: &'a str,
+    /// The plugin that provides the backend.
+    pub plugin: &'a str,
+    /// The store the session lives in (none for a turn without a session).
+    pub store: Option<&'a str>,
+    /// The trace the client's request named (its `traceparent`), if any.
+    pub parent: Option<&'a crate::telemetry::Parent>,
 }
 
 /// Records a finished turn: one line with target `llm_host::access` (so
 /// `RUST_LOG=llm_host::access=info` keeps it alone; JSON fields with
 /// `LLM_HOST_LOG_FORMAT=json`), and the turn and its tokens in the metrics
-/// by backend.
+/// by backend, its usage by key ([`crate::usage`]), and (with
+/// `[telemetry]`) its spans for the collector.
 pub fn record_turn(of: &TurnOf<'_>, report: &Report) {
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let usage = report.usage.unwrap_or_default();
@@ -53,5 +60,18 @@ pub fn record_turn(of: &TurnOf<'_>, report: &Report) {
         report.status.as_str(),
         report.code.as_deref(),
         report.usage,
+    );
+    crate::telemetry::record(of, report);
+    let failed = report.status == crate::core::sink::Status::Failed;
+    crate::usage::pending().record(
+        of.key,
+        of.backend,
+        crate::usage::Counts {
+            turns: 1,
+            failed_turns: u64::from(failed),
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        },
+        crate::protocol::now_ms(),
     );
 }

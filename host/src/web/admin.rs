@@ -12,7 +12,7 @@ use warp::Filter;
 use super::auth::{authenticate, Caller, Refusal, ADMIN_ONLY};
 use super::error_reply;
 use super::redact::redact;
-use crate::core::document::{valid_name, Loaded};
+use crate::core::document::{valid_session_id, Loaded, RESERVED_PREFIX};
 use crate::core::ports::{SessionStore, StoreError};
 use crate::core::within;
 use crate::metrics::metrics;
@@ -43,7 +43,9 @@ pub fn routes(
         .unify()
         .or(healthz())
         .unify()
-        .or(readyz(host))
+        .or(readyz(host.clone()))
+        .unify()
+        .or(super::usage::route(host))
         .unify()
 }
 
@@ -54,7 +56,7 @@ fn with_host(
 }
 
 /// The host and the caller named by the request's API key (or the refusal).
-fn with_caller(
+pub(super) fn with_caller(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Arc<HostState>, Result<Caller, Refusal>), Error = warp::Rejection> + Clone
 {
@@ -109,7 +111,7 @@ fn admin(caller: Result<Caller, Refusal>) -> Result<Caller, Refusal> {
     }
 }
 
-fn refusal(refused: &Refusal) -> Response {
+pub(super) fn refusal(refused: &Refusal) -> Response {
     error_reply(refused.status, refused.code, refused.message)
 }
 
@@ -334,7 +336,7 @@ async fn owned_session(
     route: &str,
     id: &str,
 ) -> Result<(Arc<StoreBackend>, Option<Loaded>), Response> {
-    if !valid_name(id) {
+    if !valid_session_id(id) {
         return Err(bad_id());
     }
     let store = host.active.load().store().cloned().ok_or_else(no_store)?;
@@ -351,7 +353,12 @@ async fn owned_session(
 /// 503 `store_unavailable` for a failed store call on `route` (for session
 /// `id`). The store's own words (file paths, database hosts) go to the log,
 /// and to an admin caller; any other caller is told the kind of failure only.
-fn unavailable(caller: &Caller, route: &str, id: Option<&str>, err: &StoreError) -> Response {
+pub(super) fn unavailable(
+    caller: &Caller,
+    route: &str,
+    id: Option<&str>,
+    err: &StoreError,
+) -> Response {
     tracing::warn!(
         route,
         session = id.unwrap_or_default(),
@@ -388,11 +395,17 @@ fn list_sessions(
                 let Some(store) = host.active.load().store().cloned() else {
                     return no_store();
                 };
-                let limit = query
-                    .get("limit")
-                    .and_then(|l| l.parse::<u32>().ok())
-                    .unwrap_or(100)
-                    .clamp(1, 1000);
+                let limit = match query.get("limit").map(|l| l.parse::<u32>()) {
+                    None => 100,
+                    Some(Ok(limit @ 1..=1000)) => limit,
+                    Some(_) => {
+                        return error_reply(
+                            StatusCode::BAD_REQUEST,
+                            "bad_limit",
+                            "limit must be a whole number from 1 to 1000 (default 100)",
+                        )
+                    }
+                };
                 let after = query.get("after").cloned().unwrap_or_default();
                 // Admins see every session; other keys their own.
                 let owner = match &caller {
@@ -408,8 +421,11 @@ fn list_sessions(
                 )
                 .await
                 {
+                    // The host's own records (usage) are not sessions.
                     Ok(page) => warp::reply::json(&json!({
-                        "sessions": page.ids,
+                        "sessions": page.ids.iter()
+                            .filter(|id| !id.starts_with(RESERVED_PREFIX))
+                            .collect::<Vec<_>>(),
                         "next": page.next,
                     }))
                     .into_response(),
@@ -500,11 +516,11 @@ fn bad_id() -> Response {
     error_reply(
         StatusCode::BAD_REQUEST,
         "bad_session_id",
-        "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
+        "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -, not starting `_host:`",
     )
 }
 
-fn no_store() -> Response {
+pub(super) fn no_store() -> Response {
     error_reply(
         StatusCode::SERVICE_UNAVAILABLE,
         "no_store",

@@ -19,7 +19,8 @@ use tokio_tungstenite::WebSocketStream;
 use super::auth::Caller;
 use super::outbox::Outbox;
 use super::queue::{
-    cancel_current, enqueue, over_token_limit, refuse, turn_running, CurrentTurn, Queue,
+    cancel_current, deliver_tool_result, enqueue, over_token_limit, refuse, turn_running,
+    CurrentTurn, Queue,
 };
 use crate::core::document::Loaded;
 use crate::core::ports::StoreError;
@@ -57,6 +58,9 @@ pub struct Opening {
     pub credential: Option<[u8; 32]>,
     /// The client's address.
     pub peer: Option<std::net::SocketAddr>,
+    /// The trace the upgrade request named (`traceparent`), read only when
+    /// telemetry is on: every turn of the socket is a child of it.
+    pub trace: Option<crate::telemetry::Parent>,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -74,6 +78,8 @@ pub struct Connection {
     pub credential: Option<[u8; 32]>,
     /// The client's address.
     pub peer: Option<std::net::SocketAddr>,
+    /// The trace its turns' spans belong to (see [`Opening::trace`]).
+    pub trace: Option<crate::telemetry::Parent>,
     /// When the client last sent a frame or a turn ended, Unix ms.
     pub active_at: AtomicU64,
     /// The backend the client chose, if any; a reload that removes it makes
@@ -167,6 +173,7 @@ where
         limit_name: opening.limit_name.clone(),
         credential: opening.credential,
         peer: opening.peer,
+        trace: opening.trace,
         active_at: AtomicU64::new(now_ms()),
         model: Mutex::new(opening.model.clone()),
         store: Mutex::new(active.config.default_store.clone()),
@@ -314,13 +321,30 @@ async fn announce(
     let loaded = loaded.ok().flatten();
     let resumed = loaded.is_some();
     let last_sequence = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
+    // A session resumed without `?model=` goes on with the backend its last
+    // turn ran on, while that backend is configured.
+    let mut gone = None;
+    let stored_model = match loaded.as_ref().and_then(|found| found.doc.model.clone()) {
+        Some(name) if model.is_none() && active.models.contains_key(&name) => {
+            *conn.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.clone());
+            Some(name)
+        }
+        Some(name) if model.is_none() && name != active.config.default_model => {
+            gone = Some(name);
+            None
+        }
+        _ => None,
+    };
     if let Some(found) = loaded {
         conn.attachment.remember(&store.name, found);
     }
     conn.attachment
         .last_sequence
         .store(last_sequence, Ordering::Relaxed);
-    let model = model.map_or_else(|| active.config.default_model.clone(), str::to_owned);
+    let model = model
+        .map(str::to_owned)
+        .or(stored_model)
+        .unwrap_or_else(|| active.config.default_model.clone());
     tracing::debug!(session = %session_id, resumed, model = %model, "connected");
     conn.send(framer.session(
         &SessionEvent::Open {
@@ -332,6 +356,19 @@ async fn announce(
         &Meta::now(last_sequence, SOURCE_HOST, None),
     ))
     .await;
+    if let Some(gone) = gone {
+        let message = format!(
+            "this session's backend `{gone}` is no longer configured; it goes on with \
+             `{model}`, the default"
+        );
+        conn.send_entry(&DiagnosticEntry {
+            level: "warn",
+            kind: "host",
+            message: &message,
+            data: Some(serde_json::json!({ "code": "model_unavailable", "model": gone })),
+        })
+        .await;
+    }
     true
 }
 
@@ -464,6 +501,7 @@ where
                             text,
                             model,
                             params: Box::new(params),
+                            round_trips: true,
                         },
                     )
                     .await;
@@ -478,6 +516,18 @@ where
                         conn.send_entry(&entry).await;
                     }
                 }
+                Ok(Command::ToolResult {
+                    call_id,
+                    content,
+                    error,
+                }) => {
+                    let outcome = content.ok_or(error.unwrap_or_default());
+                    if let Err(refused) = deliver_tool_result(current, &call_id, outcome) {
+                        let message = refused.message(&call_id);
+                        let entry = protocol_diagnostic("error", "bad_tool_result", &message);
+                        conn.send_entry(&entry).await;
+                    }
+                }
                 Err((code, message)) => {
                     conn.send_entry(&protocol_diagnostic("error", code, &message))
                         .await;
@@ -489,6 +539,7 @@ where
                     text: text.as_str().to_owned(),
                     model: None,
                     params: Box::default(),
+                    round_trips: false,
                 };
                 enqueue(conn, queue, prompt).await;
             }

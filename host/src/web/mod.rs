@@ -5,10 +5,12 @@
 //! - [`access`]: the access log and metrics of each finished turn, from any door.
 //! - [`listener`]: accepting connections, header timeouts, pending caps.
 //! - [`server`]: the routes and the WebSocket upgrade.
+//! - [`page`]: the chat page on `GET /`.
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
 //! - [`queue`]: a connection's prompt queue, its limits, its turns.
 //! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
+//! - [`usage`]: `GET /v1/usage`, turns and tokens by key and backend.
 //! - [`openai`]: the OpenAI-compatible HTTP API: chat completions, models.
 //! - [`auth`]: API keys and who may do what.
 //! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
@@ -20,9 +22,11 @@ pub mod connection;
 pub mod listener;
 pub mod openai;
 pub mod outbox;
+pub mod page;
 pub mod queue;
 pub mod redact;
 pub mod server;
+pub mod usage;
 
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};

@@ -41,6 +41,20 @@ pub(super) fn cancel_current(current: &CurrentTurn) -> bool {
     }
 }
 
+/// Gives the running turn the client's result of tool call `call_id`;
+/// answers why not when it was not taken (see [`crate::core::tools`]).
+pub(super) fn deliver_tool_result(
+    current: &CurrentTurn,
+    call_id: &str,
+    outcome: crate::core::tools::Outcome,
+) -> Result<(), crate::core::tools::Refused> {
+    let guard = current.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(control) if !control.has_ended() => control.tools.deliver(call_id, outcome),
+        _ => Err(crate::core::tools::Refused::NotWaiting),
+    }
+}
+
 /// A prompt in the queue, holding its place among its key's queued prompts.
 pub(super) type Queued = (Prompt, Held);
 
@@ -261,7 +275,7 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         framer: conn.framer,
         settings: active.config.server.turn_settings(),
     };
-    let backend_name = backend.name.clone();
+    let ran = backend.clone();
     let report = core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await;
     let of = TurnOf {
         api: "websocket",
@@ -269,7 +283,10 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         client: conn.peer,
         session: &conn.attachment.session_id,
         request: None,
-        backend: &backend_name,
+        backend: &ran.name,
+        plugin: &ran.plugin.name,
+        store: Some(&store.name),
+        parent: conn.trace.as_ref(),
     };
     record_turn(&of, &report);
     report.status

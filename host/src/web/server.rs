@@ -1,4 +1,5 @@
-//! The HTTP routes: WebSocket upgrades on `/v1/ws` and `/`.
+//! The HTTP routes: WebSocket upgrades on `/v1/ws` and `/` (a `GET /`
+//! without `Upgrade` gets the chat page, [`super::page`]).
 //!
 //! The upgrade is answered here rather than with `warp::ws()`, so that each
 //! socket gets a 2 KiB read buffer instead of tungstenite's 128 KiB (FACTS.md:
@@ -27,7 +28,7 @@ use super::auth::{authenticate, Caller};
 use super::connection::{self, Opening};
 use super::error_reply;
 use super::listener::Accepted;
-use crate::core::document::{new_session_id, valid_name};
+use crate::core::document::{new_session_id, valid_session_id};
 use crate::core::ports::StoreError;
 use crate::metrics::metrics;
 use crate::protocol::COMMAND_SUBPROTOCOL;
@@ -63,23 +64,32 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
     allowed_origin(host.clone())
         .and(
-            websocket(host.clone())
+            super::page::route()
+                .or(websocket(host.clone()))
+                .unify()
                 .or(super::admin::routes(host.clone()))
                 .unify()
                 .or(super::openai::routes(host))
                 .unify(),
         )
         .recover(|rejection: warp::Rejection| async move {
-            if let Some(OriginRefused(origin)) = rejection.find::<OriginRefused>() {
+            if let Some(OriginRefused { origin, openai }) = rejection.find::<OriginRefused>() {
                 metrics().refuse("origin_not_allowed");
-                return Ok::<_, std::convert::Infallible>(error_reply(
-                    StatusCode::FORBIDDEN,
-                    "origin_not_allowed",
-                    &format!(
-                        "pages of origin `{origin}` may not use this host \
-                         (server.allowed_origins)"
-                    ),
-                ));
+                let message = format!(
+                    "pages of origin `{origin}` may not use this host (server.allowed_origins)"
+                );
+                // Clients of the OpenAI-compatible API read errors in its shape.
+                return Ok::<_, std::convert::Infallible>(if *openai {
+                    super::openai::ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "permission_error",
+                        "origin_not_allowed",
+                        message,
+                    )
+                    .reply()
+                } else {
+                    error_reply(StatusCode::FORBIDDEN, "origin_not_allowed", &message)
+                });
             }
             let (status, code, message) = if rejection.is_not_found() {
                 (
@@ -107,7 +117,11 @@ pub fn routes(
 
 /// A request from a browser page whose origin may not use the host.
 #[derive(Debug)]
-struct OriginRefused(String);
+struct OriginRefused {
+    origin: String,
+    /// Whether it asked the OpenAI-compatible API.
+    openai: bool,
+}
 
 impl warp::reject::Reject for OriginRefused {}
 
@@ -118,7 +132,8 @@ fn allowed_origin(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("origin")
-        .and_then(move |origin: Option<String>| {
+        .and(warp::path::full())
+        .and_then(move |origin: Option<String>, path: warp::path::FullPath| {
             let host = host.clone();
             async move {
                 match origin {
@@ -128,7 +143,10 @@ fn allowed_origin(
                             &host.active.load().config.server.allowed_origins,
                         ) =>
                     {
-                        Err(warp::reject::custom(OriginRefused(origin)))
+                        Err(warp::reject::custom(OriginRefused {
+                            origin,
+                            openai: super::openai::is_api_path(path.as_str()),
+                        }))
                     }
                     _ => Ok(()),
                 }
@@ -178,17 +196,16 @@ async fn upgrade_session(
             return error_reply(refusal.status, refusal.code, refusal.message);
         }
     };
-    let session_id = match params.get("session") {
-        Some(id) if valid_name(id) => id.clone(),
-        Some(_) => {
-            return error_reply(
+    let session_id =
+        match params.get("session") {
+            Some(id) if valid_session_id(id) => id.clone(),
+            Some(_) => return error_reply(
                 StatusCode::BAD_REQUEST,
                 "bad_session_id",
-                "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
-            )
-        }
-        None => new_session_id(),
-    };
+                "session ids are 1-128 characters of A-Z a-z 0-9 . _ : -, not starting `_host:`",
+            ),
+            None => new_session_id(),
+        };
     let model = match params.get("model") {
         Some(name) if active.models.contains_key(name) => Some(name.clone()),
         Some(name) => {
@@ -302,6 +319,7 @@ async fn upgrade_session(
         limit_name,
         credential,
         peer: accepted.as_ref().map(|accepted| accepted.peer),
+        trace: crate::telemetry::parent(headers),
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()

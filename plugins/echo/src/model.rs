@@ -84,7 +84,10 @@ impl Echo {
             .iter()
             .filter(|m| m.role == Role::Tool)
             .map(|m| m.content.as_str());
-        for word in std::iter::once(prompt).chain(results).flat_map(str::split_whitespace) {
+        for word in std::iter::once(prompt)
+            .chain(results)
+            .flat_map(str::split_whitespace)
+        {
             tokens.text.push(' ');
             tokens.text.push_str(word);
             tokens.ends.push(tokens.text.len());

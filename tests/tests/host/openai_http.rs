@@ -412,6 +412,23 @@ async fn errors_are_openais() {
     let reply = http(addr, "GET", "/v1/models/nope").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "model_not_found");
+
+    // A page of another origin: 403 in OpenAI's shape on this API, in the
+    // host's own on the rest.
+    let evil = [("Origin", "http://evil.example")];
+    let reply = post(addr, &evil, &chat("echo", "hi")).await;
+    let (status, kind, code, _) = reply.error();
+    assert_eq!(
+        (status, kind.as_str(), code.as_str()),
+        (403, "permission_error", "origin_not_allowed")
+    );
+    let reply = http_with(addr, "GET", "/v1/models", &evil).await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.json()["error"]["type"], "permission_error");
+    let reply = http_with(addr, "GET", "/v1/sessions", &evil).await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.json()["error"]["code"], "origin_not_allowed");
+    assert_eq!(reply.json()["error"].get("type"), None, "{}", reply.body);
 }
 
 // Keys: 401 without one or with a wrong one; a session header persists the

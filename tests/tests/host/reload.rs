@@ -386,3 +386,76 @@ async fn sighup_and_post_reload() {
     let status = wait_for(&host, "the SIGHUP reload", |s| s["reloads"] == 1).await;
     assert!(status["lastError"].is_null(), "{status:#}");
 }
+
+/// The `.so` files in `dir`.
+fn libraries_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read the staging directory")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".so"))
+        .collect();
+    names.sort();
+    names
+}
+
+// The staging directory keeps the libraries in use and the generation
+// before, and removes the rest (here at once: staging_grace_secs = 0), so
+// swaps do not fill the disk.
+#[tokio::test]
+async fn staging_keeps_the_libraries_in_use_and_the_generation_before() {
+    let workdir = llm_host_tests::Workdir::new(llm_host_tests::STANDARD_PLUGINS);
+    let text = Config::default().to_toml().replacen(
+        "[plugins]\n",
+        "[plugins]\nstaging_dir = \"staging\"\nstaging_grace_secs = 0\n",
+        1,
+    );
+    workdir.write_config(&text);
+    let staging = workdir.path().join("staging");
+    let plugin_dir = workdir.path().join("plugins");
+    let host = Host::start_in(workdir, &[]);
+    let first = libraries_in(&staging);
+    assert_eq!(first.len(), 2, "echo and memory: {first:?}");
+
+    move_in(Plugin::EchoV2.path(), &plugin_dir, Plugin::Echo.file_name());
+    wait_for(&host, "echo 2.0.0", |s| {
+        plugin(s, "echo")["version"] == "2.0.0"
+    })
+    .await;
+    let second = libraries_in(&staging);
+    assert_eq!(
+        second.len(),
+        3,
+        "the old echo is the generation before: {second:?}"
+    );
+
+    // A third build of echo: the first one's bytes and a few more (a loader
+    // ignores bytes past an ELF file's sections), so another hash.
+    let mut bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
+    bytes.extend_from_slice(b"\0a third build");
+    let third = host.workdir().path().join("third.so");
+    std::fs::write(&third, bytes).expect("write the third build");
+    move_in(&third, &plugin_dir, Plugin::Echo.file_name());
+    wait_for(&host, "the third build", |s| {
+        plugin(s, "echo")["version"] != "2.0.0" && plugin(s, "echo")["reloads"] == 2
+    })
+    .await;
+    let now = libraries_in(&staging);
+    assert_eq!(now.len(), 3, "memory, echo 2.0.0 and the third: {now:?}");
+    let gone: Vec<_> = first.iter().filter(|name| !now.contains(name)).collect();
+    assert_eq!(
+        gone.len(),
+        1,
+        "the first echo is removed: {first:?} -> {now:?}"
+    );
+    assert!(gone[0].contains("echo"), "{gone:?}");
+    let mut client = host.connect("/v1/ws").await;
+    client.next_json().await;
+    client.send_text("still serving").await;
+    assert_eq!(client.read_turn().await.text(), "echo: still serving");
+}

@@ -404,3 +404,49 @@ async fn a_session_deleted_during_its_turn_stays_deleted() {
     let reply = http(host.addr(), "GET", "/v1/sessions/doomed-1").await;
     assert_eq!(reply.status, 404, "{}", reply.body);
 }
+
+// The backend a session's turns ran on is stored with it: a client that
+// resumes without `?model=` goes on with it; once that backend is gone from
+// the config, the session goes on with the default and the client is told.
+#[tokio::test]
+async fn a_resumed_session_keeps_its_backend() {
+    let host = Host::start_default();
+    let mut client = host.connect("/v1/ws?session=chosen-1&model=short").await;
+    assert_session_open(&client.next_json().await, Envelope::Flat, false, "short", 0);
+    client.send_text("anything").await;
+    assert_eq!(client.read_turn().await.text(), "token0 token1 token2");
+    client.close().await;
+
+    let mut client = host.connect("/v1/ws?session=chosen-1").await;
+    let open = client.next_json().await;
+    assert_eq!(open.event()["model"], "short", "{}", open.text);
+    client.send_text("again").await;
+    assert_eq!(client.read_turn().await.text(), "token0 token1 token2");
+    client.close().await;
+
+    // Naming another backend moves the session to it.
+    let mut client = host.connect("/v1/ws?session=chosen-1&model=echo").await;
+    client.next_json().await;
+    client.send_text("moved").await;
+    assert_eq!(client.read_turn().await.text(), "echo: moved");
+    client.close().await;
+    let mut client = host.connect("/v1/ws?session=chosen-2&model=short").await;
+    client.next_json().await;
+    client.send_text("x").await;
+    client.read_turn().await;
+    client.close().await;
+
+    // `short` removed from the config: chosen-2 goes on with the default.
+    let mut config = Config::default();
+    config.models.retain(|(name, _)| name != "short");
+    host.workdir().write_config(&config.to_toml());
+    let reply = http(host.addr(), "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut client = host.connect("/v1/ws?session=chosen-2").await;
+    let open = client.next_json().await;
+    assert_eq!(open.event()["model"], "echo", "{}", open.text);
+    let told = client.next_json().await;
+    assert_eq!(told.diagnostic_code(), "model_unavailable", "{}", told.text);
+    client.send_text("still here").await;
+    assert_eq!(client.read_turn().await.text(), "echo: still here");
+}

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 /// A store the tests can run the host on.
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     Sqlite,
     Redis,
     Postgres,
@@ -44,7 +44,7 @@ fn reachable(addr: &str) -> bool {
 
 /// `[stores.shared]` settings for `kind`, or None (skipped) if its server is
 /// not reachable. `shared_dir` holds a sqlite file several hosts can share.
-fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
+pub(crate) fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
     let run = unique_token();
     match kind {
         Kind::Sqlite => Some(format!(
@@ -78,7 +78,7 @@ fn store_settings(kind: Kind, shared_dir: &Path) -> Option<String> {
     }
 }
 
-fn config_with_store(settings: &str) -> Config {
+pub(crate) fn config_with_store(settings: &str) -> Config {
     Config {
         store: "shared".to_owned(),
         extra: format!("\n[stores.shared]\nplugin = \"shared\"\nsettings = {settings}\n"),
@@ -87,7 +87,7 @@ fn config_with_store(settings: &str) -> Config {
 }
 
 /// A host whose plugin directory also holds `kind`'s library, on `config`.
-fn start_host(kind: Kind, config: &Config) -> Host {
+pub(crate) fn start_host(kind: Kind, config: &Config) -> Host {
     start_host_with_env(kind, config, &[])
 }
 

@@ -40,7 +40,7 @@ use super::request::ChatRequest;
 use super::response::{Answer, Event};
 use super::stream::{Channel, SseBody, Stop};
 use super::{caller, model_not_found, ApiError};
-use crate::core::document::valid_name;
+use crate::core::document::valid_session_id;
 use crate::core::ports::StoreError;
 use crate::core::sink::TurnControl;
 use crate::core::turn::{Report, Unsaved};
@@ -110,14 +110,12 @@ where
     check_max_tokens(&active, &request)?;
     let session = match headers.get(SESSION_HEADER).map(HeaderValue::to_str) {
         None => None,
-        Some(Ok(id)) if valid_name(id) => Some(id.to_owned()),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                None,
-            )
-            .with_code("bad_session_id"))
-        }
+        Some(Ok(id)) if valid_session_id(id) => Some(id.to_owned()),
+        Some(_) => return Err(ApiError::invalid(
+            "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -, not starting `_host:`",
+            None,
+        )
+        .with_code("bad_session_id")),
     };
     let prompt = request.last_user_message();
     if session.is_some() && prompt.is_none() {
@@ -208,6 +206,7 @@ where
     );
     let stream = request.stream;
     let job = Job {
+        trace: crate::telemetry::parent(&headers),
         host,
         active,
         backend,
@@ -440,6 +439,8 @@ struct Job {
     /// The request's places among connections, given back when the turn
     /// is over (when the job is dropped).
     _held: Box<dyn Send + Sync>,
+    /// The trace the request named (`traceparent`), when telemetry is on.
+    trace: Option<crate::telemetry::Parent>,
 }
 
 impl Job {
@@ -469,6 +470,9 @@ impl Job {
             session: self.session.as_deref().unwrap_or(""),
             request: Some(&self.id),
             backend: &self.backend.name,
+            plugin: &self.backend.plugin.name,
+            store: self.store.as_ref().map(|store| store.name.as_str()),
+            parent: self.trace.as_ref(),
         };
         record_turn(&of, &report);
     }
@@ -503,6 +507,8 @@ impl Job {
                         .to_owned(),
                     model: Some(self.request.model.clone()),
                     params: Box::new(params),
+                    // The API's clients answer tool calls with a new request.
+                    round_trips: false,
                 };
                 core::turn::run(
                     &scope,

@@ -48,6 +48,12 @@ pub fn routes(
         .unify()
 }
 
+/// Whether `path` is one of this API's: `/v1/chat/completions`,
+/// `/v1/models` and `/v1/models/NAME`.
+pub fn is_api_path(path: &str) -> bool {
+    path == "/v1/chat/completions" || path == "/v1/models" || path.starts_with("/v1/models/")
+}
+
 /// An error as OpenAI's API answers it: a status and
 /// `{"error":{"message","type","param","code"}}`.
 #[derive(Debug, Clone, PartialEq)]

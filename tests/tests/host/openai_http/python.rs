@@ -15,6 +15,55 @@ fn python_openai() -> bool {
     found
 }
 
+/// The steps a script printed (one JSON object a line, named by `step`),
+/// run with the API's base URL, alice's key and a wrong key as arguments;
+/// fails the test when the script fails.
+async fn run_script(host: &Host, script: &str) -> Steps {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let path = dir.path().join("client.py");
+    std::fs::write(&path, script).expect("write the script");
+    let base = format!("http://{}/v1", host.addr());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(&path)
+            .args([base.as_str(), ALICE, "sk-wrong-0123456789abcdef"])
+            .output()
+            .expect("run python3")
+    })
+    .await
+    .expect("the script ran");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the script failed ({}):\n{stdout}\n{stderr}\nhost log:\n{}",
+        output.status,
+        host.log()
+    );
+    let steps = stdout
+        .lines()
+        .map(|line| {
+            let value: Value = serde_json::from_str(line).expect("one JSON object a line");
+            (value["step"].as_str().expect("step").to_owned(), value)
+        })
+        .collect();
+    Steps { steps, stdout }
+}
+
+/// What a script printed, by step.
+struct Steps {
+    steps: std::collections::HashMap<String, Value>,
+    stdout: String,
+}
+
+impl Steps {
+    fn get(&self, name: &str) -> &Value {
+        self.steps
+            .get(name)
+            .unwrap_or_else(|| panic!("no step {name} in:\n{}", self.stdout))
+    }
+}
+
 const SCRIPT: &str = r#"
 import json, sys
 import openai
@@ -108,40 +157,9 @@ async fn the_openai_python_client_works_against_the_host() {
         return;
     }
     let host = Host::start(&with_keys());
-    let dir = tempfile::tempdir().expect("a scratch directory");
-    let script = dir.path().join("client.py");
-    std::fs::write(&script, SCRIPT).expect("write the script");
-    let base = format!("http://{}/v1", host.addr());
     let started = Instant::now();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(&script)
-            .args([base.as_str(), ALICE, "sk-wrong-0123456789abcdef"])
-            .output()
-            .expect("run python3")
-    })
-    .await
-    .expect("the script ran");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the script failed ({}):\n{stdout}\n{stderr}\nhost log:\n{}",
-        output.status,
-        host.log()
-    );
-    let steps: std::collections::HashMap<String, Value> = stdout
-        .lines()
-        .map(|line| {
-            let value: Value = serde_json::from_str(line).expect("one JSON object a line");
-            (value["step"].as_str().expect("step").to_owned(), value)
-        })
-        .collect();
-    let step = |name: &str| {
-        steps
-            .get(name)
-            .unwrap_or_else(|| panic!("no step {name} in:\n{stdout}"))
-    };
+    let steps = run_script(&host, SCRIPT).await;
+    let step = |name: &str| steps.get(name);
 
     let ids = step("models")["ids"].as_array().expect("ids").clone();
     assert!(
@@ -210,5 +228,119 @@ async fn the_openai_python_client_works_against_the_host() {
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the slow turn ran on"
+    );
+}
+
+const TOOLS_SCRIPT: &str = r#"
+import json, sys
+import openai
+
+base, alice = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base, api_key=alice, max_retries=0, timeout=20)
+
+def out(step, **fields):
+    print(json.dumps({"step": step, **fields}), flush=True)
+
+def tool(name):
+    return {"type": "function", "function": {"name": name, "description": name,
+            "parameters": {"type": "object", "properties": {"prompt": {"type": "string"}}}}}
+tools = [tool("lookup"), tool("weather")]
+results = {"lookup": "found it", "weather": "rain later"}
+
+messages = [{"role": "user", "content": "plan my day"}]
+first = client.chat.completions.create(model="tools", messages=messages, tools=tools)
+calls = first.choices[0].message.tool_calls
+out("first", finish=first.choices[0].finish_reason, content=first.choices[0].message.content,
+    calls=[[c.id, c.type, c.function.name, json.loads(c.function.arguments)] for c in calls])
+messages.append(first.choices[0].message.model_dump(exclude_none=True))
+for call in calls:
+    messages.append({"role": "tool", "tool_call_id": call.id,
+                     "content": results[call.function.name]})
+
+# The second round streamed: tool calls arrive as deltas by index.
+streamed, finish = {}, None
+for chunk in client.chat.completions.create(model="tools", messages=messages, tools=tools,
+                                            stream=True):
+    choice = chunk.choices[0]
+    finish = choice.finish_reason or finish
+    for delta in choice.delta.tool_calls or []:
+        entry = streamed.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+        entry["id"] = delta.id or entry["id"]
+        if delta.function:
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+out("second", finish=finish, calls=[streamed[i] for i in sorted(streamed)])
+messages.append({"role": "assistant", "content": None, "tool_calls": [
+    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+    for c in (streamed[i] for i in sorted(streamed))]})
+for c in (streamed[i] for i in sorted(streamed)):
+    messages.append({"role": "tool", "tool_call_id": c["id"], "content": results[c["name"]]})
+
+last = client.chat.completions.create(model="tools", messages=messages, tools=tools)
+out("last", finish=last.choices[0].finish_reason, content=last.choices[0].message.content,
+    calls=last.choices[0].message.tool_calls)
+
+try:
+    client.chat.completions.create(model="tools", messages=messages, tools=tools,
+                                   extra_headers={"X-Session-Id": "tools-session"})
+    out("session", error=None)
+except openai.APIError as err:
+    out("session", error={"status": err.status_code, "code": err.code})
+"#;
+
+// Tool round trips through the official client: a backend that calls the two
+// declared tools twice (echo with `call_tools`, `tool_rounds = 2`) gets the
+// calls to the client, plain and streamed, and answers with the results the
+// client sent back as `tool` messages.
+#[tokio::test]
+async fn the_openai_python_client_runs_tool_round_trips() {
+    if !python_openai() {
+        return;
+    }
+    let mut config = with_keys();
+    config.models.push((
+        "tools".to_owned(),
+        "{ call_tools = true, tool_rounds = 2 }".to_owned(),
+    ));
+    let host = Host::start(&config);
+    let steps = run_script(&host, TOOLS_SCRIPT).await;
+
+    let first = steps.get("first");
+    assert_eq!(first["finish"], "tool_calls");
+    assert_eq!(first["content"], Value::Null);
+    let arguments = json!({"prompt": "plan my day"});
+    assert_eq!(
+        first["calls"],
+        json!([
+            ["call_1_0", "function", "lookup", arguments],
+            ["call_1_1", "function", "weather", arguments]
+        ])
+    );
+
+    let second = steps.get("second");
+    assert_eq!(second["finish"], "tool_calls");
+    let calls = second["calls"].as_array().expect("calls");
+    let names: Vec<_> = calls.iter().map(|c| c["name"].clone()).collect();
+    assert_eq!(names, [json!("lookup"), json!("weather")]);
+    assert_eq!(calls[0]["id"], "call_4_0", "{calls:?}");
+    for call in calls {
+        let parsed: Value =
+            serde_json::from_str(call["arguments"].as_str().expect("text")).expect("JSON");
+        assert_eq!(parsed, arguments);
+    }
+
+    let last = steps.get("last");
+    assert_eq!(last["finish"], "stop");
+    assert_eq!(last["calls"], Value::Null);
+    assert_eq!(
+        last["content"],
+        "echo: plan my day found it rain later found it rain later"
+    );
+
+    // A session's turn is the last user message: a request ending in tool
+    // results cannot be one, and says so.
+    assert_eq!(
+        steps.get("session")["error"],
+        json!({"status": 400, "code": "invalid_request"})
     );
 }
