@@ -21,7 +21,8 @@
 //! and tokens by key and backend, kept in the store). `llm-host check`
 //! is a binary of its own (`src/bin/llm-host-check`), so the serving binary
 //! carries no test suite;
-//! [`scaffold`] is `llm-host new-plugin`, a new plugin crate from the templates.
+//! [`scaffold`] is `llm-host new-plugin`, a new plugin crate from the templates;
+//! [`chat`] is `llm-host chat`, a terminal client of a running host.
 //!
 //! Imports point one way: `core` uses only `protocol` and `metrics`;
 //! `plugins` uses `core` and `config`; `state` uses `plugins`; `web` uses all

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::{
 };
 use tokio_tungstenite::WebSocketStream;
 
+use super::announce::announce;
 use super::auth::Caller;
 use super::outbox::Outbox;
 use super::queue::{
@@ -23,19 +24,13 @@ use super::queue::{
     CurrentTurn, Queue,
 };
 use crate::core::document::Loaded;
-use crate::core::ports::StoreError;
-use crate::core::{self, Attachment, Party, Prompt};
+use crate::core::{Attachment, Party, Prompt};
 use crate::metrics::metrics;
 use crate::plugins::reload::Notice;
-use crate::plugins::runtime::Active;
 use crate::protocol::{
-    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SessionEvent, SOURCE_HOST,
+    now_ms, protocol_diagnostic, Command, DiagnosticEntry, Framer, Meta, SOURCE_HOST,
 };
 use crate::state::HostState;
-
-/// How long a new connection waits for a turn of its session that is still
-/// finishing before it announces the session as stored.
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// What the upgrade request asked for.
 #[derive(Debug, Clone)]
@@ -241,135 +236,6 @@ where
     }
     conn.out.finish().await;
     tracing::debug!(session = %opening.session_id, "disconnected");
-}
-
-/// Loads the session (after any turn of it still finishing) and announces
-/// it; answers false when the connection was refused and closed instead.
-async fn announce(
-    conn: &Connection,
-    active: &Active,
-    session_id: String,
-    found: Option<Option<Loaded>>,
-    model: Option<&str>,
-) -> bool {
-    let framer = conn.framer;
-    let Some(store) = active.store().cloned() else {
-        close(conn, CloseCode::Error, "no store is configured").await;
-        return false;
-    };
-    let settings = active.config.server.turn_settings();
-    // A turn of this session may still be finishing (a client that just
-    // reconnected after a disconnect mid-turn): announce what it saved. When
-    // none is, what the upgrade loaded is current.
-    let lock = conn.host.locks.get(&session_id);
-    let loaded = match (found, lock.try_lock()) {
-        (Some(found), Ok(_free)) => Ok(found),
-        (_, busy) => {
-            drop(busy);
-            let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;
-            let loaded = core::load(&store, &session_id, settings.store_timeout).await;
-            drop(finishing);
-            loaded
-        }
-    };
-    let refused = match &loaded {
-        Ok(Some(found)) if !conn.attachment.party.may_use(&found.owner) => Some((
-            "session_not_found",
-            format!("no session `{}`", session_id),
-            CloseCode::Policy,
-            "no such session",
-        )),
-        Ok(_) => None,
-        Err(err @ StoreError::Unreadable { .. }) => {
-            tracing::error!(session = %session_id, error = %err, "unreadable session");
-            Some((
-                "session_unreadable",
-                "the stored session is not readable; it can be deleted \
-                 (DELETE /v1/sessions/{id})"
-                    .to_owned(),
-                CloseCode::Error,
-                "session unreadable",
-            ))
-        }
-        Err(err) => {
-            tracing::error!(session = %session_id, error = %err, "cannot load session");
-            Some((
-                "store_unavailable",
-                format!("the session could not be loaded: {}", err.public()),
-                CloseCode::Again,
-                "store unavailable, try again later",
-            ))
-        }
-    };
-    if let Some((code, message, close_code, reason)) = refused {
-        let kind = if code == "session_not_found" {
-            "host"
-        } else {
-            "store"
-        };
-        conn.send_entry(&DiagnosticEntry {
-            level: "error",
-            kind,
-            message: &message,
-            data: Some(serde_json::json!({ "code": code })),
-        })
-        .await;
-        close(conn, close_code, reason).await;
-        conn.out.finish().await;
-        return false;
-    }
-    let loaded = loaded.ok().flatten();
-    let resumed = loaded.is_some();
-    let last_sequence = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
-    // A session resumed without `?model=` goes on with the backend its last
-    // turn ran on, while that backend is configured.
-    let mut gone = None;
-    let stored_model = match loaded.as_ref().and_then(|found| found.doc.model.clone()) {
-        Some(name) if model.is_none() && active.models.contains_key(&name) => {
-            *conn.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.clone());
-            Some(name)
-        }
-        Some(name) if model.is_none() && name != active.config.default_model => {
-            gone = Some(name);
-            None
-        }
-        _ => None,
-    };
-    if let Some(found) = loaded {
-        conn.attachment.remember(&store.name, found);
-    }
-    conn.attachment
-        .last_sequence
-        .store(last_sequence, Ordering::Relaxed);
-    let model = model
-        .map(str::to_owned)
-        .or(stored_model)
-        .unwrap_or_else(|| active.config.default_model.clone());
-    tracing::debug!(session = %session_id, resumed, model = %model, "connected");
-    conn.send(framer.session(
-        &SessionEvent::Open {
-            session_id: &session_id,
-            resumed,
-            model: &model,
-            last_sequence,
-        },
-        &Meta::now(last_sequence, SOURCE_HOST, None),
-    ))
-    .await;
-    if let Some(gone) = gone {
-        let message = format!(
-            "this session's backend `{gone}` is no longer configured; it goes on with \
-             `{model}`, the default"
-        );
-        conn.send_entry(&DiagnosticEntry {
-            level: "warn",
-            kind: "host",
-            message: &message,
-            data: Some(serde_json::json!({ "code": "model_unavailable", "model": gone })),
-        })
-        .await;
-    }
-    true
 }
 
 /// What the read loop works with besides the socket.
@@ -659,7 +525,7 @@ async fn reloaded(conn: &Connection, notice: &Notice) {
     conn.send_entry(&entry).await;
 }
 
-async fn close(conn: &Connection, code: CloseCode, reason: &str) {
+pub(super) async fn close(conn: &Connection, code: CloseCode, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),

@@ -7,6 +7,7 @@
 //! - [`server`]: the routes and the WebSocket upgrade.
 //! - [`page`]: the chat page on `GET /`.
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
+//! - [`announce`]: the session announcement at connect (or its refusal).
 //! - [`queue`]: a connection's prompt queue, its limits, its turns.
 //! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
@@ -16,6 +17,7 @@
 //! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
 
 pub mod access;
+pub mod announce;
 pub mod admin;
 pub mod auth;
 pub mod connection;
