@@ -48,7 +48,19 @@ impl Host {
         std::fs::write(&config_path, config)
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
         let host = release.join("llm-host");
-        let mut child = Command::new(&host)
+        // A profiler to run the host under: `LLM_HOST_BENCH_WRAPPER="valgrind
+        // --tool=callgrind --callgrind-out-file=/tmp/host.cg"`.
+        let wrapper = std::env::var("LLM_HOST_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(&host);
+                command
+            }
+            None => Command::new(&host),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "warn,llm_host=info")
@@ -78,11 +90,16 @@ impl Host {
                 }
             }
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Ok(Host { child, addr, dir }),
+        // Under a profiler the start takes many times longer.
+        let limit = if wrapper.trim().is_empty() { 30 } else { 600 };
+        match rx.recv_timeout(Duration::from_secs(limit)) {
+            Ok(addr) => {
+                on_start(child.id());
+                Ok(Host { child, addr, dir })
+            }
             Err(_) => {
                 let _ = child.kill();
-                Err("the host did not start listening within 30 s".to_owned())
+                Err(format!("the host did not start listening within {limit} s"))
             }
         }
     }
@@ -101,6 +118,25 @@ impl Host {
     pub fn peak_rss_kib(&self) -> Result<u64, String> {
         peak_rss_kib(self.pid())
     }
+
+    /// Stops the host as an operator does (SIGTERM), so that a profiler
+    /// wrapped around it writes its output; kills it if it has not exited
+    /// within a minute.
+    pub fn stop(mut self) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if terminated {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 impl Drop for Host {
@@ -108,6 +144,25 @@ impl Drop for Host {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `LLM_HOST_BENCH_ON_START`, if set, with the host's pid appended,
+/// once the host listens: with the host under `valgrind --tool=callgrind
+/// --instr-atstart=no`, `"callgrind_control -i on"` starts the profile
+/// there, leaving out the start (hashing and loading the plugins).
+fn on_start(pid: u32) {
+    let hook = std::env::var("LLM_HOST_BENCH_ON_START").unwrap_or_default();
+    let mut words = hook.split_whitespace();
+    if let Some(program) = words.next() {
+        let status = Command::new(program)
+            .args(words)
+            .arg(pid.to_string())
+            .stdout(std::io::stderr())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("LLM_HOST_BENCH_ON_START `{hook}` failed: {status:?}");
+        }
     }
 }
 
