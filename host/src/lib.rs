@@ -277,7 +277,14 @@ fn reload_on_hangup(host: Arc<HostState>) {
             return;
         };
         while hangups.recv().await.is_some() {
-            let _ = state::reload(&host, "SIGHUP").await;
+            let outcome = match state::reload(&host, "SIGHUP").await {
+                Ok(plugins::reload::Outcome::Unchanged) => "unchanged".to_owned(),
+                Ok(plugins::reload::Outcome::Reloaded(changes)) => {
+                    format!("reloaded: {}", changes.join("; "))
+                }
+                Err(message) => format!("refused: {message}"),
+            };
+            web::audit::admin("reload (SIGHUP)", "operator", None, &outcome);
         }
     });
 }

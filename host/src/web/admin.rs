@@ -60,12 +60,29 @@ pub(super) fn with_caller(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Arc<HostState>, Result<Caller, Refusal>), Error = warp::Rejection> + Clone
 {
+    with_caller_at(host)
+        .map(|host, caller, _peer| (host, caller))
+        .untuple_one()
+}
+
+/// [`with_caller`], and the client's address.
+pub(super) fn with_caller_at(
+    host: Arc<HostState>,
+) -> impl Filter<
+    Extract = (Arc<HostState>, Result<Caller, Refusal>, Option<SocketAddr>),
+    Error = warp::Rejection,
+> + Clone {
     with_host(host)
         .and(warp::header::headers_cloned())
         .and(warp::query::<HashMap<String, String>>())
         .and(super::listener::peer())
+        .and(warp::path::full())
         .map(
-            |host: Arc<HostState>, headers: HeaderMap, query, peer: Option<SocketAddr>| {
+            |host: Arc<HostState>,
+             headers: HeaderMap,
+             query,
+             peer: Option<SocketAddr>,
+             path: warp::path::FullPath| {
                 let caller = authenticate(&host.active.load().config.auth, &headers, &query)
                     .and_then(|caller| match caller {
                         // Open mode trusts this machine only: a client on a
@@ -73,10 +90,10 @@ pub(super) fn with_caller(
                         Caller::Open if !on_this_machine(peer, &headers) => Err(NOT_THIS_MACHINE),
                         caller => Ok(caller),
                     });
-                if caller.is_err() {
-                    metrics().refuse("unauthorized");
+                if let Err(refused) = &caller {
+                    super::audit::refused(path.as_str(), peer, refused.code);
                 }
-                (host, caller)
+                (host, caller, peer)
             },
         )
         .untuple_one()
@@ -169,8 +186,20 @@ fn plugins(
                 .last_error
                 .as_ref()
                 .map(|(at, message)| json!({ "at": at, "message": message }));
+            // Backends whose plugin runs in a child process: its state.
+            let isolated: serde_json::Map<String, Value> = active
+                .models
+                .values()
+                .filter_map(|b| match &b.engine {
+                    crate::plugins::runtime::Engine::Process(model) => {
+                        Some((b.name.clone(), json!(model.health())))
+                    }
+                    crate::plugins::runtime::Engine::InProcess(_) => None,
+                })
+                .collect();
             warp::reply::json(&json!({
                 "plugins": plugins,
+                "isolated": isolated,
                 "reloads": status.reloads,
                 "lastReloadAt": status.last_reload_ms,
                 "lastError": last_error,
@@ -231,26 +260,39 @@ fn reload_now(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "reload")
         .and(warp::post())
-        .and(with_caller(host))
-        .then(|host: Arc<HostState>, caller| async move {
-            if let Err(refused) = admin(caller) {
-                return refusal(&refused);
-            }
-            match state::reload(&host, "POST /v1/reload").await {
-                Ok(Outcome::Unchanged) => {
-                    warp::reply::json(&json!({ "status": "unchanged" })).into_response()
+        .and(with_caller_at(host))
+        .then(
+            |host: Arc<HostState>, caller, peer: Option<SocketAddr>| async move {
+                let caller = match admin(caller) {
+                    Ok(caller) => caller,
+                    Err(refused) => {
+                        super::audit::refused("POST /v1/reload", peer, refused.code);
+                        return refusal(&refused);
+                    }
+                };
+                let reloaded = state::reload(&host, "POST /v1/reload").await;
+                let outcome = match &reloaded {
+                    Ok(Outcome::Unchanged) => "unchanged".to_owned(),
+                    Ok(Outcome::Reloaded(changes)) => format!("reloaded: {}", changes.join("; ")),
+                    Err(message) => format!("refused: {message}"),
+                };
+                super::audit::admin("reload", caller.id(), peer, &outcome);
+                match reloaded {
+                    Ok(Outcome::Unchanged) => {
+                        warp::reply::json(&json!({ "status": "unchanged" })).into_response()
+                    }
+                    Ok(Outcome::Reloaded(changes)) => {
+                        warp::reply::json(&json!({ "status": "reloaded", "changes": changes }))
+                            .into_response()
+                    }
+                    Err(message) => error_reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "reload_failed",
+                        &format!("nothing changed; the running set keeps serving: {message}"),
+                    ),
                 }
-                Ok(Outcome::Reloaded(changes)) => {
-                    warp::reply::json(&json!({ "status": "reloaded", "changes": changes }))
-                        .into_response()
-                }
-                Err(message) => error_reply(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "reload_failed",
-                    &format!("nothing changed; the running set keeps serving: {message}"),
-                ),
-            }
-        })
+            },
+        )
 }
 
 /// `GET /v1/sessions/{id}`: the stored messages, version and last sequence.
@@ -298,25 +340,34 @@ fn delete_session(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "sessions" / String)
         .and(warp::delete())
-        .and(with_caller(host))
-        .then(|id: String, host: Arc<HostState>, caller| async move {
-            let id = decoded(&id);
-            let caller = match caller {
-                Ok(caller) => caller,
-                Err(refused) => return refusal(&refused),
-            };
-            let route = "DELETE /v1/sessions/{id}";
-            let store = match owned_session(&host, &caller, route, &id).await {
-                Ok((store, _)) => store,
-                Err(answer) => return answer,
-            };
-            let timeout = host.turn_settings().store_timeout;
-            match within(&store.name, "delete", timeout, store.delete(&id)).await {
-                Ok(true) => StatusCode::NO_CONTENT.into_response(),
-                Ok(false) => not_found(&id),
-                Err(err) => unavailable(&caller, route, Some(&id), &err),
-            }
-        })
+        .and(with_caller_at(host))
+        .then(
+            |id: String, host: Arc<HostState>, caller, peer: Option<SocketAddr>| async move {
+                let id = decoded(&id);
+                let caller = match caller {
+                    Ok(caller) => caller,
+                    Err(refused) => return refusal(&refused),
+                };
+                let route = "DELETE /v1/sessions/{id}";
+                let store = match owned_session(&host, &caller, route, &id).await {
+                    Ok((store, _)) => store,
+                    Err(answer) => return answer,
+                };
+                let timeout = host.turn_settings().store_timeout;
+                let deleted = within(&store.name, "delete", timeout, store.delete(&id)).await;
+                let outcome = match &deleted {
+                    Ok(true) => format!("session {id} deleted"),
+                    Ok(false) => format!("session {id} was gone"),
+                    Err(_) => format!("session {id}: the store failed"),
+                };
+                super::audit::admin("delete session", caller.id(), peer, &outcome);
+                match deleted {
+                    Ok(true) => StatusCode::NO_CONTENT.into_response(),
+                    Ok(false) => not_found(&id),
+                    Err(err) => unavailable(&caller, route, Some(&id), &err),
+                }
+            },
+        )
 }
 
 /// A path segment percent-decoded (`del%2Drace` is `del-race`); as it is

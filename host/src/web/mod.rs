@@ -2,6 +2,7 @@
 //! socket. It turns client frames into prompts for the turn core and hands
 //! the core an [`outbox::Outbox`] to write frames into.
 //!
+//! - [`audit`]: the audit log: refusals of who asked, admin actions.
 //! - [`access`]: the access log and metrics of each finished turn, from any door.
 //! - [`listener`]: accepting connections, header timeouts, pending caps.
 //! - [`server`]: the routes and the WebSocket upgrade.
@@ -9,6 +10,7 @@
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
 //! - [`announce`]: the session announcement at connect (or its refusal).
 //! - [`queue`]: a connection's prompt queue, its limits, its turns.
+//! - [`settings`]: `session.update`: a session's settings, checked and saved.
 //! - [`outbox`]: the socket's sending half, shared by a turn and the reader.
 //! - [`admin`]: the HTTP API: plugins, config, reload, sessions, health.
 //! - [`usage`]: `GET /v1/usage`, turns and tokens by key and backend.
@@ -17,8 +19,9 @@
 //! - [`redact`]: what `/v1/config` shows of the config: secrets replaced.
 
 pub mod access;
-pub mod announce;
 pub mod admin;
+pub mod announce;
+pub mod audit;
 pub mod auth;
 pub mod connection;
 pub mod listener;
@@ -28,6 +31,7 @@ pub mod page;
 pub mod queue;
 pub mod redact;
 pub mod server;
+pub mod settings;
 pub mod usage;
 
 use warp::http::StatusCode;

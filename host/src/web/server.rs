@@ -74,7 +74,7 @@ pub fn routes(
         )
         .recover(|rejection: warp::Rejection| async move {
             if let Some(OriginRefused { origin, openai }) = rejection.find::<OriginRefused>() {
-                metrics().refuse("origin_not_allowed");
+                super::audit::refused(&format!("origin {origin}"), None, "origin_not_allowed");
                 let message = format!(
                     "pages of origin `{origin}` may not use this host (server.allowed_origins)"
                 );
@@ -192,7 +192,8 @@ async fn upgrade_session(
     let caller = match authenticate(&active.config.auth, headers, params) {
         Ok(caller) => caller,
         Err(refusal) => {
-            metrics().refuse("unauthorized");
+            let client = accepted.as_ref().map(|accepted| accepted.peer);
+            super::audit::refused("GET /v1/ws", client, "unauthorized");
             return error_reply(refusal.status, refusal.code, refusal.message);
         }
     };

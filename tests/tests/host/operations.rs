@@ -256,3 +256,108 @@ async fn a_key_is_rotated_without_a_gap() {
         401
     );
 }
+
+// The audit log: a wrong key, a page of another origin and a key without
+// the admin right are logged with the route and the client; a reload and a
+// delete are logged with who asked and what came of it.
+#[tokio::test]
+async fn refusals_and_admin_actions_are_audited() {
+    const OPS: &str = "ops-key-0123456789abcdef000";
+    const BOB: &str = "bob-key-0123456789abcdef00";
+    let host = Host::start(&Config {
+        extra: format!(
+            "\n[auth]\nkeys = [\n  {{ id = \"ops\", key = \"{OPS}\", admin = true }},\n  \
+             {{ id = \"bob\", key = \"{BOB}\" }},\n]\n"
+        ),
+        ..Config::default()
+    });
+    let wrong = "Bearer wrong-key-0123456789abcdef";
+    let reply = llm_host_tests::http_with(
+        host.addr(),
+        "GET",
+        "/v1/sessions",
+        &[("Authorization", wrong)],
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    let reply = host
+        .http_upgrade("/v1/ws?token=wrong-key-0123456789abcdef")
+        .await;
+    assert_eq!(reply.status, 401);
+    let bob = format!("Bearer {BOB}");
+    let reply = llm_host_tests::http_with(
+        host.addr(),
+        "POST",
+        "/v1/reload",
+        &[("Authorization", &bob)],
+    )
+    .await;
+    assert_eq!(reply.status, 403);
+    let mut client = host
+        .connect(&format!("/v1/ws?session=audited&token={BOB}"))
+        .await;
+    client.next_json().await;
+    client.send_text("hello").await;
+    client.read_turn().await;
+    reload_as(&host, OPS).await;
+    let ops = format!("Bearer {OPS}");
+    let reply = llm_host_tests::http_with(
+        host.addr(),
+        "DELETE",
+        "/v1/sessions/audited",
+        &[("Authorization", &ops)],
+    )
+    .await;
+    assert_eq!(reply.status, 204);
+    assert!(
+        host.logged("session audited deleted").await,
+        "{}",
+        host.log()
+    );
+
+    let log = host.log();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("llm_host::audit"))
+        .collect();
+    let has = |parts: &[&str]| {
+        audit
+            .iter()
+            .any(|line| parts.iter().all(|part| line.contains(part)))
+    };
+    assert!(
+        has(&[
+            "request refused",
+            "/v1/sessions",
+            "client=127.0.0.1:",
+            "unauthorized"
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&["request refused", "GET /v1/ws", "unauthorized"]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&["request refused", "POST /v1/reload", "forbidden"]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "admin action",
+            "action=\"reload\"",
+            "caller=\"ops\"",
+            "outcome=\"unchanged\""
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "admin action",
+            "delete session",
+            "caller=\"ops\"",
+            "session audited deleted"
+        ]),
+        "{audit:#?}"
+    );
+}

@@ -33,7 +33,6 @@ use warp::reply::{Reply, Response};
 use warp::Filter;
 
 use super::auth::{authenticate, Caller};
-use crate::metrics::metrics;
 use crate::plugins::runtime::Active;
 use crate::state::HostState;
 
@@ -145,7 +144,7 @@ pub fn model_not_found(name: &str) -> ApiError {
 pub fn caller(active: &Active, headers: &HeaderMap) -> Result<Caller, ApiError> {
     // Only the header: OpenAI's clients send their key as a bearer token.
     authenticate(&active.config.auth, headers, &HashMap::new()).map_err(|refusal| {
-        metrics().refuse("unauthorized");
+        super::audit::refused("OpenAI-compatible API", None, "unauthorized");
         ApiError::new(
             refusal.status,
             "invalid_request_error",
