@@ -17,15 +17,15 @@
 //! # }
 //! #[test]
 //! fn my_store_conforms() {
-//!     store::assert_store_conforms(&|| MyPlugin::new_store(r#"{"path": "/tmp/x"}"#));
+//!     store::assert_plugin_conforms::<MyPlugin>(r#"{"path": "/tmp/x"}"#);
 //! }
 //! ```
 //!
 //! [`model`] checks a model adapter (event order, cancel, errors, panics,
 //! and for a stepped adapter its turns run in steps); [`store`] checks a
 //! store adapter (conditional saves, round trips, listings, races between
-//! threads and between two adapters of one store, and with a TTL given,
-//! expiry). Each check answers `PASS`, `FAIL`, `SKIP` (it does not apply,
+//! threads, between two adapters of one store and between two processes,
+//! and with a TTL given, expiry). Each check answers `PASS`, `FAIL`, `SKIP` (it does not apply,
 //! with the reason) or, for a few model checks, `WARN`; only a failure fails
 //! the `assert_*` functions. `llm-host check PATH.so` runs the same suites
 //! against a built library.

@@ -36,6 +36,8 @@
 //! | `concurrent_increments` | 4 threads x 10 load-modify-save loops with retry: all 40 applied exactly once |
 //! | `shared_cas` | two adapters built from the same settings (two views of one store, as two hosts have) see each other's saves, and in 50 rounds of two saves at the same version racing from two threads, one through each adapter, exactly one wins each round. `Skip` for a store that is [in process](llm_host_plugin_api::StoreAdapter::in_process) (its adapters never share sessions) |
 //! | `shared_increments` | 2 adapters x 2 threads x 10 load-modify-save loops with retry: all 40 applied exactly once. `Skip` for a store in process |
+//! | `process_cas` | with a [second process](StoreOptions::second_process) only: that process builds an adapter from the same settings and loads the session this one saved (the two share one store), then in 50 rounds of two saves at the same version racing, one from each process, exactly one wins each round. `Skip` for a store in process |
+//! | `process_increments` | with a second process only: 2 processes x 2 threads x 10 load-modify-save loops with retry: all 40 applied exactly once. `Skip` for a store in process |
 //! | `updated_at` | `updated_at_ms` is set and within 10 minutes of this machine's clock |
 //! | `ping` | ping answers Ok |
 //! | `expiry` | with [`StoreOptions::ttl`] (`ttl_secs` in the settings of `llm-host check`), sessions left alone for the TTL plus 1 s are absent: `load` answers none, `list` leaves them out, `delete` answers false, a save at the old version conflicts with current 0 and one at version 0 creates version 1. `Skip` without a TTL, or with one over [`MAX_CHECKED_TTL`] (the check waits it out) |
@@ -44,7 +46,34 @@
 //! value (a lock of its own around a read and a write of shared storage)
 //! passes the `concurrent_*` checks and fails the `shared_*` ones: two hosts
 //! are two adapters. A store that says it is not in process but whose
-//! adapters keep separate sessions fails `shared_cas` too.
+//! adapters keep separate sessions fails `shared_cas` too. A store whose lock
+//! is shared by every adapter of its process but no further (a `Mutex` in a
+//! static around a file's read and write) passes `shared_*` and fails the
+//! `process_*` checks: two hosts are two processes.
+//!
+//! The `process_*` checks run only with a [`SecondProcess`] to race:
+//! [`check_plugin`] and [`assert_plugin_conforms`], which take the plugin's
+//! type and its settings, run the calling test again as one (see
+//! [`check_plugin`]), and `llm-host check` runs itself. [`check_store`] and
+//! the other functions that take a closure cannot start a process that
+//! builds the same adapter, so they leave those two checks out:
+//!
+//! ```no_run
+//! use llm_host_conformance::store;
+//! # use llm_host_plugin_api::Plugin;
+//! # struct MyPlugin;
+//! # impl Plugin for MyPlugin {
+//! #     const NAME: &'static str = "mine";
+//! #     const VERSION: &'static str = "0.1.0";
+//! #     const KINDS: llm_host_plugin_api::Kinds = llm_host_plugin_api::Kinds::STORE;
+//! # }
+//! #[test]
+//! fn my_store_conforms() {
+//!     // Every check, the races between two processes included; a ttl_secs
+//!     // in the settings is the TTL `expiry` waits out.
+//!     store::assert_plugin_conforms::<MyPlugin>(r#"{"path": "/tmp/x"}"#);
+//! }
+//! ```
 //!
 //! To check expiry, build the adapters with a short TTL, 1 or 2 s (every
 //! session of the other checks must then stay in use that long, which they
@@ -74,21 +103,28 @@
 //! `llm-host check PATH.so --kind store --settings '{"ttl_secs": 2}'` does the
 //! same with a built library.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Barrier;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use llm_host_plugin_api::{
     abi_stable::std_types::{RStr, RString},
     guard::panic_message,
-    serde_json::{self, json, Value},
+    serde_json::{self, Value},
     ListQuery, PluginError, SaveOutcome, SessionPage, StoreAdapterBox, StoredSession,
 };
 
 pub use crate::model::Verdict;
 use crate::support::unique_token;
+
+mod increments;
+mod plugin;
+mod processes;
+
+use increments::increment_together;
+pub use plugin::{assert_plugin_conforms, check_plugin};
+pub use processes::{serve_race, SecondProcess, RACE_ENV};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +187,10 @@ pub struct StoreOptions {
     /// that they are gone. `None` skips it, and so does a TTL over
     /// [`MAX_CHECKED_TTL`]. Give 1 or 2 s: the check waits it out.
     pub ttl: Option<Duration>,
+    /// How to start a second process of the store, for the `process_*`
+    /// checks; without one they are left out. [`check_plugin`] and
+    /// `llm-host check` give one.
+    pub second_process: Option<SecondProcess>,
 }
 
 impl StoreOptions {
@@ -161,7 +201,16 @@ impl StoreOptions {
             .ok()
             .and_then(|settings| settings.get("ttl_secs").and_then(Value::as_u64))
             .map(Duration::from_secs);
-        Self { ttl }
+        Self {
+            ttl,
+            second_process: None,
+        }
+    }
+
+    /// The same options, with `second` to race for the `process_*` checks.
+    pub fn with_second_process(mut self, second: SecondProcess) -> Self {
+        self.second_process = Some(second);
+        self
     }
 }
 
@@ -190,6 +239,8 @@ enum Check {
     One(fn(&Run, &Client<'_>) -> Result<String, String>),
     /// May build more adapters, look at the options, or not apply.
     Suite(fn(&Suite<'_>, &Client<'_>) -> Result<Found, String>),
+    /// Races a second process: run only when the options give one.
+    Process(fn(&Suite<'_>, &Client<'_>) -> Result<Found, String>),
 }
 
 const CHECKS: &[(&str, Check)] = &[
@@ -210,14 +261,25 @@ const CHECKS: &[(&str, Check)] = &[
     ("concurrent_increments", Check::One(concurrent_increments)),
     ("shared_cas", Check::Suite(shared_cas)),
     ("shared_increments", Check::Suite(shared_increments)),
+    ("process_cas", Check::Process(processes::process_cas)),
+    (
+        "process_increments",
+        Check::Process(processes::process_increments),
+    ),
     ("updated_at", Check::One(updated_at)),
     ("ping", Check::One(ping)),
     ("expiry", Check::Suite(expiry)),
 ];
 
-/// The names of the checks [`check_store`] runs, in order.
+/// The names of the checks [`check_store`] runs, in order. With a
+/// [`SecondProcess`] in the options, `process_cas` and `process_increments`
+/// follow `shared_increments`.
 pub fn check_names() -> Vec<&'static str> {
-    CHECKS.iter().map(|(name, _)| *name).collect()
+    CHECKS
+        .iter()
+        .filter(|(_, check)| !matches!(check, Check::Process(_)))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// Runs every check, each against a fresh adapter from `make`, and answers
@@ -230,8 +292,14 @@ pub fn check_store(make: MakeStore<'_>) -> Vec<CheckResult> {
 }
 
 /// [`check_store`] with `options`: what the settings `make` builds with
-/// promise (a TTL).
+/// promise (a TTL), and a second process to race.
+///
+/// In a process started as a second process (with [`RACE_ENV`] set) it runs
+/// nothing and answers no results.
 pub fn check_store_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<CheckResult> {
+    if processes::job().is_some() {
+        return Vec::new();
+    }
     let suite = Suite {
         run: Run::new(),
         make,
@@ -239,6 +307,9 @@ pub fn check_store_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<Chec
     };
     CHECKS
         .iter()
+        .filter(|(_, check)| {
+            !matches!(check, Check::Process(_)) || options.second_process.is_some()
+        })
         .map(|(name, check)| {
             let outcome = match make() {
                 Err(err) => Err(format!("could not build the adapter: {err}")),
@@ -246,7 +317,7 @@ pub fn check_store_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<Chec
                     let client = Client(&adapter);
                     let outcome = catch_unwind(AssertUnwindSafe(|| match check {
                         Check::One(check) => check(&suite.run, &client).map(Found::from),
-                        Check::Suite(check) => check(&suite, &client),
+                        Check::Suite(check) | Check::Process(check) => check(&suite, &client),
                     }))
                     .unwrap_or_else(|panic| {
                         Err(format!(
@@ -300,7 +371,15 @@ pub fn assert_store_conforms(make: MakeStore<'_>) -> Vec<CheckResult> {
 ///
 /// When the adapter fails a check, as [`assert_store_conforms`].
 pub fn assert_store_conforms_with(make: MakeStore<'_>, options: &StoreOptions) -> Vec<CheckResult> {
-    let results = check_store_with(make, options);
+    conforming(check_store_with(make, options))
+}
+
+/// `results`, if no check failed.
+///
+/// # Panics
+///
+/// When a check failed, with the report.
+fn conforming(results: Vec<CheckResult>) -> Vec<CheckResult> {
     if results.iter().any(|r| !r.passed) {
         let failed: Vec<String> = results
             .iter()
@@ -942,121 +1021,6 @@ fn concurrent_increments(run: &Run, store: &Client<'_>) -> Result<String, String
     Ok(format!(
         "{threads} threads x {increments} increments all applied once ({conflicts} conflicts retried)"
     ))
-}
-
-/// Creates session `id` holding a counter at 0 and an empty log, then runs
-/// `threads` threads through each of `stores`, each applying `increments`
-/// load-modify-save loops (retried on conflict) that count up and log
-/// themselves; checks that every increment was applied exactly once.
-/// Answers how many conflicts were retried.
-fn increment_together(
-    stores: &[&Client<'_>],
-    id: &str,
-    threads: usize,
-    increments: usize,
-) -> Result<u64, String> {
-    let first = stores.first().ok_or("no store to increment through")?;
-    first.save_ok(id, 0, "o", &json!({"n": 0, "log": []}).to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let workers: Vec<(usize, &Client<'_>)> = stores
-        .iter()
-        .flat_map(|store| std::iter::repeat_n(*store, threads))
-        .enumerate()
-        .collect();
-    let conflicts = std::thread::scope(|scope| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|&(t, store)| {
-                scope.spawn(move || -> Result<u64, String> {
-                    let mut conflicts = 0u64;
-                    for i in 0..increments {
-                        loop {
-                            if Instant::now() > deadline {
-                                return Err(format!(
-                                    "thread {t} could not apply increment {i} within 120 s"
-                                ));
-                            }
-                            let session = store.load_some(id)?;
-                            let mut doc: Value = serde_json::from_str(session.data.as_str())
-                                .map_err(|err| {
-                                    format!("the stored document is no longer JSON: {err}")
-                                })?;
-                            let n = doc["n"].as_u64().unwrap_or_default();
-                            doc["n"] = json!(n + 1);
-                            if let Some(log) = doc["log"].as_array_mut() {
-                                log.push(json!(format!("t{t}-{i}")));
-                            }
-                            match store.save(id, session.version, "o", &doc.to_string())? {
-                                SaveOutcome::Saved { version }
-                                    if version == session.version + 1 =>
-                                {
-                                    break
-                                }
-                                SaveOutcome::Saved { version } => {
-                                    return Err(format!(
-                                    "a save at version {} answered Saved {{ version: {version} }}",
-                                    session.version
-                                ))
-                                }
-                                SaveOutcome::Conflict { current } if current > session.version => {
-                                    conflicts += 1;
-                                }
-                                SaveOutcome::Conflict { current } => {
-                                    return Err(format!(
-                                        "a save at version {} conflicted with current {current}, \
-                                         which is not newer",
-                                        session.version
-                                    ))
-                                }
-                            }
-                        }
-                    }
-                    Ok(conflicts)
-                })
-            })
-            .collect();
-        join_all(handles)
-    })?;
-    let total = workers.len() * increments;
-    let session = first.load_some(id)?;
-    if session.version != total as u64 + 1 {
-        return Err(format!(
-            "after {total} increments the version is {}, expected {}",
-            session.version,
-            total + 1
-        ));
-    }
-    let doc: Value = serde_json::from_str(session.data.as_str())
-        .map_err(|err| format!("the final document is not JSON: {err}"))?;
-    if doc["n"].as_u64() != Some(total as u64) {
-        return Err(format!(
-            "after {total} increments the counter is {}, expected {total}: increments were \
-             lost, so two saves at one version both succeeded",
-            doc["n"]
-        ));
-    }
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for entry in doc["log"].as_array().into_iter().flatten() {
-        *seen
-            .entry(entry.as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
-    }
-    let wanted: BTreeSet<String> = workers
-        .iter()
-        .flat_map(|&(t, _)| (0..increments).map(move |i| format!("t{t}-{i}")))
-        .collect();
-    let twice: Vec<&String> = seen
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(k, _)| k)
-        .collect();
-    let missing: Vec<&String> = wanted.iter().filter(|k| !seen.contains_key(*k)).collect();
-    if !twice.is_empty() || !missing.is_empty() || seen.len() != wanted.len() {
-        return Err(format!(
-            "the log does not hold each increment once: applied twice {twice:?}, missing {missing:?}"
-        ));
-    }
-    Ok(conflicts.iter().sum())
 }
 
 /// Why the `shared_*` checks skip a store in process.

@@ -88,6 +88,7 @@ fn the_memory_store_expires_idle_sessions() {
 fn a_store_that_keeps_idle_sessions_fails_expiry() {
     let options = StoreOptions {
         ttl: Some(Duration::from_secs(1)),
+        ..StoreOptions::default()
     };
     let results = store::check_store_with(&|| MemoryPlugin::new_store("{}"), &options);
     let (expiry, detail) = verdict(&results, "expiry");

@@ -96,8 +96,14 @@ const STORE_CHECKS: &[&str] = &[
 ];
 
 /// The store checks of two adapters built from the same settings racing on
-/// one session, which a store in process skips.
-const SHARED_CHECKS: &[&str] = &["store.shared_cas", "store.shared_increments"];
+/// one session, and of two processes doing the same (check_processes.rs has
+/// more), which a store in process skips.
+const SHARED_CHECKS: &[&str] = &[
+    "store.shared_cas",
+    "store.shared_increments",
+    "store.process_cas",
+    "store.process_increments",
+];
 
 /// The expiry check, which runs only with `ttl_secs` in the settings.
 const EXPIRY: &str = "store.expiry";
@@ -182,8 +188,8 @@ fn echo_conforms() {
 }
 
 // The memory plugin passes every store check. It is in process, so the
-// checks of two adapters sharing one store are skipped; expiry is checked
-// only with the ttl_secs given.
+// checks of two adapters or two processes sharing one store are skipped;
+// expiry is checked only with the ttl_secs given.
 #[test]
 fn memory_conforms() {
     let exit = check(&[path(Plugin::Memory)]);
@@ -238,8 +244,8 @@ fn the_template_conforms() {
 
 // The store template passes every store check, with sessions as files in
 // the directory its settings name (a short TTL set, so loads touch the files
-// and expiry is checked), the races between two adapters of one directory
-// included, and leaves none of them behind.
+// and expiry is checked), the races between two adapters and between two
+// processes on one directory included, and leaves none of them behind.
 #[test]
 fn the_store_template_conforms() {
     let workdir = Workdir::new(&[]);
@@ -261,6 +267,12 @@ fn the_store_template_conforms() {
         "PASS",
         "store.shared_cas",
         "exactly one won each round",
+    );
+    assert_verdict(
+        &exit,
+        "PASS",
+        "store.process_cas",
+        "two processes with adapters built from the same settings share one store",
     );
     assert_verdict(&exit, "PASS", EXPIRY, "with ttl_secs 2 were absent");
     assert!(!exit.stdout.contains("model."), "{exit}");

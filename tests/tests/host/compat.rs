@@ -155,6 +155,24 @@ async fn a_store_built_against_0_1_0_with_ping_serves_sessions() {
     serves_a_session(&host, "echo", "echo:", "compat-ping").await;
 }
 
+// Host 0.1.2 x a store built against plugin-api 0.1.0 of commit 43e095b,
+// whose StoreAdapter has `blocks` where the last 0.1.0 layout has
+// `in_process`: it matches the layout with ping (a library may have more
+// fields than the layout it is checked against; `blocks` is never called),
+// loads beside a store of that layout itself, and serves sessions.
+#[tokio::test]
+async fn a_store_built_against_0_1_0_with_blocks_serves_sessions() {
+    let host = start_with(
+        &[Plugin::MemoryV010Blocks, Plugin::MemoryV010Ping],
+        "blocks",
+        "\n[stores.blocks]\nplugin = \"memory-v010-blocks\"\n\
+         \n[stores.ping]\nplugin = \"memory-v010-ping\"\n",
+    );
+    assert_loaded_through(&host, "memory-v010-blocks", "0.1.0 (layout with ping)");
+    assert_loaded_through(&host, "memory-v010-ping", "0.1.0 (layout with ping)");
+    serves_a_session(&host, "echo", "echo:", "compat-blocks").await;
+}
+
 // Host 0.1.2 x plugins built against plugin-api 0.1.0 as first released
 // (commit 9a21da3, whose HostApi and StoreAdapter end earlier): they load
 // and serve turns and sessions; the store, which cannot be asked, is ready.

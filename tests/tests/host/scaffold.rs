@@ -10,6 +10,11 @@
 //! cargo builds in the tests' profile into the tests' target directory
 //! (where the dependencies are compiled already), and the new crate gets this
 //! workspace's Cargo.lock first (the same versions; nothing is fetched).
+//!
+//! The guide's other way to depend on the plugin-api and the conformance
+//! crate, by git, is built too: against a git repository made in a temporary
+//! directory from this checkout's files (uncommitted changes included), by
+//! a `file://` URL.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,8 +116,9 @@ fn new_plugin(dir: &Path, args: &[&str]) -> PathBuf {
 
 /// `cargo build` in `crate_dir` (the guide's `cargo build --release`, in the
 /// tests' profile and target directory, with this workspace's Cargo.lock);
-/// answers the built library `lib<lib>.so`.
-fn build(quick_start: &str, crate_dir: &Path, lib: &str) -> PathBuf {
+/// answers the built library `lib<lib>.so`. `offline`: cargo may not
+/// fetch anything (a git dependency, even by a `file://` URL, is a fetch).
+fn build(quick_start: &str, crate_dir: &Path, lib: &str, offline: bool) -> PathBuf {
     assert_says(quick_start, "cargo build --release");
     let profile_dir = artifacts()
         .host
@@ -135,7 +141,7 @@ fn build(quick_start: &str, crate_dir: &Path, lib: &str) -> PathBuf {
         .arg("build")
         .current_dir(crate_dir)
         .env("CARGO_TARGET_DIR", target_dir)
-        .env("CARGO_NET_OFFLINE", "true")
+        .env("CARGO_NET_OFFLINE", offline.to_string())
         .stdin(Stdio::null());
     match profile {
         "debug" => {}
@@ -227,7 +233,7 @@ async fn the_quick_starts_model_plugin_serves_a_turn() {
     assert_says(&guide, "llm-host new-plugin mine --kind model ");
     let crate_dir = new_plugin(dir.path(), &["mine", "--kind", "model"]);
     assert_says(&guide, "\ncd mine\n");
-    let library = build(&guide, &crate_dir, "llm_plugin_mine");
+    let library = build(&guide, &crate_dir, "llm_plugin_mine", true);
     assert_says(&guide, "target/release/libllm_plugin_mine.so");
 
     let settings = r#"{"transform": "reverse"}"#;
@@ -283,7 +289,7 @@ async fn the_quick_starts_store_plugin_keeps_sessions() {
     let api = workspace_root().join("plugin-api");
     let api = api.to_str().expect("UTF-8 paths");
     let crate_dir = new_plugin(dir.path(), &["mystore", "--kind", "store", "--api", api]);
-    let library = build(&guide, &crate_dir, "llm_plugin_mystore");
+    let library = build(&guide, &crate_dir, "llm_plugin_mystore", true);
 
     assert_says(
         &guide,
@@ -346,6 +352,151 @@ async fn the_quick_starts_store_plugin_keeps_sessions() {
             "assistant: echo: and this"
         ]
     );
+}
+
+/// `git ARGS` in `dir`, which must succeed; answers its stdout, trimmed.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=llm-host tests",
+            "-c",
+            "user.email=tests@localhost",
+        ])
+        .args([
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run git");
+    assert!(
+        output.status.success(),
+        "git {args:?} in {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Copies the tree `from` into `to`, leaving out `target` directories.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the directory");
+    for entry in std::fs::read_dir(from).expect("list the directory") {
+        let entry = entry.expect("an entry");
+        let (source, name) = (entry.path(), entry.file_name());
+        if source.is_dir() {
+            if name != "target" {
+                copy_tree(&source, &to.join(&name));
+            }
+        } else {
+            std::fs::copy(&source, to.join(&name)).expect("copy a file");
+        }
+    }
+}
+
+/// A git repository at `dir` with one commit of this checkout's plugin-api,
+/// conformance crate and memory plugin (the conformance crate's tests use
+/// it), under a root manifest with this workspace's `[workspace.*]` tables,
+/// which they inherit from. Answers the commit.
+fn llm_host_repository(dir: &Path) -> String {
+    let root = workspace_root();
+    for member in ["plugin-api", "conformance", "plugins/memory"] {
+        copy_tree(&root.join(member), &dir.join(member));
+    }
+    let manifest =
+        std::fs::read_to_string(root.join("Cargo.toml")).expect("read the root Cargo.toml");
+    let mut kept = String::from(
+        "[workspace]\nresolver = \"2\"\nmembers = [\"plugin-api\", \"conformance\", \
+         \"plugins/memory\"]\n",
+    );
+    let mut keep = false;
+    for line in manifest.lines() {
+        if line.starts_with('[') {
+            keep = line.starts_with("[workspace.");
+        }
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    std::fs::write(dir.join("Cargo.toml"), kept).expect("write the root Cargo.toml");
+    git(dir, &["init", "--quiet"]);
+    git(dir, &["add", "--all"]);
+    git(
+        dir,
+        &[
+            "commit",
+            "--quiet",
+            "--message",
+            "llm-host for a git dependency",
+        ],
+    );
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+/// The quick start's `# or: NAME = { git = ... }` line for crate `name`,
+/// its URL and commit filled in.
+fn git_line(quick_start: &str, name: &str, url: &str, commit: &str) -> String {
+    let prefix = format!("# or: {name} = {{ git = ");
+    let line = quick_start
+        .lines()
+        .map(str::trim_start)
+        .find(|line| line.starts_with(&prefix))
+        .and_then(|line| line.strip_prefix("# or: "))
+        .unwrap_or_else(|| panic!("the quick start shows no `{prefix}...` line:\n{quick_start}"));
+    assert!(
+        line.contains("\"URL of the llm-host repository\"") && line.contains("rev = \"COMMIT\""),
+        "{line}"
+    );
+    line.replace("URL of the llm-host repository", url)
+        .replace("COMMIT", commit)
+}
+
+// The quick start's git dependency lines: a model plugin written by
+// new-plugin, its path dependencies replaced by the guide's git lines
+// pointing at a git repository of this checkout (a `file://` URL and a
+// commit), builds outside the workspace against the plugin-api from that
+// repository (the lock file says so, the conformance crate's included) and
+// passes `llm-host check`.
+#[test]
+fn a_plugin_depending_on_the_plugin_api_by_git_builds_and_conforms() {
+    let guide = quick_start();
+    let dir = outside();
+    let repository = dir.path().join("llm-host");
+    let commit = llm_host_repository(&repository);
+    let url = format!("file://{}", repository.display());
+    let crate_dir = new_plugin(dir.path(), &["gitmine", "--kind", "model"]);
+    let manifest_path = crate_dir.join("Cargo.toml");
+    let mut manifest = std::fs::read_to_string(&manifest_path).expect("read Cargo.toml");
+    for name in ["llm-host-plugin-api", "llm-host-conformance"] {
+        let by_path = manifest
+            .lines()
+            .find(|line| line.starts_with(&format!("{name} = {{ path = ")))
+            .unwrap_or_else(|| panic!("no path dependency on {name}:\n{manifest}"))
+            .to_owned();
+        manifest = manifest.replace(&by_path, &git_line(&guide, name, &url, &commit));
+    }
+    std::fs::write(&manifest_path, &manifest).expect("write Cargo.toml");
+    let library = build(&guide, &crate_dir, "llm_plugin_gitmine", false);
+
+    let lock = std::fs::read_to_string(crate_dir.join("Cargo.lock")).expect("read Cargo.lock");
+    let source = format!("source = \"git+{url}?rev={commit}#{commit}\"");
+    for name in ["llm-host-plugin-api", "llm-host-conformance"] {
+        let package = lock
+            .split("[[package]]")
+            .find(|package| package.contains(&format!("name = \"{name}\"\n")))
+            .unwrap_or_else(|| panic!("{name} is not in the lock file:\n{lock}"));
+        assert!(package.contains(&source), "{name} from {url}:\n{package}");
+    }
+
+    let library_path = library.to_str().expect("UTF-8 build paths");
+    let exit = llm_host(&crate_dir, &["check", library_path]);
+    assert_conforms(&exit, "gitmine");
 }
 
 /// Copies the files of directory `from` into `to` (created).

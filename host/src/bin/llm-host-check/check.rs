@@ -15,8 +15,10 @@
 //! - store adapters get [`store`](llm_host_conformance::store)'s suite, plus
 //!   the unknown-settings check. Each check builds a fresh adapter from the
 //!   settings, the `store.shared_*` checks a second one (as a second host
-//!   would), and a `ttl_secs` in the settings is the TTL `store.expiry`
-//!   waits out.
+//!   would), the `store.process_*` checks start a second process of this
+//!   executable that loads the library and builds one there
+//!   ([`race`](super::race), as a second host on another machine would), and
+//!   a `ttl_secs` in the settings is the TTL `store.expiry` waits out.
 //!
 //! Every check prints one line, `PASS name: note`, `WARN name: detail`,
 //! `FAIL name: detail` or `SKIP name: why`, then a summary line. Warnings and
@@ -300,7 +302,7 @@ impl Report<'_> {
 
 /// A staging directory of this run's own, under the system's temporary one,
 /// at a random name (the loader creates it with mode 0700).
-fn staging_dir() -> PathBuf {
+pub fn staging_dir() -> PathBuf {
     std::env::temp_dir().join(format!("llm-host-check-{}", uuid::Uuid::new_v4().simple()))
 }
 
@@ -351,7 +353,7 @@ fn check_plugin(
         }
         match kind {
             KindFilter::Model => check_model(plugin, &options.settings, report)?,
-            KindFilter::Store => check_store(plugin, &options.settings, report)?,
+            KindFilter::Store => check_store(plugin, options, report)?,
         }
     }
     Ok(())
@@ -405,7 +407,12 @@ fn check_model(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
     Ok(())
 }
 
-fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>) -> io::Result<()> {
+fn check_store(
+    plugin: &LoadedPlugin,
+    options: &Options,
+    report: &mut Report<'_>,
+) -> io::Result<()> {
+    let settings = &options.settings;
     let built = match plugin.new_store(settings) {
         Err(err) => {
             report.line(
@@ -430,8 +437,11 @@ fn check_store(plugin: &LoadedPlugin, settings: &Value, report: &mut Report<'_>)
                 "note: the store suite builds a fresh adapter with these settings for each check",
             )?;
             let make = || plugin.new_store(settings);
-            // The TTL the settings give (`ttl_secs`), for the expiry check.
-            let options = store::StoreOptions::from_settings(&settings.to_string());
+            // The TTL the settings give (`ttl_secs`), for the expiry check,
+            // and a second process on the same library and settings.
+            let second = super::race::second_process(&options.library, settings);
+            let options = store::StoreOptions::from_settings(&settings.to_string())
+                .with_second_process(second);
             for result in store::check_store_with(&make, &options) {
                 report.line(
                     &format!("store.{}", result.name),

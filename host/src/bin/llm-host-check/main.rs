@@ -3,6 +3,7 @@
 //! does not carry the test suites; `llm-host check ...` runs this one.
 
 mod check;
+mod race;
 
 use std::process::ExitCode;
 
@@ -15,6 +16,12 @@ fn main() -> ExitCode {
     {
         args.next();
         return llm_host::plugins::probe::main(args);
+    }
+    // The store suite races a second process of this executable.
+    if args.peek().is_some_and(|arg| arg == race::ARG) {
+        args.next();
+        let _log = llm_host::init_logging_at("warn");
+        return race::main(args);
     }
     // Run as `llm-host check ...` or as `llm-host-check check ...`.
     if args.peek().is_some_and(|arg| arg == "check") {
