@@ -350,7 +350,9 @@ async fn a_disconnect_mid_turn_cancels_it_and_the_session_resumes_after_it() {
     let seen = frames.last().expect("a delta").sequence();
     client.close().await;
 
-    let mut client = host.connect("/v1/ws?session=drop-1").await;
+    // Resumed on `echo` by name: without it, the session would go on with
+    // `slow`, the backend its last turn ran on.
+    let mut client = host.connect("/v1/ws?session=drop-1&model=echo").await;
     let open = client.next_json().await;
     assert_eq!(open.event()["resumed"], true, "{}", open.text);
     let last = open.event()["lastSequence"]
