@@ -46,13 +46,16 @@ fn messages(backend: &Backend, conversation: &[Message]) -> Value {
         .system
         .iter()
         .map(|text| json!({"role": "system", "content": text}));
-    let rest = conversation.iter().filter_map(|m| match m.role {
-        Role::System => Some(json!({"role": "system", "content": m.content})),
-        Role::User => Some(json!({"role": "user", "content": m.content})),
-        Role::Assistant => assistant(m),
-        Role::Tool => Some(tool_result(m, conversation)),
-        Role::Other => None,
-    });
+    let rest = conversation
+        .iter()
+        .enumerate()
+        .filter_map(|(at, m)| match m.role {
+            Role::System => Some(json!({"role": "system", "content": m.content})),
+            Role::User => Some(json!({"role": "user", "content": m.content})),
+            Role::Assistant => assistant(m),
+            Role::Tool => Some(tool_result(m, &conversation[..at])),
+            Role::Other => None,
+        });
     Value::Array(system.chain(rest).collect())
 }
 
@@ -76,12 +79,16 @@ fn assistant(message: &Message) -> Option<Value> {
 }
 
 /// A tool's result. Ollama matches results to calls by the tool's name,
-/// found through the call's id in the assistant messages before.
-fn tool_result(message: &Message, conversation: &[Message]) -> Value {
+/// found through the call's id in the nearest assistant message `before`
+/// it that made the call: Ollama sends no ids, so the plugin numbers each
+/// answer's calls `call_0`, `call_1`, ... and the same id comes back in
+/// every round of calls, for whatever tool that round called first.
+fn tool_result(message: &Message, before: &[Message]) -> Value {
     let mut out = json!({"role": "tool", "content": message.content});
     let name = message.tool_call_id.as_deref().and_then(|id| {
-        conversation
+        before
             .iter()
+            .rev()
             .flat_map(|m| &m.tool_calls)
             .find(|call| call.id == id)
             .map(|call| call.name.as_str())

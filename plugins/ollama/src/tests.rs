@@ -233,6 +233,70 @@ fn the_request_carries_model_messages_options_tools_and_the_key() {
 }
 
 #[test]
+fn each_result_is_named_after_its_call_in_the_round_it_answers() {
+    // Ollama sends no ids: every answer's calls are `call_0`, `call_1`, ...,
+    // so an id comes back in each round of calls, for another tool.
+    let server = MockServer::start(vec![hello()]);
+    let call = |id: &str, name: &str| ToolCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: "{}".into(),
+    };
+    let calls = |tool_calls: Vec<ToolCall>| Message {
+        role: Role::Assistant,
+        tool_calls,
+        ..Message::default()
+    };
+    let result = |id: &str, content: &str| Message {
+        role: Role::Tool,
+        content: content.into(),
+        tool_call_id: Some(id.into()),
+        ..Message::default()
+    };
+    let request = ModelRequest {
+        messages: vec![
+            Message::new(Role::User, "Weather and time?"),
+            calls(vec![
+                call("call_0", "get_weather"),
+                call("call_1", "get_time"),
+            ]),
+            result("call_0", "sunny"),
+            result("call_1", "noon"),
+            calls(vec![
+                call("call_0", "get_time"),
+                call("call_1", "get_weather"),
+            ]),
+            result("call_0", "one pm"),
+            result("call_1", "cloudy"),
+        ],
+        ..ModelRequest::default()
+    };
+    ask(&settings(&server.url(), json!({})), &request);
+    let body = server.single_request().json();
+    let named: Vec<(&str, &str)> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| {
+            (
+                m["content"].as_str().unwrap_or_default(),
+                m["tool_name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("sunny", "get_weather"),
+            ("noon", "get_time"),
+            ("one pm", "get_time"),
+            ("cloudy", "get_weather"),
+        ]
+    );
+}
+
+#[test]
 fn without_api_key_env_no_authorization_is_sent() {
     let server = MockServer::start(vec![hello()]);
     ask(&settings(&server.url(), json!({})), &prompt("Hi"));
