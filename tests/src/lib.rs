@@ -274,6 +274,9 @@ pub struct ContractFixtures {
     pub memory_v010: PathBuf,
     /// memory built against plugin-api 0.1.0 with `ping` (plugin `memory-v010-ping`).
     pub memory_v010_ping: PathBuf,
+    /// memory built against plugin-api 0.1.0 with `blocks` (commit 43e095b;
+    /// plugin `memory-v010-blocks`).
+    pub memory_v010_blocks: PathBuf,
     /// echo built against plugin-api 0.1.0 as first released (plugin `echo-v010-first`).
     pub echo_v010_first: PathBuf,
     /// memory built against the same (plugin `memory-v010-first`).
@@ -309,6 +312,7 @@ fn build_contract_fixtures() -> Result<ContractFixtures, String> {
     let workspaces = [
         ("", "last"),
         ("with-ping", "with-ping"),
+        ("with-blocks", "with-blocks"),
         ("first-release", "first"),
         ("contract-0.1.1", "v0.1.1"),
     ];
@@ -341,6 +345,7 @@ fn build_contract_fixtures() -> Result<ContractFixtures, String> {
         echo_v010: built("last", "libllm_plugin_echo_v010.so"),
         memory_v010: built("last", "libllm_plugin_memory_v010.so"),
         memory_v010_ping: built("with-ping", "libllm_plugin_memory_v010_ping.so"),
+        memory_v010_blocks: built("with-blocks", "libllm_plugin_memory_v010_blocks.so"),
         echo_v010_first: built("first", "libllm_plugin_echo_v010_first.so"),
         memory_v010_first: built("first", "libllm_plugin_memory_v010_first.so"),
         echo_v011: built("v0.1.1", "libllm_plugin_echo_v011.so"),
@@ -380,6 +385,8 @@ pub enum Plugin {
     MemoryV010,
     /// memory built against plugin-api 0.1.0 with `ping` (`memory-v010-ping`).
     MemoryV010Ping,
+    /// memory built against plugin-api 0.1.0 with `blocks` (`memory-v010-blocks`).
+    MemoryV010Blocks,
     /// echo built against plugin-api 0.1.0 as first released (`echo-v010-first`).
     EchoV010First,
     /// memory built against plugin-api 0.1.0 as first released (`memory-v010-first`).
@@ -404,6 +411,7 @@ impl Plugin {
             Plugin::EchoV010 => &contract_fixtures().echo_v010,
             Plugin::MemoryV010 => &contract_fixtures().memory_v010,
             Plugin::MemoryV010Ping => &contract_fixtures().memory_v010_ping,
+            Plugin::MemoryV010Blocks => &contract_fixtures().memory_v010_blocks,
             Plugin::EchoV010First => &contract_fixtures().echo_v010_first,
             Plugin::MemoryV010First => &contract_fixtures().memory_v010_first,
             Plugin::EchoV011 => &contract_fixtures().echo_v011,
@@ -423,6 +431,7 @@ impl Plugin {
             Plugin::EchoV010 => "libllm_plugin_echo_v010.so",
             Plugin::MemoryV010 => "libllm_plugin_memory_v010.so",
             Plugin::MemoryV010Ping => "libllm_plugin_memory_v010_ping.so",
+            Plugin::MemoryV010Blocks => "libllm_plugin_memory_v010_blocks.so",
             Plugin::EchoV010First => "libllm_plugin_echo_v010_first.so",
             Plugin::MemoryV010First => "libllm_plugin_memory_v010_first.so",
             Plugin::EchoV011 => "libllm_plugin_echo_v011.so",
@@ -887,6 +896,67 @@ impl Drop for Host {
 }
 
 // ---------------------------------------------------------------------------
+// The protocol's JSON Schemas (schema/ at the workspace root)
+// ---------------------------------------------------------------------------
+
+/// `schema/server-frame.schema.json`: every frame the host sends, in
+/// either envelope.
+pub const SERVER_FRAME_SCHEMA: &str = include_str!("../../schema/server-frame.schema.json");
+
+/// `schema/client-command.schema.json`: every command-mode client frame.
+pub const CLIENT_COMMAND_SCHEMA: &str = include_str!("../../schema/client-command.schema.json");
+
+/// A schema compiled once per test process.
+struct Compiled {
+    schemas: boon::Schemas,
+    index: boon::SchemaIndex,
+}
+
+impl Compiled {
+    /// Compiles `text` (draft 2020-12), failing the test if it is not a
+    /// valid schema.
+    fn new(file: &str, text: &str) -> Self {
+        let schema: Value = serde_json::from_str(text)
+            .unwrap_or_else(|err| panic!("schema/{file} is not JSON: {err}"));
+        let url = format!("file:///schema/{file}");
+        let mut compiler = boon::Compiler::new();
+        compiler.set_default_draft(boon::Draft::V2020_12);
+        let mut schemas = boon::Schemas::new();
+        if let Err(err) = compiler.add_resource(&url, schema) {
+            panic!("schema/{file} cannot be added: {err:#}");
+        }
+        let index = compiler
+            .compile(&url, &mut schemas)
+            .unwrap_or_else(|err| panic!("schema/{file} does not compile: {err:#}"));
+        Self { schemas, index }
+    }
+
+    fn check(&self, value: &Value) -> Result<(), String> {
+        self.schemas
+            .validate(value, self.index)
+            .map_err(|err| err.to_string())
+    }
+}
+
+/// Checks `frame` against `schema/server-frame.schema.json`; the error says
+/// where and why it does not conform.
+pub fn check_server_frame(frame: &Value) -> Result<(), String> {
+    static SCHEMA: OnceLock<Compiled> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| Compiled::new("server-frame.schema.json", SERVER_FRAME_SCHEMA))
+        .check(frame)
+}
+
+/// Checks `command` against `schema/client-command.schema.json`; the error
+/// says where and why it does not conform.
+pub fn check_client_command(command: &Value) -> Result<(), String> {
+    static SCHEMA: OnceLock<Compiled> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| Compiled::new("client-command.schema.json", CLIENT_COMMAND_SCHEMA))
+        .check(command)
+}
+
+// ---------------------------------------------------------------------------
 // Frames and turns
 // ---------------------------------------------------------------------------
 
@@ -900,10 +970,17 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Parses a frame; fails the test if it is not JSON.
+    /// Parses a frame; fails the test if it is not JSON or does not conform
+    /// to `schema/server-frame.schema.json`.
     pub fn parse(text: &str) -> Self {
         let json = serde_json::from_str(text)
             .unwrap_or_else(|err| panic!("the host sent a frame that is not JSON ({err}): {text}"));
+        if let Err(err) = check_server_frame(&json) {
+            panic!(
+                "the host sent a frame that does not conform to \
+                 schema/server-frame.schema.json:\n{text}\n{err}"
+            );
+        }
         Self {
             text: text.to_owned(),
             json,
@@ -1194,8 +1271,17 @@ impl Client {
     }
 
     /// The next data frame as text, or how the connection ended instead.
-    /// Pings and pongs are skipped. Fails the test after [`FRAME_TIMEOUT`].
+    /// Pings and pongs are skipped. Fails the test after [`FRAME_TIMEOUT`],
+    /// and on a frame that is not JSON or does not conform to the
+    /// server-frame schema (see [`Frame::parse`]).
     pub async fn next_text(&mut self) -> Result<String, Ending> {
+        self.next_frame().await.map(|frame| frame.text)
+    }
+
+    /// The next data frame, parsed and checked against the server-frame
+    /// schema (see [`Frame::parse`]), or how the connection ended instead.
+    /// Pings and pongs are skipped. Fails the test after [`FRAME_TIMEOUT`].
+    pub async fn next_frame(&mut self) -> Result<Frame, Ending> {
         loop {
             let next = tokio::time::timeout(FRAME_TIMEOUT, self.socket.next())
                 .await
@@ -1208,7 +1294,7 @@ impl Client {
             match next {
                 None => return Err(Ending::Eof),
                 Some(Err(err)) => return Err(Ending::Error(err.to_string())),
-                Some(Ok(Message::Text(text))) => return Ok(text.as_str().to_owned()),
+                Some(Ok(Message::Text(text))) => return Ok(Frame::parse(text.as_str())),
                 Some(Ok(Message::Binary(bytes))) => {
                     panic!("the host sent a binary frame ({} bytes)", bytes.len())
                 }
@@ -1221,8 +1307,8 @@ impl Client {
     /// The next frame, parsed. Fails the test if none comes within
     /// [`FRAME_TIMEOUT`] or the connection ends.
     pub async fn next_json(&mut self) -> Frame {
-        match self.next_text().await {
-            Ok(text) => Frame::parse(&text),
+        match self.next_frame().await {
+            Ok(frame) => frame,
             Err(ending) => panic!(
                 "expected a frame from {}, but the connection ended: {ending:?}",
                 self.url
@@ -1234,8 +1320,8 @@ impl Client {
     pub async fn read_turn(&mut self) -> Turn {
         let mut frames = Vec::new();
         loop {
-            let frame = match self.next_text().await {
-                Ok(text) => Frame::parse(&text),
+            let frame = match self.next_frame().await {
+                Ok(frame) => frame,
                 Err(ending) => panic!(
                     "the connection ended ({ending:?}) in the middle of a turn; frames so far:\n{}",
                     Turn { frames }.dump()
@@ -1477,10 +1563,10 @@ mod tests {
     #[test]
     fn reads_both_envelopes() {
         let flat = Frame::parse(
-            r#"{"name":"interaction.model","data":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1}}}"#,
+            r#"{"name":"interaction.model","data":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary","interactionId":"turn-1"}}}"#,
         );
         let nested = Frame::parse(
-            r#"{"name":"interaction.model","data":{"event":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1}}}}"#,
+            r#"{"name":"interaction.model","data":{"event":{"kind":"model","event":{"type":"start"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"model.primary","interactionId":"turn-1"}}}}"#,
         );
         for frame in [flat, nested] {
             assert_eq!(frame.kind(), "model");
@@ -1489,3 +1575,7 @@ mod tests {
         }
     }
 }
+
+/// The schemas in schema/ against the host's own parser and frame writer.
+#[cfg(test)]
+mod schema_tests;

@@ -129,7 +129,7 @@ pub fn assert_session_open(
         .unwrap_or_else(|| panic!("sessionId is not a string: {}", frame.text))
         .to_owned();
     let expected = format!(
-        r#"{{"type":"open","sessionId":"{session_id}","resumed":{resumed},"model":"{model}","lastSequence":{last_sequence}}}"#
+        r#"{{"type":"open","sessionId":"{session_id}","resumed":{resumed},"model":"{model}","lastSequence":{last_sequence},"protocol":"1.1"}}"#
     );
     assert_eq!(body, expected, "the session announcement: {}", frame.text);
     assert_eq!(

@@ -202,9 +202,18 @@ proptest! {
     ) {
         let framer = Framer { envelope };
         let meta = Meta { sequence, timestamp, source_id: &source, interaction_id: interaction.as_deref() };
-        let open = SessionEvent::Open { session_id: &id, resumed, model: &model, last_sequence: last };
-        let want = json!({ "type": "open", "sessionId": id, "resumed": resumed, "model": model, "lastSequence": last });
+        let settings = crate::core::settings::SessionSettings {
+            system: Some(message.clone()),
+            model: Some(model.clone()),
+            params: None,
+        };
+        let open = SessionEvent::Open { session_id: &id, resumed, model: &model, last_sequence: last, settings: resumed.then_some(&settings) };
+        let want = json!({ "type": "open", "sessionId": id, "resumed": resumed, "model": model, "lastSequence": last, "protocol": crate::protocol::PROTOCOL_VERSION });
+        let want = with(want, "settings", resumed.then(|| json!({ "system": message, "model": model })));
         check_frame(&framer.session(&open, &meta), envelope, ("session", "event"), want, &meta)?;
+        let updated = SessionEvent::Updated { settings: &settings };
+        let want = json!({ "type": "updated", "settings": { "system": message, "model": model } });
+        check_frame(&framer.session(&updated, &meta), envelope, ("session", "event"), want, &meta)?;
         let end = TurnEvent::End { status: &status, interaction_id: &id, prompt_id: Some(&code) };
         let want = with(json!({ "type": "end", "status": status }), "interactionId", (!id.is_empty()).then_some(&id));
         let want = with(want, "promptId", Some(&code));
