@@ -97,7 +97,14 @@ impl Conn {
                 Some(Ok(_)) => continue,
             };
             return match serde_json::from_str(&text) {
-                Ok(json) => Ok(Frame { text, json }),
+                // Every frame, as the harness checks its own, against the
+                // protocol's schema.
+                Ok(json) => match llm_host_tests::check_server_frame(&json) {
+                    Ok(()) => Ok(Frame { text, json }),
+                    Err(err) => Err(End::Bug(format!(
+                        "a frame the schema refuses ({err}): {text}"
+                    ))),
+                },
                 Err(err) => Err(End::Bug(format!(
                     "a frame that is not JSON ({err}): {text}"
                 ))),
