@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod history;
+mod isolation;
 mod server;
 mod telemetry;
 mod vars;
+pub use isolation::{Isolation, ProcessLimits};
 use server::RawServer;
 pub use server::ServerConfig;
 pub use telemetry::TelemetryConfig;
@@ -123,6 +126,10 @@ struct RawAdapter {
     settings: Option<toml::Table>,
     #[serde(default)]
     max_tokens_limit: Option<u64>,
+    #[serde(default)]
+    history: Option<history::RawHistory>,
+    #[serde(default)]
+    isolation: Option<isolation::RawIsolation>,
 }
 
 /// An API key.
@@ -190,6 +197,13 @@ pub struct AdapterConfig {
     /// (`maxTokens`); a prompt asking more is refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens_limit: Option<u64>,
+    /// Models only: how much of a session's history a request holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::core::history::HistoryPolicy>,
+    /// Models only: where the plugin runs (in the host's process, or in a
+    /// child process of its own).
+    #[serde(skip_serializing_if = "Isolation::is_in_process")]
+    pub isolation: Isolation,
 }
 
 /// A validated config.
@@ -268,6 +282,7 @@ impl Config {
         let auth = auth(raw.auth, base, &mut problems);
         let models = adapters("models", raw.models, &mut problems);
         let stores = adapters("stores", raw.stores, &mut problems);
+        history::check_summarizers(&models, &mut problems);
         let telemetry = raw
             .telemetry
             .map(|raw| telemetry::telemetry(raw, &mut problems));
@@ -429,6 +444,26 @@ fn adapters(
                     "{section}.{name}.max_tokens_limit: must be at least 1"
                 ));
             }
+            if section != "models" && adapter.history.is_some() {
+                problems.push(format!(
+                    "{section}.{name}.history: only model backends take a history policy"
+                ));
+            }
+            let at = format!("{section}.{name}");
+            let history = adapter
+                .history
+                .map(|raw| history::policy(&at, raw, problems));
+            let isolation = match adapter.isolation {
+                Some(_) if section != "models" => {
+                    problems.push(format!(
+                        "{section}.{name}.isolation: only model backends run in a process \
+                         of their own (stores: a later release)"
+                    ));
+                    Isolation::InProcess
+                }
+                Some(raw) => isolation::isolation(&at, raw, problems),
+                None => Isolation::InProcess,
+            };
             let settings = adapter.settings.unwrap_or_default();
             let settings = serde_json::to_value(settings).unwrap_or_else(|err| {
                 problems.push(format!("{section}.{name}.settings: {err}"));
@@ -440,6 +475,8 @@ fn adapters(
                     plugin: adapter.plugin,
                     settings,
                     max_tokens_limit: adapter.max_tokens_limit,
+                    history,
+                    isolation,
                 },
             ))
         })

@@ -99,6 +99,15 @@ fn main() -> ExitCode {
         args.next();
         return llm_host::plugins::probe::main(args);
     }
+    // Hidden: the host runs a backend configured with
+    // `isolation = "process"` in a child process this way.
+    if args
+        .peek()
+        .is_some_and(|arg| arg == llm_host::plugins::isolated::runner::ARG)
+    {
+        args.next();
+        return llm_host::plugins::isolated::runner::main(args);
+    }
     let command = match parse_args(args) {
         Ok(command) => command,
         Err(message) => {

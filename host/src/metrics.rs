@@ -45,6 +45,7 @@ const TURN_CODES: &[&str] = &[
     "session_not_found",
     "history_full",
     "store_unavailable",
+    "plugin_crashed",
 ];
 
 /// Every metric the host keeps.
@@ -60,6 +61,14 @@ pub struct Metrics {
     pub backend_turns: Family<TurnLabels, Counter>,
     /// Tokens by `backend` and `kind`.
     pub backend_tokens: Family<[(&'static str, String); 2], Counter>,
+    /// Turns by API `key`, `backend` and `status`, with
+    /// `server.metrics_by_key` only (see [`Metrics::by_key`]).
+    pub key_turns: Family<TurnLabels, Counter>,
+    /// Tokens by API `key` and `kind`, with `server.metrics_by_key` only.
+    pub key_tokens: Family<[(&'static str, String); 2], Counter>,
+    /// Whether turns are also counted by key (`server.metrics_by_key`): key
+    /// ids are labels only where the operator opts in.
+    pub by_key: std::sync::atomic::AtomicBool,
     /// Model events sent to clients.
     pub events: Counter,
     /// Tokens reported by backends, by `kind` (`input`, `output`).
@@ -87,6 +96,10 @@ pub struct Metrics {
     pub spans_exported: Counter,
     /// Trace spans dropped, by `reason` (`queue_full`, `export_failed`).
     pub spans_dropped: Family<Label, Counter>,
+    /// Plugin child processes that died, by `backend`.
+    pub plugin_crashes: Family<[(&'static str, String); 1], Counter>,
+    /// Plugin child processes started again after one died, by `backend`.
+    pub plugin_restarts: Family<[(&'static str, String); 1], Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -103,6 +116,9 @@ impl Metrics {
             turns: Family::default(),
             backend_turns: Family::default(),
             backend_tokens: Family::default(),
+            key_turns: Family::default(),
+            key_tokens: Family::default(),
+            by_key: std::sync::atomic::AtomicBool::new(false),
             events: Counter::default(),
             tokens: Family::default(),
             turn_seconds: latency_histogram(),
@@ -116,6 +132,8 @@ impl Metrics {
             refused: Family::default(),
             spans_exported: Counter::default(),
             spans_dropped: Family::default(),
+            plugin_crashes: Family::default(),
+            plugin_restarts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -200,6 +218,26 @@ impl Metrics {
             "Trace spans dropped (queue full, export failed), by reason",
             metrics.spans_dropped.clone(),
         );
+        registry.register(
+            "key_turns",
+            "Turns by API key, backend and status (server.metrics_by_key)",
+            metrics.key_turns.clone(),
+        );
+        registry.register(
+            "key_tokens",
+            "Tokens by API key and kind (server.metrics_by_key)",
+            metrics.key_tokens.clone(),
+        );
+        registry.register(
+            "plugin_crashes",
+            "Plugin child processes (isolation = \"process\") that died, by backend",
+            metrics.plugin_crashes.clone(),
+        );
+        registry.register(
+            "plugin_restarts",
+            "Plugin child processes started again after one died, by backend",
+            metrics.plugin_restarts.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -215,9 +253,11 @@ impl Metrics {
         text
     }
 
-    /// Counts a finished turn of `backend`.
+    /// Counts a finished turn of `backend` for API key `key` (by key only
+    /// with `server.metrics_by_key`).
     pub fn turn_of(
         &self,
+        key: &str,
         backend: &str,
         status: &'static str,
         code: Option<&str>,
@@ -236,6 +276,16 @@ impl Metrics {
                 ("code", code.to_owned()),
             ])
             .inc();
+        let by_key = self.by_key.load(std::sync::atomic::Ordering::Relaxed);
+        if by_key {
+            self.key_turns
+                .get_or_create(&[
+                    ("key", key.to_owned()),
+                    ("backend", backend.to_owned()),
+                    ("status", status.to_owned()),
+                ])
+                .inc();
+        }
         if let Some(usage) = usage {
             for (kind, count) in [
                 ("input", usage.input_tokens),
@@ -244,8 +294,27 @@ impl Metrics {
                 self.backend_tokens
                     .get_or_create(&[("backend", backend.to_owned()), ("kind", kind.to_owned())])
                     .inc_by(count);
+                if by_key {
+                    self.key_tokens
+                        .get_or_create(&[("key", key.to_owned()), ("kind", kind.to_owned())])
+                        .inc_by(count);
+                }
             }
         }
+    }
+
+    /// Counts the death of `backend`'s child process.
+    pub fn plugin_crash(&self, backend: &str) {
+        self.plugin_crashes
+            .get_or_create(&[("backend", backend.to_owned())])
+            .inc();
+    }
+
+    /// Counts a new child process of `backend` after one died.
+    pub fn plugin_restart(&self, backend: &str) {
+        self.plugin_restarts
+            .get_or_create(&[("backend", backend.to_owned())])
+            .inc();
     }
 
     /// Counts a refusal.

@@ -22,6 +22,10 @@ pub enum Envelope {
 /// The subprotocol that selects command mode.
 pub const COMMAND_SUBPROTOCOL: &str = "llm-host.v1";
 
+/// The version of PROTOCOL.md the host speaks, named in the session
+/// announcement (`protocol`).
+pub const PROTOCOL_VERSION: &str = "1.1";
+
 /// `sourceId` of model events.
 pub const SOURCE_MODEL: &str = "model.primary";
 /// `sourceId` of the host's own events.
@@ -176,6 +180,14 @@ pub enum SessionEvent<'a> {
         model: &'a str,
         /// The session's last sequence number.
         last_sequence: u64,
+        /// The session's settings (`session.update`), when any is set.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        settings: Option<&'a crate::core::settings::SessionSettings>,
+    },
+    /// A `session.update` was applied: the settings now in effect.
+    Updated {
+        /// Every setting that is set.
+        settings: &'a crate::core::settings::SessionSettings,
     },
 }
 
@@ -224,6 +236,15 @@ pub fn protocol_diagnostic<'a>(
         message,
         data: Some(serde_json::json!({ "code": code })),
     }
+}
+
+/// An event with the protocol version after its own fields.
+#[derive(Serialize)]
+struct Versioned<'a, B> {
+    #[serde(flatten)]
+    event: &'a B,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -308,9 +329,14 @@ impl Framer {
         });
     }
 
-    /// An `interaction.session` frame.
+    /// An `interaction.session` frame. The announcement (`open`) ends with
+    /// the protocol version the host speaks.
     pub fn session(&self, event: &SessionEvent<'_>, meta: &Meta<'_>) -> String {
-        self.frame("session", false, event, meta)
+        let protocol = match event {
+            SessionEvent::Open { .. } => Some(PROTOCOL_VERSION),
+            SessionEvent::Updated { .. } => None,
+        };
+        self.frame("session", false, &Versioned { event, protocol }, meta)
     }
 
     /// An `interaction.turn` frame.
@@ -491,6 +517,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_announcement_names_the_protocol_version() {
+        let open = SessionEvent::Open {
+            session_id: "s-1",
+            resumed: false,
+            model: "echo",
+            last_sequence: 0,
+            settings: None,
+        };
+        let mut meta = meta();
+        meta.source_id = SOURCE_HOST;
+        let flat = Framer {
+            envelope: Envelope::Flat,
+        };
+        assert_eq!(
+            flat.session(&open, &meta),
+            r#"{"name":"interaction.session","data":{"kind":"session","event":{"type":"open","sessionId":"s-1","resumed":false,"model":"echo","lastSequence":0,"protocol":"1.1"},"meta":{"sequence":1,"timestamp":1764028800000,"sourceId":"host"}}}"#
+        );
     }
 
     #[test]

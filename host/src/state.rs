@@ -141,6 +141,10 @@ impl HostState {
         let (catalog, active) =
             Active::assemble(path, &loader, None).map_err(BootError::Problems)?;
         clean_staging(&loader, &active, None);
+        metrics().by_key.store(
+            active.config.server.metrics_by_key,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let reloader = Reloader::new(&active.config, &catalog);
         Ok(Arc::new(HostState {
             active: ArcSwap::from_pointee(active),
@@ -205,6 +209,10 @@ pub async fn reload(host: &Arc<HostState>, why: &str) -> Result<Outcome, String>
                 .reloads
                 .get_or_create(&[("result", "applied")])
                 .inc();
+            metrics().by_key.store(
+                active.config.server.metrics_by_key,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             host.active.store(Arc::new(active));
             {
                 let mut status = reloader.status();

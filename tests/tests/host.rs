@@ -22,6 +22,8 @@ mod common;
 mod compat;
 #[path = "host/failures.rs"]
 mod failures;
+#[path = "host/isolation.rs"]
+mod isolation;
 #[path = "host/openai_http.rs"]
 mod openai_http;
 #[path = "host/operations.rs"]
@@ -40,11 +42,15 @@ mod protocol;
 mod reload;
 #[path = "host/scaffold.rs"]
 mod scaffold;
+#[path = "host/session_settings.rs"]
+mod session_settings;
 #[path = "host/sessions.rs"]
 mod sessions;
 #[path = "host/stores.rs"]
 mod stores;
 #[path = "host/telemetry.rs"]
 mod telemetry;
+#[path = "host/tools.rs"]
+mod tools;
 #[path = "host/usage.rs"]
 mod usage;

@@ -178,6 +178,7 @@ mod tests {
                     resumed: true,
                     model: "echo",
                     last_sequence: 9,
+                    settings: None,
                 },
                 &meta(),
             );

@@ -35,6 +35,7 @@ pub(super) struct RawServer {
     drain_secs: u64,
     usage_flush_secs: u64,
     tool_timeout_secs: u64,
+    metrics_by_key: bool,
 }
 
 impl Default for RawServer {
@@ -66,6 +67,7 @@ impl Default for RawServer {
             drain_secs: 0,
             usage_flush_secs: 10,
             tool_timeout_secs: 120,
+            metrics_by_key: false,
         }
     }
 }
@@ -144,6 +146,8 @@ pub struct ServerConfig {
     pub usage_flush_secs: u64,
     /// How long a turn waits for the client's tool results, in seconds.
     pub tool_timeout_secs: u64,
+    /// Whether `/metrics` also counts turns and tokens by API key id.
+    pub metrics_by_key: bool,
 }
 
 impl ServerConfig {
@@ -287,5 +291,6 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         drain_secs: raw.drain_secs,
         usage_flush_secs: raw.usage_flush_secs,
         tool_timeout_secs: raw.tool_timeout_secs,
+        metrics_by_key: raw.metrics_by_key,
     }
 }

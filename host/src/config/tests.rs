@@ -198,3 +198,90 @@ fn telemetry_problems_are_named() {
         assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
     }
 }
+
+#[test]
+fn history_policies_are_checked_strictly() {
+    let good = GOOD.replace(
+        "settings = { delay_ms = 20, nested = { a = [1, 2] } }",
+        "settings = { delay_ms = 20, nested = { a = [1, 2] } }\n\
+         history = { max_messages = 20, max_tokens = 4000, strategy = \"summarize\", summarizer = \"echo\" }",
+    );
+    let config = Config::parse(&good, Path::new(".")).expect("valid");
+    let policy = config.models["echo"].history.clone().expect("a policy");
+    assert_eq!(
+        (
+            policy.max_messages,
+            policy.max_tokens,
+            policy.summarizer.as_deref()
+        ),
+        (Some(20), Some(4000), Some("echo"))
+    );
+    let truncating = GOOD.replace(
+        "[models.echo]\n",
+        "[models.echo]\nhistory = { max_messages = 3 }\n",
+    );
+    let config = Config::parse(&truncating, Path::new(".")).expect("valid");
+    assert_eq!(
+        config.models["echo"].history.as_ref().map(|h| h.strategy),
+        Some(crate::core::history::Strategy::Truncate),
+        "truncate unless said"
+    );
+    for (history, named) in [
+        ("{ max_message = 3 }", "max_message"),
+        ("{ strategy = \"forget\", max_messages = 3 }", "forget"),
+        ("{ max_messages = -1 }", "max_messages"),
+    ] {
+        let text = GOOD.replace(
+            "[models.echo]\n",
+            &format!("[models.echo]\nhistory = {history}\n"),
+        );
+        let err = Config::parse(&text, Path::new(".")).expect_err(history);
+        assert!(err.contains(named), "{history}: {err}");
+    }
+    for (history, named) in [
+        (
+            "{ strategy = \"truncate\" }",
+            "models.echo.history: give max_messages",
+        ),
+        (
+            "{ max_messages = 0 }",
+            "models.echo.history.max_messages: 0 is out of range",
+        ),
+        (
+            "{ max_messages = 1, strategy = \"summarize\", summarizer = \"echo\" }",
+            "max_messages: 1 is out of range (2-",
+        ),
+        (
+            "{ max_tokens = 0 }",
+            "models.echo.history.max_tokens: 0 is out of range",
+        ),
+        (
+            "{ max_tokens = 9, strategy = \"summarize\" }",
+            "needs a summarizer",
+        ),
+        (
+            "{ max_tokens = 9, summarizer = \"echo\" }",
+            "only strategy \"summarize\" takes a summarizer",
+        ),
+        (
+            "{ max_tokens = 9, strategy = \"summarize\", summarizer = \"gpt\" }",
+            "models.echo.history.summarizer: `gpt` is not a [models.*] entry",
+        ),
+    ] {
+        let text = GOOD.replace(
+            "[models.echo]\n",
+            &format!("[models.echo]\nhistory = {history}\n"),
+        );
+        let err = Config::parse(&text, Path::new(".")).expect_err(history);
+        assert!(err.contains(named), "{history}: {err}");
+    }
+    let store = GOOD.replace(
+        "[stores.memory]\n",
+        "[stores.memory]\nhistory = { max_messages = 3 }\n",
+    );
+    let err = Config::parse(&store, Path::new(".")).expect_err("a store");
+    assert!(
+        err.contains("stores.memory.history: only model backends"),
+        "{err}"
+    );
+}

@@ -290,9 +290,12 @@ pub async fn keep<S: SessionStore, F: Frames>(
                 continue;
             }
             Round::Answered(Ok(SaveOutcome::Conflict { current })) => match scope.load().await {
-                // A renewal that failed was applied: go on from it.
+                // A renewal that failed was applied, or the session's
+                // settings were updated (`session.update` keeps the lease):
+                // go on from it, with its settings.
                 Ok(Some(found)) if claimed.holds(&found.doc) => {
                     claimed.version = found.version;
+                    claimed.doc.settings = found.doc.settings;
                     continue;
                 }
                 Ok(None) => {

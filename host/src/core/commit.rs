@@ -96,10 +96,15 @@ pub async fn commit<S: SessionStore, F: Frames>(
                     None => return Err(CommitError::Deleted),
                     Some(stored) if current.holds(&stored.doc) => {
                         // Our lease, renewed by a save that was reported
-                        // failed: save over it.
+                        // failed, or with settings updated since: save over
+                        // it (with a summary this turn made).
+                        let summary = current.doc.summary.take();
                         current.version = stored.version;
                         current.doc = stored.doc;
                         current.messages_json = stored.messages_json;
+                        if summary.is_some() {
+                            current.doc.summary = summary;
+                        }
                     }
                     Some(_) => return Err(CommitError::Fenced),
                 }

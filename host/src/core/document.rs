@@ -4,7 +4,9 @@
 use llm_host_plugin_api::Message;
 use serde::{Deserialize, Serialize};
 
+use super::history::HistorySummary;
 use super::ports::{StoreError, Stored};
+use super::settings::SessionSettings;
 
 /// Whether `id` is a valid session id or config name: 1-128 characters of
 /// `[A-Za-z0-9._:-]`.
@@ -53,6 +55,14 @@ pub struct SessionDoc {
     /// without naming one goes on with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// What the session's later turns use unless the prompt says otherwise
+    /// (`session.update`).
+    #[serde(default, skip_serializing_if = "SessionSettings::is_empty")]
+    pub settings: SessionSettings,
+    /// A summary of the history's oldest messages, sent in their place to a
+    /// backend whose history policy summarizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<HistorySummary>,
 }
 
 /// A running turn's claim on its session: while it holds, no other host runs
@@ -94,6 +104,8 @@ impl SessionDoc {
             turns: self.turns,
             lease: self.lease.clone(),
             model: self.model.clone(),
+            settings: self.settings.clone(),
+            summary: self.summary.clone(),
         }
     }
 }
@@ -115,17 +127,22 @@ pub struct Loaded {
 impl Loaded {
     /// Parses a stored session.
     pub fn parse(store: &str, id: &str, stored: Stored) -> Result<Loaded, StoreError> {
-        let doc = serde_json::from_str(&stored.data).map_err(|error| StoreError::Unreadable {
-            store: store.to_owned(),
-            id: id.to_owned(),
-            owner: stored.owner.clone(),
-            error: error.to_string(),
-        })?;
+        let doc: SessionDoc =
+            serde_json::from_str(&stored.data).map_err(|error| StoreError::Unreadable {
+                store: store.to_owned(),
+                id: id.to_owned(),
+                owner: stored.owner.clone(),
+                error: error.to_string(),
+            })?;
+        // The stored text of the messages, when the document is as this host
+        // writes it: no rewrite of the whole history for the next request
+        // or save.
+        let messages_json = MessagesJson::of_document(&doc, &stored.data).unwrap_or_default();
         Ok(Loaded {
             doc,
             version: stored.version,
             owner: stored.owner,
-            messages_json: MessagesJson::default(),
+            messages_json,
         })
     }
 
@@ -217,16 +234,41 @@ impl MessagesJson {
     /// before it may hold an object with one (strings cannot: their quotes
     /// are escaped).
     pub fn splice(&mut self, messages: &[Message], shell: &str) -> serde_json::Result<String> {
+        self.splice_headed(messages, shell, None)
+    }
+
+    /// Like [`MessagesJson::splice`], with `first` written before the
+    /// messages (a system prompt that is not in the history).
+    pub fn splice_headed(
+        &mut self,
+        messages: &[Message],
+        shell: &str,
+        first: Option<&Message>,
+    ) -> serde_json::Result<String> {
         let Some(at) = shell.find(EMPTY_MESSAGES) else {
             return Err(serde::ser::Error::custom(
                 "no empty `messages` field to write the messages into",
             ));
         };
         let (head, tail) = shell.split_at(at + EMPTY_MESSAGES.len() - "[]".len());
+        let first = first.map(serde_json::to_string).transpose()?;
         let text = self.current(messages)?;
-        let mut json = String::with_capacity(shell.len() + text.len());
+        let extra = first.as_ref().map_or(0, |first| first.len() + 1);
+        let mut json = String::with_capacity(shell.len() + text.len() + extra);
         json.push_str(head);
-        json.push_str(text);
+        match &first {
+            None => json.push_str(text),
+            Some(first) => {
+                json.push('[');
+                json.push_str(first);
+                if messages.is_empty() {
+                    json.push(']');
+                } else {
+                    json.push(',');
+                    json.push_str(&text[1..]);
+                }
+            }
+        }
         json.push_str(&tail["[]".len()..]);
         Ok(json)
     }
@@ -235,6 +277,21 @@ impl MessagesJson {
     pub fn document(&mut self, doc: &SessionDoc) -> serde_json::Result<String> {
         let shell = serde_json::to_string(&doc.shell())?;
         self.splice(&doc.messages, &shell)
+    }
+
+    /// The text of `doc`'s messages as `data`, the JSON `doc` was read
+    /// from, holds it: when `data` is what serde_json writes for `doc` (the
+    /// messages first, then the rest exactly as this host writes it), the
+    /// part between is the messages' text. None otherwise (a document
+    /// another writer formatted): the text is then rebuilt when needed.
+    pub fn of_document(doc: &SessionDoc, data: &str) -> Option<Self> {
+        let shell = serde_json::to_string(&doc.shell()).ok()?;
+        let rest = shell.strip_prefix("{\"messages\":[]")?;
+        let text = data.strip_prefix("{\"messages\":")?.strip_suffix(rest)?;
+        (text.starts_with('[') && text.ends_with(']')).then(|| Self {
+            text: text.to_owned(),
+            count: doc.messages.len(),
+        })
     }
 
     /// Whether `data` is the JSON of `doc` written with this text, compared
@@ -336,6 +393,18 @@ mod tests {
                 turns: 3,
                 lease: None,
                 model: Some("echo \"2\"".to_owned()),
+                settings: SessionSettings {
+                    system: Some("Be \"brief\".\n".to_owned()),
+                    model: Some("echo".to_owned()),
+                    params: Some(llm_host_plugin_api::TurnParams {
+                        max_tokens: Some(7),
+                        ..Default::default()
+                    }),
+                },
+                summary: Some(HistorySummary {
+                    messages: 2,
+                    text: "They said \"hi\".".to_owned(),
+                }),
             },
             SessionDoc {
                 messages: vec![Message::new(llm_host_plugin_api::Role::User, "hi")],
@@ -343,6 +412,7 @@ mod tests {
                 turns: 1,
                 lease: Some(lease.clone()),
                 model: None,
+                ..SessionDoc::default()
             },
             SessionDoc {
                 messages: messages(),
@@ -350,12 +420,45 @@ mod tests {
                 turns: 4,
                 lease: Some(lease),
                 model: Some("llama".to_owned()),
+                ..SessionDoc::default()
             },
         ]
     }
 
     fn serde(doc: &SessionDoc) -> String {
         serde_json::to_string(doc).expect("serializes")
+    }
+
+    #[test]
+    fn a_loaded_document_keeps_the_stored_text_of_its_messages() {
+        for doc in documents() {
+            let data = serde(&doc);
+            let stored = Stored {
+                version: 3,
+                owner: "k".to_owned(),
+                data: data.clone(),
+            };
+            let mut loaded = Loaded::parse("s", "id", stored.clone()).expect("parses");
+            assert!(loaded.is_stored(&stored), "known at once: {data}");
+            assert_eq!(
+                loaded.messages_json.document(&loaded.doc).expect("writes"),
+                data
+            );
+        }
+        // Formatted by another writer: not taken, rebuilt when needed.
+        let doc = documents().swap_remove(1);
+        let pretty = serde_json::to_string_pretty(&doc).expect("serializes");
+        let stored = Stored {
+            version: 1,
+            owner: String::new(),
+            data: pretty,
+        };
+        let mut loaded = Loaded::parse("s", "id", stored).expect("parses");
+        assert!(loaded.messages_json.text.is_empty());
+        assert_eq!(
+            loaded.messages_json.document(&loaded.doc).expect("writes"),
+            serde(&doc)
+        );
     }
 
     #[test]
@@ -408,6 +511,7 @@ mod tests {
             turns: 5,
             lease: None,
             model: None,
+            ..SessionDoc::default()
         });
         let newer: SessionDoc = serde_json::from_str(&stored).expect("loads");
         let (mut doc, mut json) = (newer, MessagesJson::default());

@@ -177,14 +177,46 @@ pub struct FakeModel {
     pub pace: Duration,
     /// Turns streaming now, by session; and the most ever seen at once.
     pub streaming: Arc<Mutex<HashMap<String, (usize, usize)>>>,
+    /// Its name (`fake` unless made with [`FakeModel::named`]).
+    pub name: String,
+    /// Every request it was sent, parsed.
+    pub requests: Arc<Mutex<Vec<Value>>>,
 }
 
 impl FakeModel {
     pub fn new(pace: Duration) -> Self {
+        Self::named("fake", pace)
+    }
+
+    pub fn named(name: &str, pace: Duration) -> Self {
         Self {
             pace,
             streaming: Arc::default(),
+            name: name.to_owned(),
+            requests: Arc::default(),
         }
+    }
+
+    /// The messages of every request it was sent, as `ROLE: CONTENT`.
+    pub fn sent(&self) -> Vec<Vec<String>> {
+        let requests = self.requests.lock().expect("lock");
+        requests
+            .iter()
+            .map(|request| {
+                request["messages"]
+                    .as_array()
+                    .expect("messages")
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}: {}",
+                            m["role"].as_str().unwrap_or_default(),
+                            m["content"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The most turns of `session` that ever streamed at once.
@@ -256,7 +288,7 @@ impl Model for FakeModel {
     type Stepper = FakeStepper;
 
     fn name(&self) -> &str {
-        "fake"
+        &self.name
     }
 
     fn stepped(&self) -> bool {
@@ -270,6 +302,7 @@ impl Model for FakeModel {
     fn start(&self, request: &str, _wake: Wake) -> Result<FakeStepper, ModelError> {
         let request: Value =
             serde_json::from_str(request).map_err(|err| ModelError::internal(err.to_string()))?;
+        self.requests.lock().expect("lock").push(request.clone());
         let session = request["sessionId"].as_str().unwrap_or_default().to_owned();
         let prompt = request["messages"]
             .as_array()
@@ -483,5 +516,55 @@ impl Client {
         )
         .await
         .status
+    }
+}
+
+/// Backends by name, with history policies.
+#[derive(Default)]
+pub struct FakeBackends {
+    pub models: Vec<Arc<FakeModel>>,
+    pub policies: HashMap<String, super::history::HistoryPolicy>,
+}
+
+impl super::ports::Backends<FakeModel> for FakeBackends {
+    fn model(&self, name: &str) -> Option<Arc<FakeModel>> {
+        self.models.iter().find(|m| m.name == name).cloned()
+    }
+
+    fn history(&self, name: &str) -> Option<&super::history::HistoryPolicy> {
+        self.policies.get(name)
+    }
+}
+
+impl Client {
+    /// Runs prompt `text` on `model`, with `backends`; answers how it ended
+    /// and the backend it ran on.
+    pub async fn prompt_on(
+        &self,
+        locks: &SessionLocks,
+        backends: &FakeBackends,
+        model: &Arc<FakeModel>,
+        prompt: Prompt,
+    ) -> (turn::Report, Arc<FakeModel>) {
+        turn::run_with(
+            &self.scope(),
+            locks,
+            backends,
+            model.clone(),
+            prompt,
+            Arc::default(),
+        )
+        .await
+    }
+}
+
+/// A prompt of `text`, on no backend of its own, without round trips.
+pub fn prompt(text: &str) -> Prompt {
+    Prompt {
+        id: None,
+        text: text.to_owned(),
+        model: None,
+        params: Box::default(),
+        round_trips: false,
     }
 }

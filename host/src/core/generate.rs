@@ -151,11 +151,22 @@ pub(super) struct RequestRef<'a> {
 impl RequestRef<'_> {
     /// The request's JSON, as `serde_json::to_string(self)` writes it, with
     /// the history taken from `json`, the text of `self.messages`.
+    #[cfg(test)]
     pub(super) fn to_json(self, json: &mut MessagesJson) -> serde_json::Result<String> {
+        self.to_json_headed(json, None)
+    }
+
+    /// Like [`RequestRef::to_json`], with `first` (a system prompt) sent
+    /// before the history.
+    pub(super) fn to_json_headed(
+        self,
+        json: &mut MessagesJson,
+        first: Option<&Message>,
+    ) -> serde_json::Result<String> {
         let shell = serde_json::to_string(&RequestRef {
             messages: &[],
             ..self
         })?;
-        json.splice(self.messages, &shell)
+        json.splice_headed(self.messages, &shell, first)
     }
 }

@@ -13,6 +13,9 @@
 //!   run in steps or on the blocking pool);
 //!   a model run once over given messages, with no session ([`turn::run_unsaved`]).
 //! - [`locks`]: one turn of a session at a time on this host.
+//! - [`settings`]: a session's settings (`session.update`): its system
+//!   prompt, backend and default parameters; [`history`]: a backend's
+//!   history policy; both shape a turn's model requests ([`request`]).
 //!
 //! The guarantees (PROTOCOL.md "Guarantees"): a session belongs to the key
 //! that created it, checked at every claim; one turn of a session streams at
@@ -24,10 +27,13 @@ pub mod claim;
 pub mod commit;
 pub mod document;
 mod generate;
+pub mod history;
 pub mod locks;
 pub mod ports;
 pub mod report;
+mod request;
 mod rounds;
+pub mod settings;
 pub mod sink;
 pub mod tools;
 pub mod turn;
@@ -131,6 +137,9 @@ pub struct Attachment {
     /// The last sequence number sent to this client (its frame sink advances
     /// it as a turn's frames go out).
     pub last_sequence: Arc<AtomicU64>,
+    /// The backend the session's settings named when this client last
+    /// loaded or saved it (a turn reads the settings it claims).
+    pub settings_model: Mutex<Option<String>>,
 }
 
 impl Attachment {
@@ -142,6 +151,7 @@ impl Attachment {
             cached: Mutex::new(None),
             turns: AtomicU64::new(0),
             last_sequence,
+            settings_model: Mutex::new(None),
         }
     }
 
@@ -160,6 +170,15 @@ impl Attachment {
     /// if it is no larger than [`Attachment::KEEP_AT_MOST`].
     pub fn remember(&self, store: &str, loaded: Loaded) {
         self.turns.fetch_max(loaded.doc.turns, Ordering::Relaxed);
+        {
+            let mut model = self
+                .settings_model
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *model != loaded.doc.settings.model {
+                model.clone_from(&loaded.doc.settings.model);
+            }
+        }
         let keep = loaded.messages_json.bytes(&loaded.doc.messages) <= Self::KEEP_AT_MOST;
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
             keep.then(|| (store.to_owned(), loaded));
@@ -173,6 +192,14 @@ impl Attachment {
             .take()
             .filter(|(name, _)| name == store)
             .map(|(_, loaded)| loaded)
+    }
+
+    /// The backend the session's settings name, as last seen.
+    pub fn settings_model(&self) -> Option<String> {
+        self.settings_model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The id the next turn would have.

@@ -180,3 +180,26 @@ pub trait Frames: Send + Sync {
         make: impl FnOnce(u64) -> Bytes + Send,
     ) -> impl Future<Output = bool> + Send;
 }
+
+/// The backends a turn may use besides the one it is given: the one the
+/// session's settings name ([`super::settings`]), and each backend's
+/// history policy and its summarizer ([`super::history`]).
+pub trait Backends<M: Model>: Sync {
+    /// The backend named `name`, if one is configured.
+    fn model(&self, name: &str) -> Option<Arc<M>>;
+    /// The history policy of backend `name`, if it has one.
+    fn history(&self, name: &str) -> Option<&super::history::HistoryPolicy>;
+}
+
+/// No other backend, and no history policy.
+pub struct NoBackends;
+
+impl<M: Model> Backends<M> for NoBackends {
+    fn model(&self, _name: &str) -> Option<Arc<M>> {
+        None
+    }
+
+    fn history(&self, _name: &str) -> Option<&super::history::HistoryPolicy> {
+        None
+    }
+}

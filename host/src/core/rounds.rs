@@ -35,6 +35,9 @@ pub(super) struct RoundTrips<'a> {
     pub params: &'a TurnParams,
     /// The longest wait for a group's results.
     pub timeout: Duration,
+    /// How the requests are made from the history (the session's system
+    /// prompt, the history policy's cut, as the first request's).
+    pub shape: super::request::Shape,
 }
 
 /// What the groups did: the last group's sink and status (none if the
@@ -133,14 +136,14 @@ pub(super) async fn run<M: Model>(
                 };
             }
         }
-        let request = RequestRef {
+        let parts = RequestRef {
             session_id: trips.session_id,
             interaction_id: trips.interaction_id,
             backend: model.name(),
             messages: &trips.messages,
             params: trips.params,
-        }
-        .to_json(&mut trips.messages_json);
+        };
+        let request = trips.shape.request(parts, &mut trips.messages_json);
         generated = generate(frames, model.clone(), request, sink.next_group()).await;
     }
 }

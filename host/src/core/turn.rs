@@ -24,8 +24,10 @@ use super::claim::{self, ClaimError, Claimed};
 use super::commit::{self, CommitError};
 use super::generate::{generate, RequestRef};
 use super::locks::SessionLocks;
-use super::ports::{Frames, Model, SessionStore};
+use super::ports::{Backends, Frames, Model, NoBackends, SessionStore};
+use super::request;
 use super::rounds::{self, RoundTrips};
+use super::settings;
 use super::sink::{Failure, Status, TurnControl, TurnSink};
 use super::{Prompt, Scope, TurnSettings};
 use crate::metrics::metrics;
@@ -35,7 +37,9 @@ pub use super::report::{Phase, Report};
 
 /// Runs one turn of the scope's session with `model` to its end, including
 /// its save and its `interaction.turn` frame; answers how it ended.
-/// `locks` keeps turns of one session on this host one at a time.
+/// `locks` keeps turns of one session on this host one at a time. The
+/// session's settings apply but for their backend, and no history policy
+/// (see [`run_with`]).
 pub async fn run<S: SessionStore, M: Model, F: Frames>(
     scope: &Scope<'_, S, F>,
     locks: &SessionLocks,
@@ -43,7 +47,25 @@ pub async fn run<S: SessionStore, M: Model, F: Frames>(
     prompt: Prompt,
     control: Arc<TurnControl>,
 ) -> Report {
-    let turn = run_turn(scope, locks, model, prompt, control.clone());
+    run_with(scope, locks, &NoBackends, model, prompt, control)
+        .await
+        .0
+}
+
+/// Like [`run`], with `backends`: a prompt that names no backend runs on
+/// the one the session's settings name, if configured, instead of `model`
+/// (the prompt's, or the connection's); the backend's history policy
+/// shapes its requests. Answers how the turn ended and the backend it ran
+/// on.
+pub async fn run_with<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
+    scope: &Scope<'_, S, F>,
+    locks: &SessionLocks,
+    backends: &B,
+    model: Arc<M>,
+    prompt: Prompt,
+    control: Arc<TurnControl>,
+) -> (Report, Arc<M>) {
+    let turn = run_turn(scope, locks, backends, model, prompt, control.clone());
     let Some(limit) = scope.settings.turn_timeout else {
         return turn.await;
     };
@@ -51,27 +73,22 @@ pub async fn run<S: SessionStore, M: Model, F: Frames>(
     // Past its deadline a turn is stopped, and still runs to its end (the
     // error event, the save, the end frame).
     tokio::select! {
-        report = &mut turn => report,
+        ran = &mut turn => ran,
         () = tokio::time::sleep(limit) => {
-            control.fail(Failure {
-                code: "turn_timeout",
-                message: format!(
-                    "the turn ran longer than {} s (server.turn_timeout_secs)",
-                    limit.as_secs()
-                ),
-            });
+            control.fail(past_deadline(limit));
             turn.await
         }
     }
 }
 
-async fn run_turn<S: SessionStore, M: Model, F: Frames>(
+async fn run_turn<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
     scope: &Scope<'_, S, F>,
     locks: &SessionLocks,
+    backends: &B,
     model: Arc<M>,
     prompt: Prompt,
     control: Arc<TurnControl>,
-) -> Report {
+) -> (Report, Arc<M>) {
     let started = Instant::now();
     let attachment = scope.attachment;
     let lock = locks.get(&attachment.session_id);
@@ -127,7 +144,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
             end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
             let mut report = Report::new(status, turn, code, started);
             report.claim = Some(claim_phase);
-            return report;
+            return (report, model);
         }
     };
     let interaction_id = format!("turn-{}", claimed.doc.turns);
@@ -135,19 +152,36 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         .turns
         .fetch_max(claimed.doc.turns, std::sync::atomic::Ordering::Relaxed);
 
+    let model = settings::choose(
+        backends,
+        &claimed.doc.settings,
+        model,
+        prompt.model.is_some(),
+    );
+    let mut params = prompt.params;
+    if let Some(defaults) = &claimed.doc.settings.params {
+        *params = settings::merge_params(defaults, std::mem::take(&mut *params));
+    }
     // Saved with the turn: a client resuming without naming a backend goes
     // on with this one.
     if claimed.doc.model.as_deref() != Some(model.name()) {
         claimed.doc.model = Some(model.name().to_owned());
     }
-    let request = RequestRef {
+    let parts = RequestRef {
         session_id: &attachment.session_id,
         interaction_id: &interaction_id,
         backend: model.name(),
         messages: &claimed.doc.messages,
-        params: &prompt.params,
-    }
-    .to_json(&mut claimed.messages_json);
+        params: &params,
+    };
+    let mut prepared = request::prepare(
+        parts,
+        &mut claimed.messages_json,
+        claimed.doc.settings.system_message(),
+        backends.history(model.name()),
+        claimed.doc.summary.as_ref(),
+        |name| backends.model(name),
+    );
     let sink = TurnSink::new(
         scope.framer,
         control.clone(),
@@ -159,22 +193,36 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     // A client that can send tool results gets round trips when it
     // declared tools; the turn then builds its later requests on a copy of
     // the history (the lease keeper holds the claim meanwhile).
-    let round_trips = (prompt.round_trips && !prompt.params.tools.is_empty()).then(|| RoundTrips {
+    let mut round_trips = (prompt.round_trips && !params.tools.is_empty()).then(|| RoundTrips {
         messages: claimed.doc.messages.clone(),
         messages_json: claimed.messages_json.clone(),
         session_id: &attachment.session_id,
         interaction_id: &interaction_id,
-        params: &prompt.params,
+        params: &params,
         timeout: scope.settings.tool_timeout,
+        shape: Default::default(),
     });
     // The lease is renewed while the model runs, in this task.
     let (done, finished) = oneshot::channel();
     let model_began = started.elapsed();
+    let ran = model.clone();
     let generating = async {
+        let parts = RequestRef {
+            session_id: &attachment.session_id,
+            interaction_id: &interaction_id,
+            backend: model.name(),
+            messages: &[],
+            params: &params,
+        };
+        let (request, summary) =
+            request::first_request(scope, &mut prepared, parts, &control).await;
+        if let Some(trips) = round_trips.as_mut() {
+            trips.shape = std::mem::take(&mut prepared.shape);
+        }
         let groups = rounds::run(scope.frames, model, request, sink, round_trips).await;
         let model_ended = started.elapsed();
         let _ = done.send(());
-        (groups, model_ended)
+        (groups, model_ended, summary)
     };
     let (generated, kept) = if claimed.token.is_some() {
         // Boxed: a turn on an in-process store (most turns) does not carry
@@ -185,7 +233,10 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
         (generating.await, claimed)
     };
     claimed = kept;
-    let (groups, model_ended) = generated;
+    let (groups, model_ended, summary) = generated;
+    if summary.is_some() {
+        claimed.doc.summary = summary;
+    }
     let mut report = Report::new(Status::Failed, interaction_id.clone(), None, started);
     report.claim = Some(claim_phase);
     let answers = groups.answers;
@@ -227,7 +278,7 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames>(
     end_turn(scope, end_sequence, &interaction_id, prompt_id, status).await;
     report.status = status;
     report.duration = started.elapsed();
-    report
+    (report, ran)
 }
 
 /// A conversation to run without a session ([`run_unsaved`]).
@@ -421,160 +472,5 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::document::MessagesJson;
-    use llm_host_plugin_api::{ModelRequest, ToolCall};
-
-    #[tokio::test(start_paused = true)]
-    async fn an_unsaved_run_streams_the_given_messages_and_ends() {
-        use crate::core::fakes::{FakeFrames, FakeModel};
-        use crate::protocol::Envelope;
-        let framer = Framer {
-            envelope: Envelope::Flat,
-        };
-        let messages = [
-            Message::new(Role::System, "Be brief."),
-            Message::new(Role::User, "hi there"),
-        ];
-        let params = TurnParams::default();
-        let unsaved = Unsaved {
-            interaction_id: "chatcmpl-1",
-            messages: &messages,
-            params: &params,
-        };
-        let model = Arc::new(FakeModel::new(std::time::Duration::from_millis(10)));
-
-        let frames = FakeFrames::default();
-        let control = Arc::new(TurnControl::default());
-        let settings = crate::core::TurnSettings::default();
-        let report = run_unsaved(&frames, framer, settings, model.clone(), unsaved, control).await;
-        assert_eq!(report.status, Status::Completed);
-        assert_eq!(report.interaction_id, "chatcmpl-1");
-        assert_eq!(frames.text(), "echo: hi there");
-        let all = frames.all();
-        let last = all.last().expect("frames");
-        assert_eq!(last["name"], "interaction.turn");
-        assert_eq!(last["data"]["event"]["status"], "completed");
-        let sequences = frames.turn_sequences();
-        let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
-        assert_eq!(sequences, expected);
-
-        // Cancelled: the model stops at its next event.
-        let frames = FakeFrames::default();
-        let control = Arc::new(TurnControl::default());
-        control.cancel();
-        let report = run_unsaved(&frames, framer, settings, model.clone(), unsaved, control).await;
-        assert_eq!(report.status, Status::Cancelled);
-
-        // Past the deadline: `turn_timeout`.
-        let frames = FakeFrames::default();
-        let settings = crate::core::TurnSettings {
-            turn_timeout: Some(std::time::Duration::from_millis(15)),
-            ..settings
-        };
-        let control = Arc::new(TurnControl::default());
-        let report = run_unsaved(&frames, framer, settings, model, unsaved, control).await;
-        assert_eq!(report.status, Status::Failed);
-        assert_eq!(report.code.as_deref(), Some("turn_timeout"));
-        assert_eq!(frames.codes(), ["turn_timeout"]);
-    }
-
-    #[test]
-    fn the_borrowed_request_is_a_model_request() {
-        let messages = vec![
-            Message::new(Role::User, "hi"),
-            Message::new(Role::Assistant, "echo: hi"),
-        ];
-        let params = TurnParams {
-            max_tokens: Some(7),
-            ..TurnParams::default()
-        };
-        let json = serde_json::to_string(&RequestRef {
-            session_id: "s",
-            interaction_id: "turn-2",
-            backend: "echo",
-            messages: &messages,
-            params: &params,
-        })
-        .expect("serializes");
-        let parsed: ModelRequest = serde_json::from_str(&json).expect("parses");
-        assert_eq!(
-            parsed,
-            ModelRequest {
-                session_id: "s".into(),
-                interaction_id: "turn-2".into(),
-                backend: "echo".into(),
-                messages,
-                params,
-            }
-        );
-    }
-
-    #[test]
-    fn the_spliced_request_is_what_serde_json_writes() {
-        let history = [
-            Message::new(Role::System, "Say \"hi\".\n\u{1}\\"),
-            Message::new(Role::User, "\"messages\":[] caf\u{e9} \u{1f600}"),
-            Message {
-                reasoning: Some("Look it up.".to_owned()),
-                tool_calls: vec![ToolCall {
-                    id: "call-1".to_owned(),
-                    name: "search".to_owned(),
-                    arguments: r#"{"q":"a \"b\""}"#.to_owned(),
-                }],
-                ..Message::new(Role::Assistant, "")
-            },
-            Message {
-                tool_call_id: Some("call-1".to_owned()),
-                ..Message::new(Role::Tool, "found")
-            },
-            Message::new(Role::Assistant, "hi"),
-        ];
-        let mut extra = serde_json::Map::new();
-        extra.insert("messages".to_owned(), serde_json::json!([]));
-        extra.insert("mirostat".to_owned(), serde_json::json!({"tau": 5.0}));
-        let params = [
-            TurnParams::default(),
-            TurnParams {
-                temperature: Some(0.7),
-                max_tokens: Some(7),
-                stop: vec!["\n\n".to_owned()],
-                tools: vec![llm_host_plugin_api::ToolSpec {
-                    name: "search".to_owned(),
-                    description: "Searches.".to_owned(),
-                    parameters: serde_json::json!({"type": "object"}),
-                }],
-                extra,
-                ..TurnParams::default()
-            },
-        ];
-        for params in &params {
-            // The history as turns build it, from empty to the whole of it.
-            let mut json = MessagesJson::new(&[]).expect("serializes");
-            for len in 0..=history.len() {
-                if len > 0 {
-                    json.push(&history[len - 1]);
-                }
-                let request = RequestRef {
-                    session_id: "session-\"x\"",
-                    interaction_id: "turn-3",
-                    backend: "echo",
-                    messages: &history[..len],
-                    params,
-                };
-                assert_eq!(
-                    request.to_json(&mut json).expect("writes"),
-                    serde_json::to_string(&request).expect("serializes")
-                );
-                // A text not known yet is written from the messages.
-                assert_eq!(
-                    request
-                        .to_json(&mut MessagesJson::default())
-                        .expect("writes"),
-                    serde_json::to_string(&request).expect("serializes")
-                );
-            }
-        }
-    }
-}
+#[path = "turn_tests.rs"]
+mod tests;

@@ -441,6 +441,22 @@ impl Loader {
     }
 }
 
+/// Loads plugin `name` from `staged` (a copy the host staged from `file`)
+/// into a plugin's child process (see [`super::isolated`]): the copy is
+/// verified against `hash` as the host would before mapping it, then mapped,
+/// checked and initialised the same way.
+pub(crate) fn load_isolated(
+    file: &Path,
+    staged: &Path,
+    hash: &str,
+    base_dir: &Path,
+    name: &str,
+) -> Result<LoadedPlugin, String> {
+    let dir = staged.parent().unwrap_or(Path::new("."));
+    Staging::new(dir.to_owned()).verify(staged, hash)?;
+    open(file, staged, hash.to_owned(), base_dir, Some(name))
+}
+
 /// Maps `staged` and checks its plugin-api version and the layout of its
 /// root module (today's, or one of the earlier layouts [`compat`] knows): the
 /// root module and the plugin-api version it was built against. Runs the

@@ -14,7 +14,9 @@
 //!   swapped whole.
 //! - [`ports`]: the turn core's store and model ports over the FFI adapters.
 //! - [`reload`]: what a reload changed, and what sessions are told.
+//! - [`isolated`]: model backends whose plugin runs in a child process.
 
+pub mod isolated;
 pub mod library;
 pub mod loader;
 pub mod logger;

@@ -11,7 +11,7 @@ use llm_host_plugin_api::{
 };
 use serde::Serialize;
 
-use super::runtime::{ModelBackend, StoreBackend};
+use super::runtime::{Engine, ModelBackend, StoreBackend};
 use crate::core::ports::{
     Model, ModelError, Next, SaveOutcome, SessionStore, Stepper, StoreError, Stored, Wake,
 };
@@ -168,8 +168,12 @@ impl Model for ModelBackend {
     }
 
     fn generate(&self, request: &str, sink: &mut TurnSink) -> Result<(), ModelError> {
+        let adapter = match &self.engine {
+            Engine::InProcess(adapter) => adapter,
+            Engine::Process(child) => return child.generate(request, sink),
+        };
         let mut events = Events(sink);
-        self.adapter
+        adapter
             .generate(
                 RStr::from(request),
                 EventSink_TO::from_ptr(&mut events, TD_Opaque),
@@ -179,8 +183,14 @@ impl Model for ModelBackend {
     }
 
     fn start(&self, request: &str, wake: Wake) -> Result<StepperPort, ModelError> {
+        let Engine::InProcess(adapter) = &self.engine else {
+            // Never asked: a backend in a process of its own is not stepped.
+            return Err(ModelError::internal(
+                "a backend in a process of its own runs no turns in steps",
+            ));
+        };
         let waker = TurnWaker_TO::from_value(StepWaker(wake), TD_Opaque);
-        self.adapter
+        adapter
             .start(RStr::from(request), waker)
             .into_result()
             .map(StepperPort)

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use llm_host_plugin_api::{Kinds, ModelAdapterBox, StoreAdapterBox};
 
+use super::isolated::{child::Launch, IsolatedModel};
 use super::loader::{Catalog, LoadedPlugin, Loader};
-use crate::config::{AdapterConfig, Config};
+use crate::config::{AdapterConfig, Config, Isolation};
 
 /// A configured model backend (`[models.NAME]`).
 pub struct ModelBackend {
@@ -22,10 +23,69 @@ pub struct ModelBackend {
     pub plugin: Arc<LoadedPlugin>,
     /// The settings it was built from.
     pub settings: serde_json::Value,
-    /// The adapter.
-    pub adapter: ModelAdapterBox,
+    /// Where its plugin runs, as configured.
+    pub isolation: Isolation,
+    /// The adapter, or the child process it runs in.
+    pub engine: Engine,
     /// Whether its turns run in steps on the runtime's workers.
     pub stepped: bool,
+}
+
+/// Where a backend's turns run.
+pub enum Engine {
+    /// In this process, through the plugin's adapter.
+    InProcess(ModelAdapterBox),
+    /// In a child process of its own ([`super::isolated`]).
+    Process(Box<IsolatedModel>),
+}
+
+impl ModelBackend {
+    /// Builds backend `name` of `entry` from `plugin`: the adapter in this
+    /// process, or a child process that builds it.
+    fn build(
+        name: &str,
+        entry: &AdapterConfig,
+        plugin: Arc<LoadedPlugin>,
+        base_dir: &Path,
+    ) -> Result<ModelBackend, String> {
+        let (engine, stepped) = match entry.isolation {
+            Isolation::InProcess => {
+                let adapter = plugin
+                    .new_model(&entry.settings)
+                    .map_err(|err| refused(&format!("models.{name}"), entry, &err))?;
+                let stepped = adapter.stepped();
+                (Engine::InProcess(adapter), stepped)
+            }
+            Isolation::Process(limits) => {
+                let launch = Launch {
+                    program: super::isolated::child::own_executable(),
+                    backend: name.to_owned(),
+                    plugin: plugin.name.clone(),
+                    file: plugin.file.clone(),
+                    staged: plugin.staged.clone(),
+                    hash: plugin.hash.clone(),
+                    base_dir: base_dir.to_owned(),
+                    settings: entry.settings.to_string(),
+                };
+                let model = IsolatedModel::start(launch, limits).map_err(|why| {
+                    format!(
+                        "models.{name}: plugin `{}` could not be started in a process of \
+                         its own: {why}",
+                        entry.plugin
+                    )
+                })?;
+                (Engine::Process(Box::new(model)), false)
+            }
+        };
+        Ok(ModelBackend {
+            name: name.to_owned(),
+            plugin,
+            settings: entry.settings.clone(),
+            isolation: entry.isolation,
+            engine,
+            stepped,
+        })
+    }
 }
 
 /// A configured store (`[stores.NAME]`).
@@ -74,25 +134,20 @@ impl Active {
             let Some(plugin) = find(catalog, &key, entry, Kinds::MODEL, &mut problems) else {
                 continue;
             };
-            let kept = previous
-                .and_then(|p| p.models.get(name))
-                .filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
+            let kept = previous.and_then(|p| p.models.get(name)).filter(|b| {
+                b.plugin.hash == plugin.hash
+                    && b.settings == entry.settings
+                    && b.isolation == entry.isolation
+            });
             if let Some(backend) = kept {
                 models.insert(name.clone(), backend.clone());
                 continue;
             }
-            match plugin.new_model(&entry.settings) {
-                Ok(adapter) => {
-                    let backend = ModelBackend {
-                        name: name.clone(),
-                        plugin,
-                        settings: entry.settings.clone(),
-                        stepped: adapter.stepped(),
-                        adapter,
-                    };
+            match ModelBackend::build(name, entry, plugin, &config.base_dir) {
+                Ok(backend) => {
                     models.insert(name.clone(), Arc::new(backend));
                 }
-                Err(err) => problems.push(refused(&key, entry, &err)),
+                Err(problem) => problems.push(problem),
             }
         }
         let mut stores = BTreeMap::new();

@@ -44,6 +44,29 @@ pub enum Command {
         #[serde(default)]
         error: Option<String>,
     },
+    /// Change the session's settings: each field given sets it, `null`
+    /// clears it, one left out stays as it is.
+    #[serde(rename = "session.update")]
+    SessionUpdate {
+        /// The system prompt sent at the head of every model request.
+        #[serde(default, deserialize_with = "given")]
+        system: Option<Option<String>>,
+        /// The backend later turns use when their prompt names none.
+        #[serde(default, deserialize_with = "given")]
+        model: Option<Option<String>>,
+        /// Default turn parameters, which a prompt's override.
+        #[serde(default, deserialize_with = "given")]
+        params: Option<Option<TurnParams>>,
+    },
+}
+
+/// A field that is given (`Some`), as a value or `null` (`Some(None)`).
+fn given<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl Command {
@@ -64,13 +87,13 @@ impl Command {
                     ));
                 }
             }
-            Some("prompt" | "tool_result") => {}
+            Some("prompt" | "tool_result" | "session.update") => {}
             Some(other) => {
                 return Err((
                     "unknown_command",
                     format!(
-                        "unknown command type `{other}` (expected `prompt`, `cancel` or \
-                         `tool_result`)"
+                        "unknown command type `{other}` (expected `prompt`, `cancel`, \
+                         `tool_result` or `session.update`)"
                     ),
                 ))
             }

@@ -38,13 +38,15 @@ fn with<T: Serialize>(mut object: Value, key: &str, value: Option<T>) -> Value {
 const CODES: [&str; 2] = ["bad_frame", "unknown_command"];
 /// The fields of a prompt command.
 const PROMPT_FIELDS: [&str; 5] = ["type", "id", "text", "model", "params"];
+/// The fields of a session update command.
+const UPDATE_FIELDS: [&str; 4] = ["type", "system", "model", "params"];
 /// The fields of a tool result command.
 const TOOL_RESULT_FIELDS: [&str; 4] = ["type", "callId", "content", "error"];
 /// The fields of `params` with a type; any other is passed on as it is.
 const TYPED: &str = "temperature maxTokens topP topK seed stop tools";
 /// More keys for generated objects: the real ones and near misses.
-const KEYS: &str =
-    "type text model params name description parameters max_tokens Type texts callId content error";
+const KEYS: &str = "type text model params name description parameters max_tokens Type texts \
+     callId content error system";
 /// Characters JSON escapes, or that trip hand-written escaping.
 const AWKWARD: &str = "\"\\/\n\r\t\u{0}\u{8}\u{c}\u{1f}\u{7f}\u{2028}\u{2029}\u{feff}é🦀a ";
 
@@ -126,7 +128,7 @@ fn wrong_values(key: &str) -> Vec<&'static str> {
     let values = match key {
         "type" => r#"1 true null [] {} ["prompt"]"#,
         "text" => r#"1 false null [] {} ["hi"]"#,
-        "model" => "1 true [] {}",
+        "model" | "system" => "1 true [] {}",
         "params" => r#"1 true null "x" []"#,
         "temperature" | "topP" => r#""0.5" true [] {}"#,
         "maxTokens" | "topK" | "seed" => r#"-1 1.5 1e3 "256" true 18446744073709551616"#,
@@ -171,6 +173,7 @@ fn command_like() -> BoxedStrategy<Value> {
         6 => Just(json!("prompt")),
         2 => Just(json!("cancel")),
         2 => Just(json!("tool_result")),
+        2 => Just(json!("session.update")),
         1 => json_value(),
     ];
     let result_text = || prop::option::weighted(0.5, mostly_text()).boxed();
@@ -183,17 +186,17 @@ fn command_like() -> BoxedStrategy<Value> {
         prop::option::weighted(0.4, mostly(model)),
         prop::option::weighted(0.6, mostly(params.boxed())),
         prop::option::weighted(0.1, (key(), json_value())),
-        (result_text(), result_text(), result_text()),
+        (result_text(), result_text(), result_text(), result_text()),
     );
     fields
         .prop_map(
-            |(kind, text, model, params, other, (call_id, content, error))| {
+            |(kind, text, model, params, other, (call_id, content, error, system))| {
                 let mut fields: Map<String, Value> = other.into_iter().collect();
                 let named = [
-                    "text", "model", "params", "type", "callId", "content", "error",
+                    "text", "model", "params", "type", "callId", "content", "error", "system",
                 ]
                 .into_iter()
-                .zip([text, model, params, kind, call_id, content, error]);
+                .zip([text, model, params, kind, call_id, content, error, system]);
                 fields.extend(named.filter_map(|(name, value)| Some((name.to_owned(), value?))));
                 Value::Object(fields)
             },
@@ -219,6 +222,7 @@ fn expected(value: &Value) -> Result<Command, &'static str> {
         Some("cancel") if fields.len() == 1 => Ok(Command::Cancel),
         Some("prompt") => expected_prompt(fields).ok_or("bad_frame"),
         Some("tool_result") => expected_tool_result(fields).ok_or("bad_frame"),
+        Some("session.update") => expected_update(fields).ok_or("bad_frame"),
         Some("cancel") => Err("bad_frame"),
         Some(_) => Err("unknown_command"),
     }
@@ -243,6 +247,33 @@ fn expected_prompt(fields: &Map<String, Value>) -> Option<Command> {
         model: nullable(fields.get("model"), string)?,
         params,
     })
+}
+
+fn expected_update(fields: &Map<String, Value>) -> Option<Command> {
+    let unknown = |key: &String| !UPDATE_FIELDS.contains(&key.as_str());
+    if fields.keys().any(unknown) {
+        return None;
+    }
+    let params = match fields.get("params") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(value) => Some(Some(expected_params(value.as_object()?)?)),
+    };
+    Some(Command::SessionUpdate {
+        system: given(fields.get("system"), string)?,
+        model: given(fields.get("model"), string)?,
+        params,
+    })
+}
+
+/// `Some(None)` for absent, `Some(Some(None))` for null, `Some(Some(Some(x)))`
+/// for what `read` takes.
+fn given<T>(value: Option<&Value>, read: fn(&Value) -> Option<T>) -> Option<Option<Option<T>>> {
+    match value {
+        None => Some(None),
+        Some(Value::Null) => Some(Some(None)),
+        Some(value) => read(value).map(|x| Some(Some(x))),
+    }
 }
 
 fn expected_tool_result(fields: &Map<String, Value>) -> Option<Command> {
@@ -418,7 +449,33 @@ fn command() -> BoxedStrategy<(Vec<(String, Json)>, Value)> {
             Just(fields).prop_shuffle()
         },
     );
-    prop_oneof![4 => prompt, 1 => Just(vec![kind("cancel")])]
+    let text_or_null = || {
+        prop::option::of(prop_oneof![
+            Just(Json::Raw("null".to_owned())),
+            text().prop_map(Json::Str),
+        ])
+    };
+    let update = (
+        text_or_null(),
+        text_or_null(),
+        prop::option::of(prop::option::of(params(false))),
+    )
+        .prop_flat_map(move |(system, model, params)| {
+            let mut fields = vec![kind("session.update")];
+            fields.extend(system.map(|s| ("system".to_owned(), s)));
+            fields.extend(model.map(|m| ("model".to_owned(), m)));
+            let params = params.map(|p| match p {
+                None => Json::Raw("null".to_owned()),
+                Some(p) => Json::Obj(
+                    p.iter()
+                        .map(|(k, v)| (k.clone(), Json::Raw(v.to_string())))
+                        .collect(),
+                ),
+            });
+            fields.extend(params.map(|p| ("params".to_owned(), p)));
+            Just(fields).prop_shuffle()
+        });
+    prop_oneof![4 => prompt.boxed(), 2 => update.boxed(), 1 => Just(vec![kind("cancel")]).boxed()]
         .prop_map(|fields| {
             let value = meant(&Json::Obj(fields.clone()));
             (fields, value)
@@ -436,8 +493,10 @@ fn meant(json: &Json) -> Value {
     }
 }
 
-/// The fields of `params`, added empty if the command has none.
+/// The fields of `params`, added empty if the command has none (or has
+/// `null`).
 fn params_of(fields: &mut Vec<(String, Json)>) -> &mut Vec<(String, Json)> {
+    fields.retain(|(key, value)| key != "params" || matches!(value, Json::Obj(_)));
     if !fields.iter().any(|(key, _)| key == "params") {
         fields.push(("params".to_owned(), Json::Obj(Vec::new())));
     }
@@ -455,7 +514,12 @@ fn mutate(
     [one, two]: [Index; 2],
     name: &str,
 ) -> &'static str {
-    let cancel = fields.len() == 1;
+    let is = |name: &str| {
+        fields
+            .iter()
+            .any(|(key, value)| key == "type" && matches!(value, Json::Str(kind) if kind == name))
+    };
+    let (cancel, update) = (is("cancel"), is("session.update"));
     match kind {
         // A field the command does not have.
         0 => fields.push((format!("{name}_"), Json::Raw("1".to_owned()))),
@@ -482,10 +546,13 @@ fn mutate(
                 params.insert(two.index(params.len() + 1), one.get(&given).clone());
             }
         }
-        // A field given a value of another type.
+        // A field given a value of another type (`params` of an update
+        // may be `null`).
         3 => {
             let (key, json) = one.get_mut(fields);
-            *json = Json::Raw(two.get(&wrong_values(key)).to_string());
+            let mut wrong = wrong_values(key);
+            wrong.retain(|value| !(update && key == "params" && *value == "null"));
+            *json = Json::Raw(two.get(&wrong).to_string());
         }
         // A typed field of `params` given a value of another type.
         4 => {

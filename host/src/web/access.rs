@@ -56,6 +56,7 @@ pub fn record_turn(of: &TurnOf<'_>, report: &Report) {
         "turn"
     );
     metrics().turn_of(
+        of.key,
         of.backend,
         report.status.as_str(),
         report.code.as_deref(),

@@ -99,13 +99,27 @@ pub(super) async fn announce(
     // A session resumed without `?model=` goes on with the backend its last
     // turn ran on, while that backend is configured.
     let mut gone = None;
+    let settings = loaded
+        .as_ref()
+        .map(|found| found.doc.settings.clone())
+        .filter(|settings| !settings.is_empty());
+    // The backend the session's settings name wins over both (as it does
+    // at each turn), while it is configured.
+    let set_model = match settings.as_ref().and_then(|s| s.model.clone()) {
+        Some(name) if active.models.contains_key(&name) => Some(name),
+        Some(name) => {
+            gone = Some(name);
+            None
+        }
+        None => None,
+    };
     let stored_model = match loaded.as_ref().and_then(|found| found.doc.model.clone()) {
         Some(name) if model.is_none() && active.models.contains_key(&name) => {
             *conn.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.clone());
             Some(name)
         }
         Some(name) if model.is_none() && name != active.config.default_model => {
-            gone = Some(name);
+            gone.get_or_insert(name);
             None
         }
         _ => None,
@@ -116,8 +130,8 @@ pub(super) async fn announce(
     conn.attachment
         .last_sequence
         .store(last_sequence, Ordering::Relaxed);
-    let model = model
-        .map(str::to_owned)
+    let model = set_model
+        .or(model.map(str::to_owned))
         .or(stored_model)
         .unwrap_or_else(|| active.config.default_model.clone());
     tracing::debug!(session = %session_id, resumed, model = %model, "connected");
@@ -127,14 +141,20 @@ pub(super) async fn announce(
             resumed,
             model: &model,
             last_sequence,
+            settings: settings.as_ref(),
         },
         &Meta::now(last_sequence, SOURCE_HOST, None),
     ))
     .await;
     if let Some(gone) = gone {
+        let default = if model == active.config.default_model {
+            ", the default"
+        } else {
+            ""
+        };
         let message = format!(
             "this session's backend `{gone}` is no longer configured; it goes on with \
-             `{model}`, the default"
+             `{model}`{default}"
         );
         conn.send_entry(&DiagnosticEntry {
             level: "warn",

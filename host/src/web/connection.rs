@@ -24,6 +24,7 @@ use super::queue::{
     CurrentTurn, Queue,
 };
 use crate::core::document::Loaded;
+use crate::core::settings::SettingsUpdate;
 use crate::core::{Attachment, Party, Prompt};
 use crate::metrics::metrics;
 use crate::plugins::reload::Notice;
@@ -392,6 +393,24 @@ where
                         let message = refused.message(&call_id);
                         let entry = protocol_diagnostic("error", "bad_tool_result", &message);
                         conn.send_entry(&entry).await;
+                    }
+                }
+                Ok(Command::SessionUpdate {
+                    system,
+                    model,
+                    params,
+                }) => {
+                    let update = SettingsUpdate {
+                        system,
+                        model,
+                        params,
+                    };
+                    match super::settings::check(conn, &update) {
+                        Ok(()) => super::settings::enqueue(conn, queue, update).await,
+                        Err((code, message)) => {
+                            conn.send_entry(&protocol_diagnostic("error", code, &message))
+                                .await;
+                        }
                     }
                 }
                 Err((code, message)) => {

@@ -55,8 +55,18 @@ pub(super) fn deliver_tool_result(
     }
 }
 
-/// A prompt in the queue, holding its place among its key's queued prompts.
-pub(super) type Queued = (Prompt, Held);
+/// What a connection's queue runs in order.
+pub(super) enum Work {
+    /// A turn.
+    Prompt(Prompt),
+    /// A change of the session's settings (see [`super::settings`]); boxed,
+    /// as a prompt's parameters are: the queue's slots are allocated up
+    /// front for every connection.
+    Update(Box<crate::core::settings::SettingsUpdate>),
+}
+
+/// Work in the queue, holding its place among its key's queued prompts.
+pub(super) type Queued = (Work, Held);
 
 /// The connection's prompt queue and the task that runs its turns, both
 /// made on the first prompt: an idle connection pays for neither.
@@ -69,7 +79,7 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    fn sender(&mut self) -> &mpsc::Sender<Queued> {
+    pub(super) fn sender(&mut self) -> &mpsc::Sender<Queued> {
         let (conn, current, closed, max) = (&self.conn, &self.current, &self.closed, self.max);
         &self
             .started
@@ -105,6 +115,8 @@ pub(super) fn over_token_limit(
     let active = conn.host.active.load();
     let name = model
         .map(str::to_owned)
+        .or_else(|| conn.attachment.settings_model())
+        .filter(|name| active.models.contains_key(name))
         .or_else(|| conn.model())
         .unwrap_or_else(|| active.config.default_model.clone());
     let limit = active.config.models.get(&name)?.max_tokens_limit?;
@@ -167,7 +179,7 @@ pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt
         );
         return refuse(conn, id, "rate_limited", &message).await;
     }
-    place.send((prompt, held));
+    place.send((Work::Prompt(prompt), held));
 }
 
 /// Tells the client its prompt was not run: an error diagnostic with `code`
@@ -216,9 +228,18 @@ async fn run_turns(
     current: CurrentTurn,
     closed: Arc<AtomicBool>,
 ) {
-    while let Some((prompt, held)) = prompts.recv().await {
+    while let Some((work, held)) = prompts.recv().await {
         // No longer waiting: the key may queue another.
         drop(held);
+        let prompt = match work {
+            Work::Prompt(prompt) => prompt,
+            Work::Update(update) => {
+                if !closed.load(Ordering::Relaxed) {
+                    super::settings::apply(&conn, *update).await;
+                }
+                continue;
+            }
+        };
         let control = Arc::new(TurnControl::default());
         set_current(&current, Some(control.clone()));
         if closed.load(Ordering::Relaxed) {
@@ -275,8 +296,16 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         framer: conn.framer,
         settings: active.config.server.turn_settings(),
     };
-    let ran = backend.clone();
-    let report = core::turn::run(&scope, &conn.host.locks, backend, prompt, control).await;
+    let backends = Configured(&active);
+    let (report, ran) = core::turn::run_with(
+        &scope,
+        &conn.host.locks,
+        &backends,
+        backend,
+        prompt,
+        control,
+    )
+    .await;
     let of = TurnOf {
         api: "websocket",
         key: conn.caller.id(),
@@ -290,4 +319,17 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
     };
     record_turn(&of, &report);
     report.status
+}
+
+/// The active set's backends and their history policies, for the turn core.
+pub(super) struct Configured<'a>(pub(super) &'a crate::plugins::runtime::Active);
+
+impl core::ports::Backends<crate::plugins::runtime::ModelBackend> for Configured<'_> {
+    fn model(&self, name: &str) -> Option<Arc<crate::plugins::runtime::ModelBackend>> {
+        self.0.models.get(name).cloned()
+    }
+
+    fn history(&self, name: &str) -> Option<&core::history::HistoryPolicy> {
+        self.0.config.models.get(name)?.history.as_ref()
+    }
 }

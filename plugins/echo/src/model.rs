@@ -372,7 +372,11 @@ mod word_tests {
                 .collect();
             for cut in [0, 1, 254, 255, 256, 511, text.len() - 1] {
                 let text = &text[cut..];
-                assert_eq!(words(text), text.split_whitespace().count() as u64, "{gap} {cut}");
+                assert_eq!(
+                    words(text),
+                    text.split_whitespace().count() as u64,
+                    "{gap} {cut}"
+                );
             }
         }
         for text in ["x", " ", "  x"] {

@@ -361,3 +361,39 @@ async fn refusals_and_admin_actions_are_audited() {
         "{audit:#?}"
     );
 }
+
+// Key ids label the metrics only where the operator opts in
+// (`server.metrics_by_key`).
+#[tokio::test]
+async fn metrics_by_key_only_when_asked() {
+    const OPS: &str = "ops-key-0123456789abcdef000";
+    for by_key in [false, true] {
+        let host = Host::start(&Config {
+            server_extra: format!("metrics_by_key = {by_key}"),
+            extra: format!(
+                "\n[auth]\nkeys = [\n  {{ id = \"ops\", key = \"{OPS}\", admin = true }},\n]\n"
+            ),
+            ..Config::default()
+        });
+        let mut client = host
+            .connect(&format!("/v1/ws?token={OPS}&model=short"))
+            .await;
+        client.next_json().await;
+        client.send_text("x").await;
+        client.read_turn().await;
+        let bearer = format!("Bearer {OPS}");
+        let metrics = llm_host_tests::http_with(
+            host.addr(),
+            "GET",
+            "/metrics",
+            &[("Authorization", &bearer)],
+        )
+        .await
+        .body;
+        let line = "llm_host_key_turns_total{key=\"ops\",backend=\"short\",status=\"completed\"} 1";
+        assert_eq!(metrics.contains(line), by_key, "{metrics}");
+        let tokens = "llm_host_key_tokens_total{key=\"ops\",kind=\"output\"} 3";
+        assert_eq!(metrics.contains(tokens), by_key, "{metrics}");
+        assert_eq!(metrics.contains("key=\"ops\""), by_key, "{metrics}");
+    }
+}

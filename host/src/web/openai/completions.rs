@@ -510,14 +510,19 @@ impl Job {
                     // The API's clients answer tool calls with a new request.
                     round_trips: false,
                 };
-                core::turn::run(
+                // The backend's history policy applies; the request names
+                // its backend, so the session's does not.
+                let backends = crate::web::queue::Configured(&self.active);
+                core::turn::run_with(
                     &scope,
                     &self.host.locks,
+                    &backends,
                     self.backend.clone(),
                     prompt,
                     self.control.clone(),
                 )
                 .await
+                .0
             }
             _ => {
                 let unsaved = Unsaved {

@@ -1,0 +1,368 @@
+//! One plugin child process, seen from the host: started and handed its
+//! plugin ([`Child::spawn`]), its turns by id, the thread that reads its
+//! frames, and what happened when it ended.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::runner::ARG;
+use super::wire::{to_child, to_host, Encoder, Event, Frame};
+use crate::core::ports::ModelError;
+
+/// What a child is started with.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The host's executable.
+    pub program: PathBuf,
+    /// The backend's name in config.
+    pub backend: String,
+    /// The plugin's name.
+    pub plugin: String,
+    /// The operator's library file.
+    pub file: PathBuf,
+    /// The staged copy the child maps.
+    pub staged: PathBuf,
+    /// Its SHA-256, hex.
+    pub hash: String,
+    /// Where the plugin resolves relative paths.
+    pub base_dir: PathBuf,
+    /// The backend's settings, JSON.
+    pub settings: String,
+}
+
+/// The host's own executable, as the child is run: `/proc/self/exe`, which
+/// is this very binary even once its file was replaced or removed (an
+/// upgrade, a rebuild), so a child always speaks the host's framing.
+pub fn own_executable() -> PathBuf {
+    let this = PathBuf::from("/proc/self/exe");
+    if this.exists() {
+        return this;
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("llm-host"))
+}
+
+/// What a turn hears from its child.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A model event.
+    Event(Event),
+    /// `generate` returned.
+    Done(Result<(), ModelError>),
+    /// The child is gone; why.
+    Crashed(String),
+}
+
+/// Why a turn could not be opened.
+pub enum Refusal {
+    /// The child runs as many turns as it may.
+    Busy,
+    /// The child is gone; why.
+    Dead(String),
+}
+
+/// Called once when the child ends: why, or `None` when the host stopped it.
+pub type OnExit = Box<dyn FnOnce(u32, Option<String>) + Send>;
+
+/// A running child.
+pub struct Child {
+    /// Its process id.
+    pub pid: u32,
+    stdin: Mutex<Option<ChildStdin>>,
+    process: Mutex<std::process::Child>,
+    turns: Mutex<Turns>,
+    next_turn: AtomicU64,
+    /// Why the host killed it, if it did.
+    killed: Mutex<Option<String>>,
+    /// Set when the host stops it: its end is no crash.
+    closing: AtomicBool,
+}
+
+#[derive(Default)]
+struct Turns {
+    open: HashMap<u64, mpsc::Sender<Incoming>>,
+    dead: Option<String>,
+}
+
+impl Child {
+    /// Starts a child for `launch` and waits up to `timeout` for it to load
+    /// the plugin and build the adapter.
+    pub fn spawn(
+        launch: &Launch,
+        timeout: Duration,
+        on_exit: OnExit,
+    ) -> Result<Arc<Child>, String> {
+        use std::os::unix::process::CommandExt;
+        let mut process = Command::new(&launch.program)
+            .arg(ARG)
+            // A group of its own: a ctrl-c at the host's terminal is the
+            // host's to handle (a graceful shutdown), not the child's.
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|err| format!("cannot start {}: {err}", launch.program.display()))?;
+        let (Some(mut stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
+            let _ = process.kill();
+            let _ = process.wait();
+            return Err("the child's pipes are missing".to_owned());
+        };
+        let mut init = Encoder::default();
+        init.begin(to_child::INIT, 0)
+            .str(&launch.plugin)
+            .str(&launch.file.to_string_lossy())
+            .str(&launch.staged.to_string_lossy())
+            .str(&launch.hash)
+            .str(&launch.base_dir.to_string_lossy())
+            .str(&launch.settings)
+            .finish();
+        // The child reads its INIT first; a child that died already shows
+        // below as no answer.
+        let _ = stdin.write_all(&init.buf);
+        let child = Arc::new(Child {
+            pid: process.id(),
+            stdin: Mutex::new(Some(stdin)),
+            process: Mutex::new(process),
+            turns: Mutex::new(Turns::default()),
+            next_turn: AtomicU64::new(1),
+            killed: Mutex::new(None),
+            closing: AtomicBool::new(false),
+        });
+        let (ready, answer) = mpsc::channel();
+        let reader = child.clone();
+        std::thread::Builder::new()
+            .name(format!("plugin-{}", launch.backend))
+            .spawn(move || reader.read(stdout, ready, on_exit))
+            .map_err(|err| format!("cannot start a thread: {err}"))?;
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(child),
+            Ok(Err(message)) => {
+                child.stop();
+                Err(message)
+            }
+            Err(_) => {
+                child.stop();
+                child.kill(format!(
+                    "did not load the plugin within {} s",
+                    timeout.as_secs()
+                ));
+                Err(format!(
+                    "its process did not load the plugin within {} s and was killed",
+                    timeout.as_secs()
+                ))
+            }
+        }
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&self) -> bool {
+        self.lock_turns().dead.is_none()
+    }
+
+    /// Turns running on it now.
+    pub fn running(&self) -> usize {
+        self.lock_turns().open.len()
+    }
+
+    /// Opens a turn: its id and where its frames come.
+    pub fn open(&self, max: u32) -> Result<(u64, mpsc::Receiver<Incoming>), Refusal> {
+        let mut turns = self.lock_turns();
+        if let Some(why) = &turns.dead {
+            return Err(Refusal::Dead(why.clone()));
+        }
+        if turns.open.len() >= max as usize {
+            return Err(Refusal::Busy);
+        }
+        let turn = self.next_turn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        turns.open.insert(turn, tx);
+        Ok((turn, rx))
+    }
+
+    /// Forgets a turn: later frames of it are dropped.
+    pub fn close(&self, turn: u64) {
+        self.lock_turns().open.remove(&turn);
+    }
+
+    /// Writes frames to the child; false if it cannot take them (it is gone).
+    pub fn send(&self, bytes: &[u8]) -> bool {
+        let mut stdin = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
+        stdin
+            .as_mut()
+            .is_some_and(|stdin| stdin.write_all(bytes).is_ok())
+    }
+
+    /// Kills it (SIGKILL); `why` says so in place of the signal.
+    pub fn kill(&self, why: String) {
+        self.killed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+        let mut process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(process.try_wait(), Ok(None)) {
+            let _ = process.kill();
+        }
+    }
+
+    /// Stops it: its stdin closes and it exits; no crash is reported.
+    pub fn stop(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn lock_turns(&self) -> std::sync::MutexGuard<'_, Turns> {
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reading thread: the handshake, then each frame to its turn, then
+    /// the child's end.
+    fn read(&self, stdout: ChildStdout, ready: mpsc::Sender<Result<(), String>>, on_exit: OnExit) {
+        let mut input = BufReader::with_capacity(64 * 1024, stdout);
+        let mut ready = Some(ready);
+        let trouble = loop {
+            let mut frame = match Frame::read(&mut input) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break None,
+                Err(err) => break Some(format!("sent a bad frame ({err})")),
+            };
+            if let Some(ready) = ready.take() {
+                let answer = match frame.kind {
+                    to_host::READY => Ok(()),
+                    to_host::REFUSED => Err(frame.str().unwrap_or_default()),
+                    kind => Err(format!("answered frame kind {kind} to INIT")),
+                };
+                let refused = answer.is_err();
+                if refused {
+                    // A start that failed, not a crash: the caller says so.
+                    self.closing.store(true, Ordering::Release);
+                }
+                let _ = ready.send(answer);
+                if refused {
+                    break None;
+                }
+                continue;
+            }
+            let incoming = match Event::read(&mut frame) {
+                Ok(Some(event)) => Incoming::Event(event),
+                Ok(None) if frame.kind == to_host::DONE => Incoming::Done(Ok(())),
+                Ok(None) if frame.kind == to_host::FAILED => {
+                    let code = frame.str().unwrap_or_default();
+                    let message = frame.str().unwrap_or_default();
+                    Incoming::Done(Err(ModelError { code, message }))
+                }
+                Ok(None) => continue,
+                Err(err) => break Some(format!("sent a bad frame ({err})")),
+            };
+            let mut turns = self.lock_turns();
+            let done = matches!(incoming, Incoming::Done(_));
+            let to = if done {
+                turns.open.remove(&frame.turn)
+            } else {
+                turns.open.get(&frame.turn).cloned()
+            };
+            drop(turns);
+            if let Some(to) = to {
+                let _ = to.send(incoming);
+            }
+        };
+        if let Some(trouble) = trouble {
+            self.kill(trouble);
+        }
+        if ready.is_some() {
+            // It ended before it was ready: a start that failed (the
+            // caller reports it), not a crash.
+            self.closing.store(true, Ordering::Release);
+        }
+        let status = self.reap();
+        let killed = self
+            .killed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let why = describe(self.pid, status, killed);
+        let mut turns = self.lock_turns();
+        turns.dead = Some(why.clone());
+        for (_, to) in turns.open.drain() {
+            let _ = to.send(Incoming::Crashed(why.clone()));
+        }
+        drop(turns);
+        if let Some(ready) = ready {
+            let _ = ready.send(Err(why.clone()));
+        }
+        let closing = self.closing.load(Ordering::Acquire);
+        on_exit(self.pid, (!closing).then_some(why));
+    }
+
+    /// Waits for the process to end (killing it if it lingers with its
+    /// frame pipe closed).
+    fn reap(&self) -> Option<ExitStatus> {
+        let linger = Instant::now() + Duration::from_secs(2);
+        loop {
+            let mut process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+            match process.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < linger => {}
+                Ok(None) => {
+                    let _ = process.kill();
+                    return process.wait().ok();
+                }
+                Err(_) => return None,
+            }
+            drop(process);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Why a child ended, for the turns that failed, the log and the admin API.
+fn describe(pid: u32, status: Option<ExitStatus>, killed: Option<String>) -> String {
+    let how = match status {
+        None => "ended (its status could not be read)".to_owned(),
+        Some(status) => match (status.signal(), status.code()) {
+            (Some(signal), _) => format!(
+                "was killed by {}{}",
+                signal_name(signal),
+                if status.core_dumped() {
+                    " (core dumped)"
+                } else {
+                    ""
+                }
+            ),
+            (None, Some(code)) => format!("exited with status {code}"),
+            (None, None) => format!("ended ({status})"),
+        },
+    };
+    match killed {
+        Some(why) => format!("the plugin's process (pid {pid}) {why}; it {how}"),
+        None => format!("the plugin's process (pid {pid}) {how}"),
+    }
+}
+
+/// `SIGSEGV` for 11, and so on.
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        other => return format!("signal {other}"),
+    };
+    name.to_owned()
+}

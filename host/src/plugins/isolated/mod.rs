@@ -1,0 +1,65 @@
+//! Crash isolation: a model backend configured with
+//! `isolation = "process"` runs its plugin in a child process of its own,
+//! so that a segfault, an abort, a stack overflow or a hang in the plugin
+//! is that backend's failure and not the host's.
+//!
+//! - [`runner`]: the child, `llm-host __run-plugin` (the host's own
+//!   executable in a hidden mode, as the probe is): it loads the staged copy
+//!   through the loader's own checks (hash verified, ABI checked, `init`
+//!   called), builds the adapter from the backend's settings and runs the
+//!   turns it is sent, each on a thread of its own (a stepped adapter's
+//!   steps included).
+//! - [`child`]: one child seen from the host: its pipes, its turns by id,
+//!   the thread that reads its frames and reports its end.
+//! - [`model`]: the backend: a blocking [`Model`](crate::core::ports::Model)
+//!   for the turn core, restarts with backoff, the per-call deadline.
+//! - [`wire`]: the framing.
+//!
+//! # Framing
+//!
+//! The host writes to the child's stdin and reads the child's stdout (the
+//! child points its own stdout at stderr first, so a plugin that prints
+//! cannot break the stream; stderr is the host's, plugin log lines
+//! included). Every frame is
+//!
+//! ```text
+//! u32 LE  length of what follows (9 ..= 256 MiB)
+//! u8      kind
+//! u64 LE  turn id (0: none)
+//! fields  in the kind's order: a string is u32 LE length + UTF-8 bytes,
+//!         a number u64 LE, a byte u8
+//! ```
+//!
+//! Host to child: `INIT` (plugin, file, staged copy, hash, base dir,
+//! settings JSON) once, first; `GENERATE` (request JSON) opens turn id;
+//! `CANCEL` stops it (the sink's `is_cancelled` turns true and every later
+//! event answers STOP); `ACK` (events taken so far) lets a turn that is
+//! [`runner::WINDOW`] events ahead of the host go on, so a slow client slows
+//! the model as in the host's process. Closing stdin stops the child.
+//!
+//! Child to host: `READY` (plugin name) or `REFUSED` (message) answers
+//! `INIT`; a turn's events `START` (id, model id), `TEXT`, `REASONING`
+//! (text), `TOOL_CALL` (id, name, arguments), `USAGE` (input, output, total),
+//! `END` (finish reason byte), `ERROR` (code, message), `DIAGNOSTIC` (level,
+//! message, data JSON), then `DONE` or `FAILED` (code, message): what
+//! `generate` returned. Turns interleave freely; each turn's frames are in
+//! order. The constants are in [`wire`].
+//!
+//! The request is the JSON the in-process path hands the adapter; events
+//! carry their strings as they are, with no JSON per event.
+//!
+//! # What is left to later work
+//!
+//! The host still maps the library too (the loader's catalog and the admin
+//! API know plugins as loaded libraries), so its constructors and `init` run
+//! in the host as well as in the child; only its adapter and turns run in
+//! the child alone. Stores, hot reload onto a new child while the old one
+//! drains, memory limits (RLIMIT_AS) and time in the child per call are not
+//! done yet.
+
+pub mod child;
+pub mod model;
+pub mod runner;
+pub mod wire;
+
+pub use model::IsolatedModel;

@@ -1,0 +1,369 @@
+//! The child's side: `llm-host __run-plugin` ([`ARG`]) loads one model
+//! plugin through the loader's own checks, builds its adapter, and runs the
+//! turns the host sends, each on a thread of its own, writing their events
+//! back as frames ([`super`] describes them).
+//!
+//! The frames go out on the file descriptor that was stdout when the child
+//! started; stdout itself is pointed at stderr, so a plugin that prints
+//! cannot corrupt them. The child ends when its stdin closes (the host
+//! stopped it, or died).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use llm_host_plugin_api::{
+    abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
+    EventSink, EventSink_TO, FinishReason, Flow, LogLevel, ModelAdapterBox, Next, PluginError,
+    TurnWaker, TurnWaker_TO, Usage,
+};
+
+use super::wire::{to_child, to_host, Encoder, Frame};
+
+/// The hidden argument that makes the host's executable a plugin's child.
+pub const ARG: &str = "__run-plugin";
+
+/// Events a turn may send beyond those the host has acknowledged before it
+/// waits: a slow client slows the model down, as in the host's process.
+pub const WINDOW: u64 = 256;
+
+/// `llm-host __run-plugin`: see the module doc.
+pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
+    if args.next().is_some() {
+        eprintln!("usage: llm-host {ARG} (used by the host itself)");
+        return ExitCode::from(2);
+    }
+    // SAFETY: dup and dup2 on the standard descriptors, which are open.
+    let frames = unsafe {
+        let out = libc::dup(1);
+        if out < 0 || libc::dup2(2, 1) < 0 {
+            eprintln!("llm-host {ARG}: cannot set up the frame pipe");
+            return ExitCode::from(2);
+        }
+        File::from_raw_fd(out)
+    };
+    let _log = crate::init_logging();
+    let out = Arc::new(Mutex::new(frames));
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let adapter = match init(&mut input) {
+        Ok((name, adapter)) => {
+            let mut enc = Encoder::default();
+            enc.begin(to_host::READY, 0).str(&name).finish();
+            send(&out, &enc.buf);
+            adapter
+        }
+        Err(message) => {
+            let mut enc = Encoder::default();
+            enc.begin(to_host::REFUSED, 0).str(&message).finish();
+            send(&out, &enc.buf);
+            return ExitCode::FAILURE;
+        }
+    };
+    let adapter = Arc::new(adapter);
+    let mut turns: HashMap<u64, Arc<TurnState>> = HashMap::new();
+    loop {
+        let mut frame = match Frame::read(&mut input) {
+            Ok(Some(frame)) => frame,
+            // The host closed the pipe (or wrote garbage): nothing more to do.
+            Ok(None) | Err(_) => std::process::exit(0),
+        };
+        turns.retain(|_, state| !state.done.load(Ordering::Acquire));
+        match frame.kind {
+            to_child::GENERATE => {
+                let Ok(request) = frame.str() else {
+                    std::process::exit(3)
+                };
+                let state = Arc::new(TurnState::default());
+                turns.insert(frame.turn, state.clone());
+                let (adapter, to_host, turn) = (adapter.clone(), out.clone(), frame.turn);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("turn-{turn}"))
+                    .spawn(move || run_turn(&adapter, to_host, turn, state, &request));
+                if spawned.is_err() {
+                    let mut enc = Encoder::default();
+                    enc.begin(to_host::FAILED, frame.turn)
+                        .str("internal")
+                        .str("the plugin's process cannot start a thread")
+                        .finish();
+                    send(&out, &enc.buf);
+                }
+            }
+            to_child::CANCEL => {
+                if let Some(state) = turns.get(&frame.turn) {
+                    state.cancelled.store(true, Ordering::Release);
+                    state.wake();
+                }
+            }
+            to_child::ACK => {
+                if let (Some(state), Ok(taken)) = (turns.get(&frame.turn), frame.u64()) {
+                    *state.lock() = taken;
+                    state.wake();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads the INIT frame, loads the plugin and builds its adapter.
+fn init(input: &mut impl std::io::Read) -> Result<(String, ModelAdapterBox), String> {
+    let mut frame = match Frame::read(input) {
+        Ok(Some(frame)) if frame.kind == to_child::INIT => frame,
+        _ => return Err("the host sent no INIT frame".to_owned()),
+    };
+    let fields = (|| {
+        Ok::<_, std::io::Error>((
+            frame.str()?,
+            frame.str()?,
+            frame.str()?,
+            frame.str()?,
+            frame.str()?,
+            frame.str()?,
+        ))
+    })();
+    let (name, file, staged, hash, base_dir, settings) =
+        fields.map_err(|err| format!("INIT frame: {err}"))?;
+    let settings: serde_json::Value =
+        serde_json::from_str(&settings).map_err(|err| format!("settings: {err}"))?;
+    let plugin = super::super::loader::load_isolated(
+        Path::new(&file),
+        Path::new(&staged),
+        &hash,
+        Path::new(&base_dir),
+        &name,
+    )?;
+    let adapter = plugin
+        .new_model(&settings)
+        .map_err(|err| format!("plugin `{name}` refused its settings: {err}"))?;
+    // The library stays mapped for the child's life.
+    std::mem::forget(plugin);
+    Ok((name, adapter))
+}
+
+/// Writes `bytes` (whole frames); a host that is gone ends the child.
+fn send(out: &Mutex<File>, bytes: &[u8]) {
+    let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+    if out.write_all(bytes).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// What the reading thread tells a turn's thread.
+#[derive(Default)]
+struct TurnState {
+    cancelled: AtomicBool,
+    done: AtomicBool,
+    /// Events the host has taken.
+    taken: Mutex<u64>,
+    /// A stepped turn's waker was called.
+    woken: AtomicBool,
+    changed: Condvar,
+}
+
+impl TurnState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.taken.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        let _taken = self.lock();
+        self.changed.notify_all();
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` for a change (a wake, an ACK, a cancel).
+    /// `until` is given the events taken.
+    fn wait(&self, limit: Duration, until: impl Fn(u64) -> bool) {
+        let taken = self.lock();
+        let _ = self
+            .changed
+            .wait_timeout_while(taken, limit, |taken| !until(*taken) && !self.cancelled());
+    }
+}
+
+fn run_turn(
+    adapter: &ModelAdapterBox,
+    out: Arc<Mutex<File>>,
+    turn: u64,
+    state: Arc<TurnState>,
+    request: &str,
+) {
+    let mut sink = ChildSink {
+        out,
+        turn,
+        state: state.clone(),
+        enc: Encoder::default(),
+        sent: 0,
+    };
+    let result = if adapter.stepped() {
+        stepped(adapter, &mut sink, request)
+    } else {
+        adapter
+            .generate(
+                RStr::from(request),
+                EventSink_TO::from_ptr(&mut sink, TD_Opaque),
+            )
+            .into_result()
+    };
+    sink.enc.buf.clear();
+    match result {
+        Ok(()) => sink.enc.begin(to_host::DONE, turn).finish(),
+        Err(err) => sink
+            .enc
+            .begin(to_host::FAILED, turn)
+            .str(err.kind.as_str())
+            .str(err.message.as_str())
+            .finish(),
+    }
+    send(&sink.out, &sink.enc.buf);
+    state.done.store(true, Ordering::Release);
+}
+
+/// Runs a stepped adapter's turn on this thread: pauses and pending waits
+/// end early on a cancel.
+fn stepped(
+    adapter: &ModelAdapterBox,
+    sink: &mut ChildSink,
+    request: &str,
+) -> Result<(), PluginError> {
+    let waker = TurnWaker_TO::from_value(Woken(sink.state.clone()), TD_Opaque);
+    let mut stepper = adapter.start(RStr::from(request), waker).into_result()?;
+    loop {
+        if sink.state.cancelled() {
+            return Ok(());
+        }
+        let step = stepper
+            .step(EventSink_TO::from_ptr(&mut *sink, TD_Opaque))
+            .into_result()?;
+        match step.next() {
+            Next::Done => return Ok(()),
+            Next::Ready => {}
+            Next::Sleep(pause) => sink.state.wait(pause, |_| false),
+            Next::Pending => {
+                let state = sink.state.clone();
+                state.wait(Duration::from_secs(3600), |_| {
+                    state.woken.load(Ordering::Acquire)
+                });
+                sink.state.woken.store(false, Ordering::Release);
+            }
+            Next::Unknown(kind) => {
+                return Err(PluginError::internal(format!(
+                    "the model's step answered kind {kind}, which this host does not know"
+                )))
+            }
+        }
+    }
+}
+
+struct Woken(Arc<TurnState>);
+
+impl TurnWaker for Woken {
+    fn wake(&self) {
+        self.0.woken.store(true, Ordering::Release);
+        self.0.wake();
+    }
+}
+
+/// The plugin ABI's event sink in the child: each event is a frame to the
+/// host.
+struct ChildSink {
+    out: Arc<Mutex<File>>,
+    turn: u64,
+    state: Arc<TurnState>,
+    enc: Encoder,
+    sent: u64,
+}
+
+impl ChildSink {
+    fn emit(&mut self, kind: u8, fields: impl FnOnce(&mut Encoder)) -> Flow {
+        if self.state.cancelled() {
+            return Flow::STOP;
+        }
+        self.enc.buf.clear();
+        self.enc.begin(kind, self.turn);
+        fields(&mut self.enc);
+        self.enc.finish();
+        send(&self.out, &self.enc.buf);
+        self.sent += 1;
+        let sent = self.sent;
+        if sent > *self.state.lock() + WINDOW {
+            // The host is behind (a slow client): wait for it.
+            self.state
+                .wait(Duration::from_secs(3600), |taken| sent <= taken + WINDOW);
+        }
+        if self.state.cancelled() {
+            Flow::STOP
+        } else {
+            Flow::CONTINUE
+        }
+    }
+}
+
+impl EventSink for ChildSink {
+    fn start(&mut self, id: RStr<'_>, model_id: RStr<'_>) -> Flow {
+        self.emit(to_host::START, |e| {
+            e.str(id.as_str()).str(model_id.as_str());
+        })
+    }
+
+    fn text(&mut self, text: RStr<'_>) -> Flow {
+        self.emit(to_host::TEXT, |e| {
+            e.str(text.as_str());
+        })
+    }
+
+    fn reasoning(&mut self, text: RStr<'_>) -> Flow {
+        self.emit(to_host::REASONING, |e| {
+            e.str(text.as_str());
+        })
+    }
+
+    fn tool_call(&mut self, id: RStr<'_>, name: RStr<'_>, arguments: RStr<'_>) -> Flow {
+        self.emit(to_host::TOOL_CALL, |e| {
+            e.str(id.as_str())
+                .str(name.as_str())
+                .str(arguments.as_str());
+        })
+    }
+
+    fn usage(&mut self, usage: Usage) -> Flow {
+        self.emit(to_host::USAGE, |e| {
+            e.u64(usage.input_tokens)
+                .u64(usage.output_tokens)
+                .u64(usage.total_tokens);
+        })
+    }
+
+    fn end(&mut self, reason: FinishReason) -> Flow {
+        self.emit(to_host::END, |e| {
+            e.u8(reason.0);
+        })
+    }
+
+    fn error(&mut self, code: RStr<'_>, message: RStr<'_>) -> Flow {
+        self.emit(to_host::ERROR, |e| {
+            e.str(code.as_str()).str(message.as_str());
+        })
+    }
+
+    fn diagnostic(&mut self, level: LogLevel, message: RStr<'_>, data_json: RStr<'_>) -> Flow {
+        self.emit(to_host::DIAGNOSTIC, |e| {
+            e.str(level.as_str())
+                .str(message.as_str())
+                .str(data_json.as_str());
+        })
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state.cancelled()
+    }
+}
