@@ -25,6 +25,7 @@ use serde_json::{json, Map, Number};
 use super::*;
 
 mod frames;
+mod update;
 
 /// `object` with `key` set to `value`, if there is one.
 fn with<T: Serialize>(mut object: Value, key: &str, value: Option<T>) -> Value {
@@ -38,8 +39,6 @@ fn with<T: Serialize>(mut object: Value, key: &str, value: Option<T>) -> Value {
 const CODES: [&str; 2] = ["bad_frame", "unknown_command"];
 /// The fields of a prompt command.
 const PROMPT_FIELDS: [&str; 5] = ["type", "id", "text", "model", "params"];
-/// The fields of a session update command.
-const UPDATE_FIELDS: [&str; 4] = ["type", "system", "model", "params"];
 /// The fields of a tool result command.
 const TOOL_RESULT_FIELDS: [&str; 4] = ["type", "callId", "content", "error"];
 /// The fields of `params` with a type; any other is passed on as it is.
@@ -222,7 +221,7 @@ fn expected(value: &Value) -> Result<Command, &'static str> {
         Some("cancel") if fields.len() == 1 => Ok(Command::Cancel),
         Some("prompt") => expected_prompt(fields).ok_or("bad_frame"),
         Some("tool_result") => expected_tool_result(fields).ok_or("bad_frame"),
-        Some("session.update") => expected_update(fields).ok_or("bad_frame"),
+        Some("session.update") => update::expected(fields).ok_or("bad_frame"),
         Some("cancel") => Err("bad_frame"),
         Some(_) => Err("unknown_command"),
     }
@@ -247,33 +246,6 @@ fn expected_prompt(fields: &Map<String, Value>) -> Option<Command> {
         model: nullable(fields.get("model"), string)?,
         params,
     })
-}
-
-fn expected_update(fields: &Map<String, Value>) -> Option<Command> {
-    let unknown = |key: &String| !UPDATE_FIELDS.contains(&key.as_str());
-    if fields.keys().any(unknown) {
-        return None;
-    }
-    let params = match fields.get("params") {
-        None => None,
-        Some(Value::Null) => Some(None),
-        Some(value) => Some(Some(expected_params(value.as_object()?)?)),
-    };
-    Some(Command::SessionUpdate {
-        system: given(fields.get("system"), string)?,
-        model: given(fields.get("model"), string)?,
-        params,
-    })
-}
-
-/// `Some(None)` for absent, `Some(Some(None))` for null, `Some(Some(Some(x)))`
-/// for what `read` takes.
-fn given<T>(value: Option<&Value>, read: fn(&Value) -> Option<T>) -> Option<Option<Option<T>>> {
-    match value {
-        None => Some(None),
-        Some(Value::Null) => Some(Some(None)),
-        Some(value) => read(value).map(|x| Some(Some(x))),
-    }
 }
 
 fn expected_tool_result(fields: &Map<String, Value>) -> Option<Command> {
@@ -449,32 +421,7 @@ fn command() -> BoxedStrategy<(Vec<(String, Json)>, Value)> {
             Just(fields).prop_shuffle()
         },
     );
-    let text_or_null = || {
-        prop::option::of(prop_oneof![
-            Just(Json::Raw("null".to_owned())),
-            text().prop_map(Json::Str),
-        ])
-    };
-    let update = (
-        text_or_null(),
-        text_or_null(),
-        prop::option::of(prop::option::of(params(false))),
-    )
-        .prop_flat_map(move |(system, model, params)| {
-            let mut fields = vec![kind("session.update")];
-            fields.extend(system.map(|s| ("system".to_owned(), s)));
-            fields.extend(model.map(|m| ("model".to_owned(), m)));
-            let params = params.map(|p| match p {
-                None => Json::Raw("null".to_owned()),
-                Some(p) => Json::Obj(
-                    p.iter()
-                        .map(|(k, v)| (k.clone(), Json::Raw(v.to_string())))
-                        .collect(),
-                ),
-            });
-            fields.extend(params.map(|p| ("params".to_owned(), p)));
-            Just(fields).prop_shuffle()
-        });
+    let update = update::command();
     prop_oneof![4 => prompt.boxed(), 2 => update.boxed(), 1 => Just(vec![kind("cancel")]).boxed()]
         .prop_map(|fields| {
             let value = meant(&Json::Obj(fields.clone()));
