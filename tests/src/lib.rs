@@ -34,8 +34,10 @@ pub use serde_json::json;
 
 /// How long the host may take to print its `listening on` line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a single frame may take to arrive.
-pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a single frame may take to arrive: a guard against a hang, not
+/// a timing goal. A provider plugin's first request (its TLS setup built
+/// unoptimised) can take several seconds on a loaded 2-core machine.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a command that should exit (`llm-host plugins`, a bad config) may run.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
