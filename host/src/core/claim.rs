@@ -117,17 +117,7 @@ pub async fn claim<S: SessionStore, F: Frames>(
             version,
             owner,
             mut messages_json,
-        } = match loaded {
-            Some(found) if !attachment.party.may_use(&found.owner) => {
-                return Err(ClaimError::NotYours(attachment.session_id.clone()))
-            }
-            Some(found) => found,
-            None => Loaded {
-                owner: attachment.party.owner.clone(),
-                messages_json: MessagesJson::new(&[]).unwrap_or_default(),
-                ..Loaded::default()
-            },
-        };
+        } = ours_or_new(attachment, loaded)?;
         let bytes = messages_json.bytes(&doc.messages) + user.content.len();
         if bytes > settings.max_history_bytes {
             return Err(ClaimError::HistoryFull {
@@ -340,6 +330,26 @@ enum Round {
     Late,
     /// The store answered.
     Answered(Result<SaveOutcome, StoreError>),
+}
+
+/// The session `loaded` as the attachment's party may use it, or, when the
+/// store has none, a new one owned by the party; another key's session is
+/// [`ClaimError::NotYours`].
+pub(super) fn ours_or_new(
+    attachment: &super::Attachment,
+    loaded: Option<Loaded>,
+) -> Result<Loaded, ClaimError> {
+    match loaded {
+        Some(found) if !attachment.party.may_use(&found.owner) => {
+            Err(ClaimError::NotYours(attachment.session_id.clone()))
+        }
+        Some(found) => Ok(found),
+        None => Ok(Loaded {
+            owner: attachment.party.owner.clone(),
+            messages_json: MessagesJson::new(&[]).unwrap_or_default(),
+            ..Loaded::default()
+        }),
+    }
 }
 
 fn lose(control: &TurnControl, why: &str) {

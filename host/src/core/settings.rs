@@ -22,7 +22,6 @@ use llm_host_plugin_api::{Message, Role, TurnParams};
 use serde::{Deserialize, Serialize};
 
 use super::claim::ClaimError;
-use super::document::{Loaded, MessagesJson};
 use super::locks::SessionLocks;
 use super::ports::{Backends, Frames, Model, SaveOutcome, SessionStore, StoreError};
 use super::Scope;
@@ -148,17 +147,7 @@ pub async fn update<S: SessionStore, F: Frames>(
             cached.take(),
         )
         .await?;
-        let mut loaded = match loaded {
-            Some(found) if !attachment.party.may_use(&found.owner) => {
-                return Err(ClaimError::NotYours(attachment.session_id.clone()))
-            }
-            Some(found) => found,
-            None => Loaded {
-                owner: attachment.party.owner.clone(),
-                messages_json: MessagesJson::new(&[]).unwrap_or_default(),
-                ..Loaded::default()
-            },
-        };
+        let mut loaded = super::claim::ours_or_new(attachment, loaded)?;
         let settings = loaded.doc.settings.updated(update);
         if settings == loaded.doc.settings {
             // Nothing changes: no write (and no session made for nothing).
