@@ -63,8 +63,13 @@ pub struct DayUsage {
     pub backends: BTreeMap<String, Counts>,
 }
 
-/// Counts by (day, key), then backend.
-type Table = BTreeMap<(String, String), BTreeMap<String, Counts>>;
+/// Counts by day (days since 1970-01-01, UTC), key, then backend: nested,
+/// so that counting a turn looks its place up by borrowed names and
+/// allocates nothing once the key and backend have a place that day.
+type Table = BTreeMap<i64, BTreeMap<String, BTreeMap<String, Counts>>>;
+
+/// One (day, key)'s counts by backend, as a flush takes them.
+type Entry = ((i64, String), BTreeMap<String, Counts>);
 
 /// Counts of this process not yet added to the store.
 #[derive(Default)]
@@ -79,11 +84,12 @@ pub fn pending() -> &'static Pending {
 impl Pending {
     /// Counts a turn of `key` on `backend` that ended at `now_ms`.
     pub fn record(&self, key: &str, backend: &str, counts: Counts, now_ms: u64) {
+        let day = i64::try_from(now_ms / 86_400_000).unwrap_or(i64::MAX);
         let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let day = day_of(now_ms);
-        let backends = match table.get_mut(&(day.clone(), key.to_owned())) {
+        let keys = table.entry(day).or_default();
+        let backends = match keys.get_mut(key) {
             Some(backends) => backends,
-            None => table.entry((day, key.to_owned())).or_default(),
+            None => keys.entry(key.to_owned()).or_default(),
         };
         match backends.get_mut(backend) {
             Some(total) => total.add(&counts),
@@ -93,18 +99,20 @@ impl Pending {
         }
     }
 
-    fn take(&self) -> Table {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Every pending count, by (day, key), in order; none stay pending.
+    fn take(&self) -> impl Iterator<Item = Entry> {
+        let table = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        table.into_iter().flat_map(|(day, keys)| {
+            keys.into_iter()
+                .map(move |(key, backends)| ((day, key), backends))
+        })
     }
 
     /// Puts counts that could not be stored back, for the next flush.
-    fn put_back(
-        &self,
-        entries: impl IntoIterator<Item = ((String, String), BTreeMap<String, Counts>)>,
-    ) {
+    fn put_back(&self, entries: impl IntoIterator<Item = Entry>) {
         let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (at, backends) in entries {
-            let into = table.entry(at).or_default();
+        for ((day, key), backends) in entries {
+            let into = table.entry(day).or_default().entry(key).or_default();
             for (backend, counts) in backends {
                 into.entry(backend).or_default().add(&counts);
             }
@@ -118,9 +126,9 @@ impl Pending {
         store: &S,
         limit: Duration,
     ) -> Result<(), StoreError> {
-        let mut entries = self.take().into_iter();
+        let mut entries = self.take();
         while let Some(((day, key), backends)) = entries.next() {
-            if let Err(err) = add(store, &day, &key, &backends, limit).await {
+            if let Err(err) = add(store, &format_day(day), &key, &backends, limit).await {
                 self.put_back(std::iter::once(((day, key), backends)).chain(entries));
                 return Err(err);
             }
