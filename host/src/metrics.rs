@@ -17,6 +17,9 @@ pub type Label = [(&'static str, &'static str); 1];
 
 type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
+/// Histograms by a `backend` label.
+type BackendHistograms = Family<[(&'static str, String); 1], Histogram, fn() -> Histogram>;
+
 /// `backend`, `status` and `code` labels of a turn.
 pub type TurnLabels = [(&'static str, String); 3];
 
@@ -100,6 +103,12 @@ pub struct Metrics {
     pub plugin_crashes: Family<[(&'static str, String); 1], Counter>,
     /// Plugin child processes started again after one died, by `backend`.
     pub plugin_restarts: Family<[(&'static str, String); 1], Counter>,
+    /// Time of each turn's call in a plugin child process, from sending its
+    /// request to its end, by `backend`.
+    pub plugin_call_seconds: BackendHistograms,
+    /// Prompts waiting behind a running turn, by the `backend` they would
+    /// run on (the queue depth per backend).
+    pub queued_prompts: Family<[(&'static str, String); 1], Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -134,6 +143,8 @@ impl Metrics {
             spans_dropped: Family::default(),
             plugin_crashes: Family::default(),
             plugin_restarts: Family::default(),
+            plugin_call_seconds: Family::new_with_constructor(latency_histogram),
+            queued_prompts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -238,6 +249,17 @@ impl Metrics {
             "Plugin child processes started again after one died, by backend",
             metrics.plugin_restarts.clone(),
         );
+        registry.register(
+            "plugin_call_seconds",
+            "Time of a turn's call in a plugin child process, from its request to its end, \
+             by backend",
+            metrics.plugin_call_seconds.clone(),
+        );
+        registry.register(
+            "queued_prompts",
+            "Prompts waiting behind a running turn, by the backend they would run on",
+            metrics.queued_prompts.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -317,9 +339,35 @@ impl Metrics {
             .inc();
     }
 
+    /// Observes a turn's call of `took` in `backend`'s child process.
+    pub fn plugin_call(&self, backend: &str, took: std::time::Duration) {
+        self.plugin_call_seconds
+            .get_or_create(&[("backend", backend.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a prompt waiting for `backend` until the answer is dropped.
+    pub fn queued(&self, backend: &str) -> Queued {
+        let gauge = self
+            .queued_prompts
+            .get_or_create(&[("backend", backend.to_owned())])
+            .clone();
+        gauge.inc();
+        Queued(gauge)
+    }
+
     /// Counts a refusal.
     pub fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+/// A prompt counted in [`Metrics::queued_prompts`] while this lives.
+pub struct Queued(Gauge);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

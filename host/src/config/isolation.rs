@@ -3,7 +3,7 @@
 //! (in a child process of its own, see [`crate::plugins::isolated`]), as a
 //! string or as a table with the child's limits:
 //! `isolation = { mode = "process", max_concurrent_turns = 64,
-//! first_event_timeout_ms = 60000 }`.
+//! first_event_timeout_ms = 60000, memory_limit_mb = 2048 }`.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,7 @@ pub(super) struct RawTable {
     mode: String,
     max_concurrent_turns: Option<u64>,
     first_event_timeout_ms: Option<u64>,
+    memory_limit_mb: Option<u64>,
 }
 
 /// Where a backend's plugin runs.
@@ -49,6 +50,10 @@ pub struct ProcessLimits {
     /// How long a turn may wait for its first event from the child; past it
     /// the child is killed (and restarted), as if it had crashed.
     pub first_event_timeout_ms: u64,
+    /// The most address space the child may map, in MiB (`RLIMIT_AS`, set
+    /// before it loads the library); `None`: no limit. An allocation past it
+    /// fails, which ends the child (a Rust plugin aborts) as a crash.
+    pub memory_limit_mb: Option<u64>,
 }
 
 impl Default for ProcessLimits {
@@ -56,6 +61,7 @@ impl Default for ProcessLimits {
         Self {
             max_concurrent_turns: DEFAULT_MAX_TURNS,
             first_event_timeout_ms: DEFAULT_FIRST_EVENT_MS,
+            memory_limit_mb: None,
         }
     }
 }
@@ -68,24 +74,38 @@ const MOST_TURNS: u64 = 4096;
 const DEFAULT_FIRST_EVENT_MS: u64 = 60_000;
 /// Most `first_event_timeout_ms`: an hour.
 const MOST_FIRST_EVENT_MS: u64 = 3_600_000;
+/// Least `memory_limit_mb`: the host's executable and the library must fit.
+const LEAST_MEMORY_MB: u64 = 64;
+/// Most `memory_limit_mb`: 1 TiB.
+const MOST_MEMORY_MB: u64 = 1 << 20;
 
 /// Checks `isolation` of `at` (`models.NAME`), adding each problem found.
 pub(super) fn isolation(at: &str, raw: RawIsolation, problems: &mut Vec<String>) -> Isolation {
     let at = format!("{at}.isolation");
-    let (mode, max_turns, first_event) = match raw {
-        RawIsolation::Mode(mode) => (mode, None, None),
+    let (mode, max_turns, first_event, memory) = match raw {
+        RawIsolation::Mode(mode) => (mode, None, None, None),
         RawIsolation::Table(table) => (
             table.mode,
             table.max_concurrent_turns,
             table.first_event_timeout_ms,
+            table.memory_limit_mb,
         ),
     };
     match mode.as_str() {
         "in_process" => {
-            if max_turns.is_some() || first_event.is_some() {
+            let given: Vec<&str> = [
+                ("max_concurrent_turns", max_turns.is_some()),
+                ("first_event_timeout_ms", first_event.is_some()),
+                ("memory_limit_mb", memory.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(key, given)| given.then_some(key))
+            .collect();
+            if !given.is_empty() {
                 problems.push(format!(
-                    "{at}: max_concurrent_turns and first_event_timeout_ms apply to \
-                     mode \"process\" only"
+                    "{at}: {} applies to mode \"process\" only (a plugin in the host's \
+                     process shares the host's limits)",
+                    given.join(", ")
                 ));
             }
             Isolation::InProcess
@@ -109,6 +129,16 @@ pub(super) fn isolation(at: &str, raw: RawIsolation, problems: &mut Vec<String>)
                     problems.push(format!(
                         "{at}.first_event_timeout_ms: {ms} is out of range \
                          (100-{MOST_FIRST_EVENT_MS})"
+                    ));
+                }
+            }
+            if let Some(mb) = memory {
+                if (LEAST_MEMORY_MB..=MOST_MEMORY_MB).contains(&mb) {
+                    limits.memory_limit_mb = Some(mb);
+                } else {
+                    problems.push(format!(
+                        "{at}.memory_limit_mb: {mb} is out of range \
+                         ({LEAST_MEMORY_MB}-{MOST_MEMORY_MB})"
                     ));
                 }
             }
@@ -155,6 +185,7 @@ mod tests {
             Isolation::Process(ProcessLimits {
                 max_concurrent_turns: 4,
                 first_event_timeout_ms: 2000,
+                memory_limit_mb: None,
             })
         );
         let (_, problems) = check("isolation = \"processes\"");
@@ -170,8 +201,39 @@ mod tests {
         let (_, problems) =
             check("isolation = { mode = \"in_process\", max_concurrent_turns = 2 }");
         assert!(
-            problems[0].contains("apply to mode \"process\" only"),
+            problems[0].contains("max_concurrent_turns applies to mode \"process\" only"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn a_memory_limit_needs_a_process() {
+        let (isolation, problems) =
+            check("isolation = { mode = \"process\", memory_limit_mb = 512 }");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            isolation,
+            Isolation::Process(ProcessLimits {
+                memory_limit_mb: Some(512),
+                ..ProcessLimits::default()
+            })
+        );
+        let (isolation, problems) =
+            check("isolation = { mode = \"in_process\", memory_limit_mb = 512 }");
+        assert_eq!(isolation, Isolation::InProcess);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("models.x.isolation: memory_limit_mb applies to mode"),
+            "{problems:?}"
+        );
+        for mb in [0, 63, (1 << 20) + 1] {
+            let (_, problems) = check(&format!(
+                "isolation = {{ mode = \"process\", memory_limit_mb = {mb} }}"
+            ));
+            assert!(
+                problems[0].contains(&format!("models.x.isolation.memory_limit_mb: {mb} is out")),
+                "{problems:?}"
+            );
+        }
     }
 }

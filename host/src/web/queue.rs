@@ -65,8 +65,9 @@ pub(super) enum Work {
     Update(Box<crate::core::settings::SettingsUpdate>),
 }
 
-/// Work in the queue, holding its place among its key's queued prompts.
-pub(super) type Queued = (Work, Held);
+/// Work in the queue, holding its place among its key's queued prompts and
+/// counted in its backend's queue depth while it waits.
+pub(super) type Queued = (Work, Held, Option<crate::metrics::Queued>);
 
 /// The connection's prompt queue and the task that runs its turns, both
 /// made on the first prompt: an idle connection pays for neither.
@@ -104,6 +105,21 @@ impl Queue {
     }
 }
 
+/// The backend a prompt naming `model` (or none) would run on, as far as
+/// the connection knows before the turn claims its session.
+fn backend_of(
+    conn: &Connection,
+    active: &crate::plugins::runtime::Active,
+    model: Option<&str>,
+) -> String {
+    model
+        .map(str::to_owned)
+        .or_else(|| conn.attachment.settings_model())
+        .filter(|name| active.models.contains_key(name))
+        .or_else(|| conn.model())
+        .unwrap_or_else(|| active.config.default_model.clone())
+}
+
 /// Why a prompt asking `params.max_tokens` of the backend it would run on
 /// is refused: it asks more than that backend's `max_tokens_limit`.
 pub(super) fn over_token_limit(
@@ -113,12 +129,7 @@ pub(super) fn over_token_limit(
 ) -> Option<String> {
     let asked = params.max_tokens?;
     let active = conn.host.active.load();
-    let name = model
-        .map(str::to_owned)
-        .or_else(|| conn.attachment.settings_model())
-        .filter(|name| active.models.contains_key(name))
-        .or_else(|| conn.model())
-        .unwrap_or_else(|| active.config.default_model.clone());
+    let name = backend_of(conn, &active, model);
     let limit = active.config.models.get(&name)?.max_tokens_limit?;
     (asked > limit).then(|| {
         format!(
@@ -179,7 +190,8 @@ pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, prompt: Prompt
         );
         return refuse(conn, id, "rate_limited", &message).await;
     }
-    place.send((Work::Prompt(prompt), held));
+    let waiting = metrics().queued(&backend_of(conn, &active, prompt.model.as_deref()));
+    place.send((Work::Prompt(prompt), held, Some(waiting)));
 }
 
 /// Tells the client its prompt was not run: an error diagnostic with `code`
@@ -228,9 +240,9 @@ async fn run_turns(
     current: CurrentTurn,
     closed: Arc<AtomicBool>,
 ) {
-    while let Some((work, held)) = prompts.recv().await {
+    while let Some((work, held, waiting)) = prompts.recv().await {
         // No longer waiting: the key may queue another.
-        drop(held);
+        drop((held, waiting));
         let prompt = match work {
             Work::Prompt(prompt) => prompt,
             Work::Update(update) => {
@@ -288,11 +300,13 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         conn.send(frame).await;
         return Status::Failed;
     };
+    // The turn's frames go to every socket of the session on this host.
+    let frames = conn.hub.turn(control.clone());
     let scope = Scope {
         host: &conn.host.instance,
         attachment: &conn.attachment,
         store: &store,
-        frames: &conn.out,
+        frames: &frames,
         framer: conn.framer,
         settings: active.config.server.turn_settings(),
     };
@@ -303,9 +317,10 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         &backends,
         backend,
         prompt,
-        control,
+        control.clone(),
     )
     .await;
+    conn.hub.finished(&control).await;
     let of = TurnOf {
         api: "websocket",
         key: conn.caller.id(),

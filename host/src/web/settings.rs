@@ -86,7 +86,7 @@ pub(super) async fn enqueue(conn: &Connection, queue: &mut Queue, update: Settin
             .try_take(&conn.limit_name, max_per_key, usize::MAX)
         {
             Some(held) => {
-                place.send((Work::Update(Box::new(update)), held));
+                place.send((Work::Update(Box::new(update)), held, None));
                 None
             }
             None => Some((

@@ -5,6 +5,9 @@
 //! naming the signal, a turn on another backend running at the same time
 //! completes, and the next turn on the crashed backend runs on a new child.
 //! An isolated echo streams what the in-process echo streams, and cancels.
+//! A child with `memory_limit_mb` that allocates without bound dies as a
+//! crash; the limit needs process isolation; each call in a child is timed
+//! by backend in the metrics.
 
 use std::time::Instant;
 
@@ -15,24 +18,31 @@ use serde_json::{json, Value};
 /// first-event deadline 1 s), `iso_echo` (echo, likewise) and `iso_slow`
 /// (echo: 100 tokens 50 ms apart, likewise).
 fn start() -> Host {
+    let workdir = workdir_with(
+        "[models.crashy]\nplugin = \"broken\"\n\
+         isolation = { mode = \"process\", first_event_timeout_ms = 1000 }\n\
+         [models.iso_echo]\nplugin = \"echo\"\nisolation = \"process\"\n\
+         settings = { delay_ms = 0 }\n\
+         [models.iso_slow]\nplugin = \"echo\"\nisolation = \"process\"\n\
+         settings = { delay_ms = 50, tokens = 100 }\n\
+         [models.many]\nplugin = \"echo\"\nsettings = { tokens = 20000 }\n\
+         [models.iso_many]\nplugin = \"echo\"\nisolation = \"process\"\n\
+         settings = { tokens = 20000 }\n",
+    );
+    Host::start_in(workdir, &[])
+}
+
+/// The default config plus `extra`, with the broken fixture.
+fn workdir_with(extra: &str) -> Workdir {
     let config = Config {
-        extra: "[models.crashy]\nplugin = \"broken\"\n\
-                isolation = { mode = \"process\", first_event_timeout_ms = 1000 }\n\
-                [models.iso_echo]\nplugin = \"echo\"\nisolation = \"process\"\n\
-                settings = { delay_ms = 0 }\n\
-                [models.iso_slow]\nplugin = \"echo\"\nisolation = \"process\"\n\
-                settings = { delay_ms = 50, tokens = 100 }\n\
-                [models.many]\nplugin = \"echo\"\nsettings = { tokens = 20000 }\n\
-                [models.iso_many]\nplugin = \"echo\"\nisolation = \"process\"\n\
-                settings = { tokens = 20000 }\n"
-            .to_owned(),
+        extra: extra.to_owned(),
         ..Config::default()
     };
     let mut plugins = STANDARD_PLUGINS.to_vec();
     plugins.push(Plugin::Broken);
     let workdir = Workdir::new(&plugins);
     workdir.write_config(&config.to_toml());
-    Host::start_in(workdir, &[])
+    workdir
 }
 
 /// Runs `text` on `model` over a new command-mode connection.
@@ -231,4 +241,99 @@ async fn isolated_events_cost_little_more() {
     }
     let (inside, isolated) = (per_event[2], per_event[3]);
     assert!(isolated < inside * 5.0 + 20.0, "{per_event:?}");
+}
+
+// A child under isolation.memory_limit_mb that allocates without bound
+// (the fixture's `alloc`, always run under a limit here) fails its
+// allocation and dies: the turn fails `plugin_crashed` naming the limit,
+// another backend's turn meanwhile completes, the backend restarts and
+// answers the next prompt, and each call's time in the child shows in
+// `llm_host_plugin_call_seconds{backend}`.
+#[tokio::test]
+async fn a_child_past_its_memory_limit_crashes_and_restarts() {
+    let mut host = Host::start_in(
+        workdir_with(
+            "[models.hungry]\nplugin = \"broken\"\n\
+             isolation = { mode = \"process\", memory_limit_mb = 256 }\n",
+        ),
+        &[],
+    );
+    let started = Instant::now();
+    let first_pid = isolated(
+        &http(host.addr(), "GET", "/v1/plugins").await.json(),
+        "hungry",
+    )["pid"]
+        .as_u64()
+        .expect("a running child has a pid");
+    let other = turn(&host, "slow_echo", "still going on here");
+    let crashing = turn(&host, "hungry", "crash:alloc");
+    let (other, crashed) = tokio::join!(other, crashing);
+    assert_eq!(crashed.status(), "failed", "{}", crashed.dump());
+    let (code, message) = error_of(&crashed);
+    assert_eq!(code, "plugin_crashed", "{message}");
+    assert!(
+        message.contains("SIGABRT") && message.contains("memory limit is 256 MiB"),
+        "{message}"
+    );
+    assert_eq!(other.status(), "completed", "{}", other.dump());
+    assert_eq!(other.text(), "echo: still going on here");
+    assert!(host.is_running(), "the host died");
+    // The limit ended it (Rust's allocation error), not the fixture's cap.
+    assert!(host.logged("memory allocation of").await, "{}", host.log());
+    assert!(
+        !host.log().contains("no address-space limit"),
+        "{}",
+        host.log()
+    );
+
+    let echo = turn(&host, "echo", "hello").await;
+    assert_eq!(echo.status(), "completed", "{}", echo.dump());
+    let after = turn(&host, "hungry", "hello").await;
+    assert_eq!(after.status(), "completed", "{}", after.dump());
+    assert_eq!(after.text(), "t0 t1 t2 t3 t4 ", "{}", after.dump());
+    let state = isolated(
+        &http(host.addr(), "GET", "/v1/plugins").await.json(),
+        "hungry",
+    );
+    assert_eq!(state["crashes"], 1, "{state}");
+    assert_eq!(state["restarts"], 1, "{state}");
+    assert_ne!(state["pid"].as_u64(), Some(first_pid), "{state}");
+
+    let metrics = http(host.addr(), "GET", "/metrics").await.body;
+    assert!(
+        metrics.contains("llm_host_plugin_call_seconds_count{backend=\"hungry\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llm_host_plugin_call_seconds_sum{backend=\"hungry\"}"),
+        "{metrics}"
+    );
+    // In-process backends are not plugin calls in a child.
+    assert!(
+        !metrics.contains("llm_host_plugin_call_seconds_count{backend=\"echo\"}"),
+        "{metrics}"
+    );
+    eprintln!("memory limit: test body {:?}", started.elapsed());
+}
+
+// A memory limit applies to a child process only: with mode "in_process",
+// or as a key of the backend itself, it fails the start naming the key.
+#[test]
+fn a_memory_limit_without_process_isolation_is_refused() {
+    for (extra, names) in [
+        (
+            "[models.capped]\nplugin = \"echo\"\n\
+             isolation = { mode = \"in_process\", memory_limit_mb = 256 }\n",
+            "models.capped.isolation: memory_limit_mb applies to mode \"process\" only",
+        ),
+        (
+            "[models.capped]\nplugin = \"echo\"\nmemory_limit_mb = 256\n",
+            "memory_limit_mb",
+        ),
+    ] {
+        let exit = workdir_with(extra).run_with_config(&[]);
+        assert!(!exit.status.success(), "{exit}");
+        assert!(exit.stderr.contains(names), "names the key:\n{exit}");
+        assert!(!exit.stderr.contains("listening on"), "{exit}");
+    }
 }

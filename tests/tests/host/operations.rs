@@ -397,3 +397,34 @@ async fn metrics_by_key_only_when_asked() {
         assert_eq!(metrics.contains("key=\"ops\""), by_key, "{metrics}");
     }
 }
+
+// Prompts waiting behind a running turn are counted by the backend they
+// would run on, and uncounted once they run.
+#[tokio::test]
+async fn queue_depth_is_a_metric_by_backend() {
+    let host = Host::start(&Config::default());
+    let mut client = host.connect("/v1/ws?model=slow_echo").await;
+    client.next_json().await;
+    // 100 ms a word: the first runs for 400 ms while the others wait.
+    for text in ["first of four words", "second", "third"] {
+        client.send_text(text).await;
+    }
+    let wanted = "llm_host_queued_prompts{backend=\"slow_echo\"} 2";
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http(host.addr(), "GET", "/metrics").await.body;
+        if metrics.contains(wanted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metrics.contains(wanted), "{metrics}");
+    for _ in 0..3 {
+        assert_eq!(client.read_turn().await.status(), "completed");
+    }
+    let metrics = http(host.addr(), "GET", "/metrics").await.body;
+    assert!(
+        metrics.contains("llm_host_queued_prompts{backend=\"slow_echo\"} 0"),
+        "{metrics}"
+    );
+}

@@ -81,6 +81,8 @@ pub struct Child {
     killed: Mutex<Option<String>>,
     /// Set when the host stops it: its end is no crash.
     closing: AtomicBool,
+    /// Its `RLIMIT_AS`, in MiB.
+    memory_limit_mb: Option<u64>,
 }
 
 #[derive(Default)]
@@ -91,9 +93,11 @@ struct Turns {
 
 impl Child {
     /// Starts a child for `launch` and waits up to `timeout` for it to load
-    /// the plugin and build the adapter.
+    /// the plugin and build the adapter. With `memory_limit_mb` the child
+    /// limits its address space to that (`RLIMIT_AS`) before it loads it.
     pub fn spawn(
         launch: &Launch,
+        memory_limit_mb: Option<u64>,
         timeout: Duration,
         on_exit: OnExit,
     ) -> Result<Arc<Child>, String> {
@@ -121,6 +125,7 @@ impl Child {
             .str(&launch.hash)
             .str(&launch.base_dir.to_string_lossy())
             .str(&launch.settings)
+            .u64(memory_limit_mb.map_or(0, |mb| mb << 20))
             .finish();
         // The child reads its INIT first; a child that died already shows
         // below as no answer.
@@ -133,6 +138,7 @@ impl Child {
             next_turn: AtomicU64::new(1),
             killed: Mutex::new(None),
             closing: AtomicBool::new(false),
+            memory_limit_mb,
         });
         let (ready, answer) = mpsc::channel();
         let reader = child.clone();
@@ -285,7 +291,7 @@ impl Child {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let why = describe(self.pid, status, killed);
+        let why = describe(self.pid, status, killed, self.memory_limit_mb);
         let mut turns = self.lock_turns();
         turns.dead = Some(why.clone());
         for (_, to) in turns.open.drain() {
@@ -321,7 +327,14 @@ impl Child {
 }
 
 /// Why a child ended, for the turns that failed, the log and the admin API.
-fn describe(pid: u32, status: Option<ExitStatus>, killed: Option<String>) -> String {
+/// An abort or a segfault under a memory limit names the limit: an
+/// allocation past it ends a child so.
+fn describe(
+    pid: u32,
+    status: Option<ExitStatus>,
+    killed: Option<String>,
+    memory_limit_mb: Option<u64>,
+) -> String {
     let how = match status {
         None => "ended (its status could not be read)".to_owned(),
         Some(status) => match (status.signal(), status.code()) {
@@ -337,6 +350,13 @@ fn describe(pid: u32, status: Option<ExitStatus>, killed: Option<String>) -> Str
             (None, Some(code)) => format!("exited with status {code}"),
             (None, None) => format!("ended ({status})"),
         },
+    };
+    let signal = status.and_then(|status| status.signal());
+    let how = match memory_limit_mb {
+        Some(mb) if killed.is_none() && matches!(signal, Some(libc::SIGABRT | libc::SIGSEGV)) => {
+            format!("{how}; its memory limit is {mb} MiB (isolation.memory_limit_mb)")
+        }
+        _ => how,
     };
     match killed {
         Some(why) => format!("the plugin's process (pid {pid}) {why}; it {how}"),

@@ -31,7 +31,7 @@
 //! ```
 //!
 //! Host to child: `INIT` (plugin, file, staged copy, hash, base dir,
-//! settings JSON) once, first; `GENERATE` (request JSON) opens turn id;
+//! settings JSON, memory limit in bytes or 0) once, first; `GENERATE` (request JSON) opens turn id;
 //! `CANCEL` stops it (the sink's `is_cancelled` turns true and every later
 //! event answers STOP); `ACK` (events taken so far) lets a turn that is
 //! [`runner::WINDOW`] events ahead of the host go on, so a slow client slows
@@ -53,9 +53,17 @@
 //! The host still maps the library too (the loader's catalog and the admin
 //! API know plugins as loaded libraries), so its constructors and `init` run
 //! in the host as well as in the child; only its adapter and turns run in
-//! the child alone. Stores, hot reload onto a new child while the old one
-//! drains, memory limits (RLIMIT_AS) and time in the child per call are not
-//! done yet.
+//! the child alone. Stores and hot reload onto a new child while the old one
+//! drains are not done yet.
+//!
+//! # Limits and metrics
+//!
+//! `isolation.memory_limit_mb` reaches the child in `INIT`; the child sets
+//! it as `RLIMIT_AS` (soft and hard, so the plugin cannot lift it) before it
+//! loads the library. An allocation past it fails and (for a Rust plugin)
+//! aborts the child: a crash like any other. The host times each turn's call
+//! in the child, from its `GENERATE` to its end, into
+//! `llm_host_plugin_call_seconds{backend}`.
 
 pub mod child;
 pub mod model;

@@ -10,7 +10,9 @@
 //! after a backoff that doubles from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]
 //! while children keep crashing (a turn that completes resets it). A turn
 //! that hears nothing from the child within `first_event_timeout_ms` has
-//! the child killed, which then counts as a crash.
+//! the child killed, which then counts as a crash. Each call's time, from
+//! sending its request to its end, is observed in
+//! `llm_host_plugin_call_seconds{backend}`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,7 +139,12 @@ impl IsolatedModel {
                  a new one starts with the backend's next turn"
             );
         });
-        let child = Child::spawn(&self.launch, START_TIMEOUT, on_exit)?;
+        let child = Child::spawn(
+            &self.launch,
+            self.limits.memory_limit_mb,
+            START_TIMEOUT,
+            on_exit,
+        )?;
         let mut health = lock(&self.health);
         health.state = "running";
         health.pid = Some(child.pid);
@@ -207,6 +214,8 @@ impl IsolatedModel {
         let _open = Opened(&child, turn);
         let mut enc = Encoder::default();
         enc.begin(to_child::GENERATE, turn).str(request).finish();
+        // Time in the child, from here to the call's end however it ends.
+        let _timed = Timed(&self.launch.backend, Instant::now());
         // A child that cannot take it is gone: its crash comes below.
         child.send(&enc.buf);
 
@@ -281,6 +290,15 @@ struct Opened<'a>(&'a Child, u64);
 impl Drop for Opened<'_> {
     fn drop(&mut self) {
         self.0.close(self.1);
+    }
+}
+
+/// Observes the call's time in the child (backend, since) when it ends.
+struct Timed<'a>(&'a str, Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        crate::metrics::metrics().plugin_call(self.0, self.1.elapsed());
     }
 }
 

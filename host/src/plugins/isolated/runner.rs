@@ -125,25 +125,56 @@ fn init(input: &mut impl std::io::Read) -> Result<(String, ModelAdapterBox), Str
             frame.str()?,
             frame.str()?,
             frame.str()?,
+            frame.u64()?,
         ))
     })();
-    let (name, file, staged, hash, base_dir, settings) =
+    let (name, file, staged, hash, base_dir, settings, memory_limit) =
         fields.map_err(|err| format!("INIT frame: {err}"))?;
+    if memory_limit > 0 {
+        limit_memory(memory_limit)?;
+    }
     let settings: serde_json::Value =
         serde_json::from_str(&settings).map_err(|err| format!("settings: {err}"))?;
+    // Under a memory limit, a failure to map or build may be the limit's.
+    let limited = |why: String| match memory_limit {
+        0 => why,
+        bytes => format!(
+            "{why} (under its memory limit of {} MiB, isolation.memory_limit_mb)",
+            bytes >> 20
+        ),
+    };
     let plugin = super::super::loader::load_isolated(
         Path::new(&file),
         Path::new(&staged),
         &hash,
         Path::new(&base_dir),
         &name,
-    )?;
+    )
+    .map_err(limited)?;
     let adapter = plugin
         .new_model(&settings)
-        .map_err(|err| format!("plugin `{name}` refused its settings: {err}"))?;
+        .map_err(|err| limited(format!("plugin `{name}` refused its settings: {err}")))?;
     // The library stays mapped for the child's life.
     std::mem::forget(plugin);
     Ok((name, adapter))
+}
+
+/// Sets `RLIMIT_AS` to `bytes`, soft and hard: the plugin cannot lift it.
+/// What is mapped already stays; later mappings past it fail.
+fn limit_memory(bytes: u64) -> Result<(), String> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the struct it is given, which lives on.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
+        return Err(format!(
+            "cannot set the memory limit (RLIMIT_AS to {} MiB): {}",
+            bytes >> 20,
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Writes `bytes` (whole frames); a host that is gone ends the child.

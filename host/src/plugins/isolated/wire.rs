@@ -12,7 +12,8 @@ pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 
 /// Frame kinds, host to child.
 pub mod to_child {
-    /// file, staged, hash, base_dir, settings: load the plugin, build the adapter.
+    /// plugin, file, staged, hash, base_dir, settings, u64 memory limit in
+    /// bytes (0: none): set the limit, load the plugin, build the adapter.
     pub const INIT: u8 = 1;
     /// request: run a turn.
     pub const GENERATE: u8 = 2;
