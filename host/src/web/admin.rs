@@ -295,7 +295,9 @@ fn reload_now(
         )
 }
 
-/// `GET /v1/sessions/{id}`: the stored messages, version and last sequence.
+/// `GET /v1/sessions/{id}`: the stored messages, version and last sequence;
+/// the session's settings (`session.update`) and its history summary when
+/// it has them.
 fn get_session(
     host: Arc<HostState>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
@@ -322,15 +324,23 @@ fn get_session(
                 }
                 Err(answer) => return answer,
             };
-            warp::reply::json(&json!({
+            let doc = &loaded.doc;
+            let mut answer = json!({
                 "id": id,
                 "store": store.name,
                 "version": loaded.version,
-                "lastSequence": loaded.doc.last_sequence,
-                "turns": loaded.doc.turns,
-                "messages": loaded.doc.messages,
-            }))
-            .into_response()
+                "lastSequence": doc.last_sequence,
+                "turns": doc.turns,
+                "messages": doc.messages,
+            });
+            // Both only when the session has them, as the store keeps them.
+            if !doc.settings.is_empty() {
+                answer["settings"] = json!(doc.settings);
+            }
+            if let Some(summary) = &doc.summary {
+                answer["summary"] = json!(summary);
+            }
+            warp::reply::json(&answer).into_response()
         })
 }
 

@@ -3,7 +3,9 @@
 //! styles inline and nothing fetched from elsewhere. The page talks only to
 //! the host that served it: `GET /v1/models` for its backend picker,
 //! `GET /v1/sessions` to resume a session, and a command-mode socket on
-//! `/v1/ws`.
+//! `/v1/ws`. Tools the user declares in the page go with its prompts as
+//! `params.tools`; the user answers the model's calls in the page
+//! (`tool_result`).
 //!
 //! A `GET /` that carries an `Upgrade` header is not this route's: it goes on
 //! to the WebSocket upgrade of [`super::server`], as before. The page needs

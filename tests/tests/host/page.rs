@@ -1,13 +1,15 @@
 //! The chat page on `GET /`: its headers over raw HTTP, and the page itself
 //! driven in headless Chromium through chromedriver by the Python `selenium`
 //! package, against a real host: backends, a streamed turn with its usage,
-//! cancel, an error, resuming a past session, and an API key.
+//! cancel, an error, resuming a past session, an API key, and tool calls
+//! answered in the page.
 //!
 //! The browser tests need Debian's `chromium` and `chromium-driver`
 //! (`/usr/bin/chromium`, `/usr/bin/chromedriver`) and `python3` with
 //! `selenium` (`.ci/run` installs them); without them they say they skipped,
 //! and fail under `CI=true`. The open-mode test saves a screenshot of its
-//! last finished turn as `chat-page.png` in the target directory.
+//! last finished turn as `chat-page.png` in the target directory, the tools
+//! test one of a turn waiting for its tool results as `chat-page-tools.png`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -119,7 +121,7 @@ fn browser() -> bool {
 }
 
 const SCRIPT: &str = r##"
-import json, sys
+import json, sys, time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -209,7 +211,7 @@ try:
             messages=messages())
         out("resumed", **turn("and one more", "echo"))
         driver.save_screenshot(shot)
-    else:
+    elif scenario == "keys":
         wait.until(lambda _: all(word in find("#log").text
                                  for word in ["could not connect", "invalid_api_key"]))
         out("no_key", log=find("#log").text)
@@ -223,7 +225,62 @@ try:
         wait.until(lambda _: find_all("#sessions button"))
         out("reloaded", key=find("#key").get_attribute("value"),
             sessions=[b.get_attribute("data-id") for b in find_all("#sessions button")])
+    elif scenario == "tools":
+        session = connected()
+        wait.until(lambda _: find_all('#backend option[value="tools"]'))
+        Select(find("#backend")).select_by_value("tools")
+        # The same session, on a socket opened with ?model=tools.
+        wait.until(lambda _: find("#status").text.endswith("· tools"))
+        # Not JSON: the prompt is not sent, and stays in its box.
+        field = find("#tools")
+        field.send_keys('[{"name": "lookup"')
+        box = find("#prompt")
+        box.send_keys("will it rain?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda _: "tools:" in find("#log").text)
+        out("bad_tools", log=find("#log").text, prompt=box.get_attribute("value"),
+            assistants=len(find_all(".msg.assistant")))
+        box.clear()
+        field.clear()
+        field.send_keys(json.dumps([
+            {"name": "lookup", "description": "Looks a word up",
+             "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+            {"name": "weather", "description": "Today's weather",
+             "parameters": {"type": "object"}}]))
+        field.send_keys(Keys.TAB)
+        message = submit("will it rain?", "tools")
+        wait.until(lambda _: len(message.find_elements(By.CSS_SELECTOR, ".answer")) == 2)
+        calls = message.find_elements(By.CSS_SELECTOR, ".call")
+        out("asked", session=session, status=message.get_attribute("data-status"),
+            calls=[[c.get_attribute("data-call"), c.find_element(By.CSS_SELECTOR, ".tool").text]
+                   for c in calls],
+            buttons=[b.text for b in message.find_elements(By.CSS_SELECTOR, ".answer button")],
+            focused=driver.switch_to.active_element.get_attribute("placeholder"),
+            stored=driver.execute_script("return localStorage.getItem('llm-host.tools')"))
+        driver.save_screenshot(shot)
+        # A result by Enter in its field, an error by its button.
+        first = calls[0].find_element(By.CSS_SELECTOR, ".answer input")
+        first.send_keys("<b>wet</b> days")
+        first.send_keys(Keys.ENTER)
+        wait.until(lambda _: calls[0].find_elements(By.CSS_SELECTOR, ".result"))
+        time.sleep(0.3)
+        out("one_answered", status=message.get_attribute("data-status"),
+            forms=len(message.find_elements(By.CSS_SELECTOR, ".answer")))
+        calls[1].find_element(By.CSS_SELECTOR, ".answer input").send_keys("the service is down")
+        calls[1].find_element(By.CSS_SELECTOR, ".answer .fail").click()
+        out("answered", **finished(message),
+            results=[r.text for r in message.find_elements(By.CSS_SELECTOR, ".result")],
+            markup=len(message.find_elements(By.CSS_SELECTOR, "b")),
+            forms=len(message.find_elements(By.CSS_SELECTOR, ".answer")))
+        # Without tools the same backend answers at once.
+        field.clear()
+        field.send_keys(Keys.TAB)
+        out("untooled", **turn("no tools now", "tools"))
     out("console", entries=[e["message"] for e in driver.get_log("browser")])
+except Exception:
+    # What the page said on the way, for the failure's message.
+    out("console", entries=[e["message"] for e in driver.get_log("browser")])
+    raise
 finally:
     driver.quit()
 "##;
@@ -447,4 +504,131 @@ async fn the_chat_page_uses_the_api_key_it_keeps() {
     assert_eq!(mine.json()["messages"][1]["content"], "echo: hi with a key");
     let theirs = http_with(host.addr(), "GET", &path, &[("Authorization", &bob)]).await;
     assert_eq!(theirs.status, 404, "{}", theirs.body);
+}
+
+// Tools typed into the page's Tools field are declared with its prompts; when
+// the model calls them, the page shows each call with a form that answers it
+// (a result, or an error), and once every call has its answer the turn goes
+// on to the model's next group, whose text the page shows. Nothing a tool
+// answered is read as markup.
+#[tokio::test]
+async fn the_chat_page_answers_tool_calls_in_chromium() {
+    if !browser() {
+        return;
+    }
+    let mut config = Config::default();
+    config
+        .models
+        .push(("tools".to_owned(), "{ call_tools = true }".to_owned()));
+    let host = Host::start(&config);
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let shot = tmp.parent().unwrap_or(tmp).join("chat-page-tools.png");
+    let steps = drive(&host, "tools", &shot, "").await;
+    let step = |name: &str| {
+        steps
+            .get(name)
+            .unwrap_or_else(|| panic!("no step {name} in {steps:?}"))
+    };
+
+    let bad = step("bad_tools");
+    assert!(
+        bad["log"]
+            .as_str()
+            .is_some_and(|log| log.contains("tools: not JSON")),
+        "{bad}"
+    );
+    assert_eq!(bad["prompt"], "will it rain?", "{bad}");
+    assert_eq!(bad["assistants"], 0, "{bad}");
+
+    // The group ended calling both tools; the turn waits for their results.
+    let asked = step("asked");
+    assert_eq!(asked["status"], Value::Null, "{asked}");
+    let arguments = r#"{"prompt":"will it rain?"}"#;
+    assert_eq!(
+        asked["calls"],
+        serde_json::json!([
+            ["call_1_0", format!("lookup({arguments})")],
+            ["call_1_1", format!("weather({arguments})")],
+        ]),
+        "{asked}"
+    );
+    assert_eq!(
+        asked["buttons"],
+        serde_json::json!(["Send result", "Send error", "Send result", "Send error"]),
+        "{asked}"
+    );
+    assert_eq!(asked["focused"], "result of lookup", "{asked}");
+    assert!(
+        asked["stored"]
+            .as_str()
+            .is_some_and(|tools| tools.contains("\"weather\"")),
+        "the page keeps its tools: {asked}"
+    );
+
+    let one = step("one_answered");
+    assert_eq!(one["status"], Value::Null, "one result is not all: {one}");
+    assert_eq!(one["forms"], 1, "{one}");
+
+    let answered = step("answered");
+    assert_eq!(answered["status"], "completed", "{answered}");
+    assert_eq!(
+        answered["text"], "echo: will it rain? <b>wet</b> days error: the service is down",
+        "{answered}"
+    );
+    assert_eq!(
+        answered["results"],
+        serde_json::json!(["→ <b>wet</b> days", "error: the service is down"]),
+        "{answered}"
+    );
+    assert_eq!(answered["markup"], 0, "{answered}");
+    assert_eq!(answered["forms"], 0, "{answered}");
+    assert_eq!(answered["errors"], serde_json::json!([]), "{answered}");
+    assert!(
+        answered["meta"]
+            .as_str()
+            .is_some_and(|meta| meta.starts_with("completed · tools (echo) · stop")),
+        "{answered}"
+    );
+
+    let untooled = step("untooled");
+    assert_eq!(untooled["status"], "completed", "{untooled}");
+    assert_eq!(untooled["text"], "echo: no tools now", "{untooled}");
+
+    // The host stored the calls and the page's answers in order.
+    let session = asked["session"].as_str().expect("a session id");
+    let stored = http(host.addr(), "GET", &format!("/v1/sessions/{session}")).await;
+    assert_eq!(stored.status, 200, "{}", stored.body);
+    let stored = stored.json();
+    let messages: Vec<String> = stored["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let calls = m["toolCalls"].as_array().map_or(0, Vec::len);
+            format!(
+                "{} {}{}: {}",
+                m["role"].as_str().unwrap_or("?"),
+                m["toolCallId"].as_str().unwrap_or(""),
+                if calls > 0 {
+                    format!("{calls} calls")
+                } else {
+                    String::new()
+                },
+                m["content"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "user : will it rain?",
+            "assistant 2 calls: ",
+            "tool call_1_0: <b>wet</b> days",
+            "tool call_1_1: error: the service is down",
+            "assistant : echo: will it rain? <b>wet</b> days error: the service is down",
+            "user : no tools now",
+            "assistant : echo: no tools now",
+        ],
+        "{stored}"
+    );
 }

@@ -6,7 +6,7 @@
 use llm_host_tests::{json, words, Client, Config, Frame, Host};
 use serde_json::Value;
 
-use crate::common::{assert_echo_turn, stored_messages};
+use crate::common::{assert_echo_turn, stored, stored_messages};
 
 /// The default config plus `limited` (maxTokens at most 10), `trunc`
 /// (truncating to three messages), `summ` (summarizing down to three,
@@ -257,4 +257,50 @@ async fn a_summarizing_backend_is_sent_a_summary() {
     );
     assert_eq!(turn.diagnostics()[0].entry()["data"]["fresh"], true);
     assert_eq!(stored_messages(&host, "history-s").await.len(), 8);
+}
+
+// `GET /v1/sessions/{id}` shows the session's settings and its history
+// summary as they are kept, and neither when the session has none.
+#[tokio::test]
+async fn the_stored_session_shows_its_settings_and_summary() {
+    let host = Host::start(&config());
+    let (mut client, _) = connect(&host, "/v1/ws?session=shown-1&model=summ").await;
+    client.send_json(&prompt("one")).await;
+    client.read_turn().await;
+    let plain = stored(&host, "shown-1").await;
+    assert_eq!(plain["turns"], 1, "{plain}");
+    for absent in ["settings", "summary"] {
+        assert!(plain.get(absent).is_none(), "{absent}: {plain}");
+    }
+
+    for text in ["two", "three"] {
+        client.send_json(&prompt(text)).await;
+        client.read_turn().await;
+    }
+    let summarized = stored(&host, "shown-1").await;
+    assert!(summarized.get("settings").is_none(), "{summarized}");
+    assert_eq!(
+        summarized["summary"],
+        json!({"messages": 3, "text": "echo: user: one assistant: echo: one user: two"}),
+        "{summarized}"
+    );
+
+    let settings = json!({"system": "Be brief.", "model": "echo",
+                          "params": {"maxTokens": 100, "temperature": 0.5}});
+    let updated = update(&mut client, settings.clone()).await;
+    assert_eq!(updated.event()["settings"], settings, "{}", updated.text);
+    let shown = stored(&host, "shown-1").await;
+    assert_eq!(shown["settings"], settings, "{shown}");
+    assert_eq!(shown["summary"], summarized["summary"], "{shown}");
+    assert_eq!(shown["messages"], summarized["messages"], "{shown}");
+
+    // A session whose settings are cleared again shows none.
+    update(
+        &mut client,
+        json!({"system": null, "model": null, "params": null}),
+    )
+    .await;
+    let cleared = stored(&host, "shown-1").await;
+    assert!(cleared.get("settings").is_none(), "{cleared}");
+    assert_eq!(cleared["summary"]["messages"], 3, "{cleared}");
 }
