@@ -28,6 +28,8 @@ pub struct HostState {
     pub active: ArcSwap<Active>,
     /// Per-session turn locks.
     pub locks: SessionLocks,
+    /// Each session's sockets on this host and its running turn.
+    pub hubs: crate::web::hub::Hubs,
     /// Loads plugin libraries (and remembers every one it loaded).
     pub loader: Loader,
     /// Reload bookkeeping and the channel that tells sessions about reloads.
@@ -149,6 +151,7 @@ impl HostState {
         Ok(Arc::new(HostState {
             active: ArcSwap::from_pointee(active),
             locks: SessionLocks::default(),
+            hubs: Default::default(),
             loader,
             reloader,
             config_path: path.to_owned(),

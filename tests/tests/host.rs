@@ -40,6 +40,8 @@ mod production;
 mod protocol;
 #[path = "host/reload.rs"]
 mod reload;
+#[path = "host/replay.rs"]
+mod replay;
 #[path = "host/scaffold.rs"]
 mod scaffold;
 #[path = "host/session_settings.rs"]

@@ -36,6 +36,8 @@ pub(super) struct RawServer {
     usage_flush_secs: u64,
     tool_timeout_secs: u64,
     metrics_by_key: bool,
+    replay_frames: usize,
+    reconnect_grace_secs: u64,
 }
 
 impl Default for RawServer {
@@ -68,6 +70,8 @@ impl Default for RawServer {
             usage_flush_secs: 10,
             tool_timeout_secs: 120,
             metrics_by_key: false,
+            replay_frames: 1024,
+            reconnect_grace_secs: 30,
         }
     }
 }
@@ -148,6 +152,12 @@ pub struct ServerConfig {
     pub tool_timeout_secs: u64,
     /// Whether `/metrics` also counts turns and tokens by API key id.
     pub metrics_by_key: bool,
+    /// How many numbered frames of a session's latest turn are kept for
+    /// clients that reconnect with `?since=N` (0: none).
+    pub replay_frames: usize,
+    /// How long a turn whose client went away runs on for a client to
+    /// rejoin it before it is cancelled, in seconds (0: cancelled at once).
+    pub reconnect_grace_secs: u64,
 }
 
 impl ServerConfig {
@@ -163,6 +173,7 @@ impl ServerConfig {
             max_turn_events: self.max_turn_events,
             max_history_bytes: self.max_history_bytes,
             tool_timeout: Duration::from_secs(self.tool_timeout_secs),
+            replay_frames: self.replay_frames,
         }
     }
 }
@@ -204,6 +215,7 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
             1..=1_000_000,
         ),
         ("max_history_bytes", raw.max_history_bytes, 1024..=1 << 30),
+        ("replay_frames", raw.replay_frames, 0..=1_000_000),
     ] {
         if !range.contains(&value) {
             problems.push(format!(
@@ -221,6 +233,7 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         ("write_timeout_secs", raw.write_timeout_secs),
         ("header_read_timeout_secs", raw.header_read_timeout_secs),
         ("drain_secs", raw.drain_secs),
+        ("reconnect_grace_secs", raw.reconnect_grace_secs),
     ] {
         if value > super::YEAR_SECS {
             problems.push(format!(
@@ -292,5 +305,7 @@ pub(super) fn server(raw: RawServer, problems: &mut Vec<String>) -> ServerConfig
         usage_flush_secs: raw.usage_flush_secs,
         tool_timeout_secs: raw.tool_timeout_secs,
         metrics_by_key: raw.metrics_by_key,
+        replay_frames: raw.replay_frames,
+        reconnect_grace_secs: raw.reconnect_grace_secs,
     }
 }

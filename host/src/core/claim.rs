@@ -264,6 +264,11 @@ pub async fn keep<S: SessionStore, F: Frames>(
         if let Some(lease) = claimed.doc.lease.as_mut() {
             lease.expires_ms = now_ms() + settings.lease.as_millis() as u64;
         }
+        // The frames sent so far, for clients following the turn from
+        // other hosts (see [`super::replay`]).
+        if let Some(sent) = control.frames(|log| log.stored(None, settings.replay_frames)) {
+            claimed.doc.replay = Some(sent);
+        }
         let mut messages_json = std::mem::take(&mut claimed.messages_json);
         let outcome = tokio::select! {
             _ = &mut done => Round::Done,

@@ -13,6 +13,7 @@ use llm_host_plugin_api::Message;
 use super::claim::Claimed;
 use super::document::Loaded;
 use super::ports::{Frames, SaveOutcome, SessionStore, StoreError};
+use super::replay::StoredFrames;
 use super::Scope;
 
 /// Why a finished turn was not saved.
@@ -45,12 +46,14 @@ impl CommitError {
 /// Saves the finished turn, whose frames (its end frame included) are
 /// numbered through `end_sequence`, with `answers` appended (the model's
 /// answer; with tool round trips, each group's answer and the tool results
-/// between them); answers the session as saved.
+/// between them) and `replay` (its frames, see [`super::replay`]) kept;
+/// answers the session as saved.
 pub async fn commit<S: SessionStore, F: Frames>(
     scope: &Scope<'_, S, F>,
     claimed: Claimed,
     answers: Vec<Message>,
     end_sequence: u64,
+    replay: Option<StoredFrames>,
 ) -> Result<Loaded, CommitError> {
     let turns = claimed.doc.turns;
     let mut current = claimed;
@@ -68,6 +71,7 @@ pub async fn commit<S: SessionStore, F: Frames>(
         doc.last_sequence = doc.last_sequence.max(end_sequence);
         doc.turns = doc.turns.max(turns);
         doc.lease = None;
+        doc.replay.clone_from(&replay);
         let saved = scope
             .save(
                 *version,

@@ -63,6 +63,10 @@ pub struct SessionDoc {
     /// backend whose history policy summarizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<HistorySummary>,
+    /// The numbered frames of the latest turn, for clients that reconnect
+    /// asking for what they missed (see [`super::replay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<super::replay::StoredFrames>,
 }
 
 /// A running turn's claim on its session: while it holds, no other host runs
@@ -106,6 +110,7 @@ impl SessionDoc {
             model: self.model.clone(),
             settings: self.settings.clone(),
             summary: self.summary.clone(),
+            replay: self.replay.clone(),
         }
     }
 }
@@ -405,6 +410,13 @@ mod tests {
                     messages: 2,
                     text: "They said \"hi\".".to_owned(),
                 }),
+                replay: super::super::replay::StoredFrames::new(
+                    40,
+                    &[
+                        &bytes::Bytes::from_static(br#"{"data":{"text":"\"messages\":[]"}}"#),
+                        &bytes::Bytes::from_static(br#"{"data":{"messages":[1]}}"#),
+                    ],
+                ),
             },
             SessionDoc {
                 messages: vec![Message::new(llm_host_plugin_api::Role::User, "hi")],

@@ -459,6 +459,7 @@ pub struct Client {
     pub attachment: Attachment,
     pub frames: FakeFrames,
     pub store: FakeStore,
+    pub settings: TurnSettings,
 }
 
 impl Client {
@@ -473,6 +474,7 @@ impl Client {
             attachment: Attachment::new(session.to_owned(), party, frames.last.clone()),
             frames,
             store: store.clone(),
+            settings: TurnSettings::default(),
         }
     }
 
@@ -485,7 +487,7 @@ impl Client {
             framer: Framer {
                 envelope: Envelope::Flat,
             },
-            settings: TurnSettings::default(),
+            settings: self.settings,
         }
     }
 

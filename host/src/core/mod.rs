@@ -12,6 +12,8 @@
 //! - [`turn`]: one turn from prompt to end frame (and [`generate`], the model
 //!   run in steps or on the blocking pool);
 //!   a model run once over given messages, with no session ([`turn::run_unsaved`]).
+//! - [`replay`]: the frames of a session's latest turn, kept for clients
+//!   that reconnect asking for what they missed.
 //! - [`locks`]: one turn of a session at a time on this host.
 //! - [`settings`]: a session's settings (`session.update`): its system
 //!   prompt, backend and default parameters; [`history`]: a backend's
@@ -30,6 +32,7 @@ mod generate;
 pub mod history;
 pub mod locks;
 pub mod ports;
+pub mod replay;
 pub mod report;
 mod request;
 mod rounds;
@@ -88,6 +91,8 @@ pub struct TurnSettings {
     pub max_history_bytes: usize,
     /// The longest a turn waits for the results of a group's tool calls.
     pub tool_timeout: Duration,
+    /// How many of a turn's numbered frames are kept for replay (0: none).
+    pub replay_frames: usize,
 }
 
 impl Default for TurnSettings {
@@ -100,6 +105,7 @@ impl Default for TurnSettings {
             max_turn_events: 1_000_000,
             max_history_bytes: 16 << 20,
             tool_timeout: Duration::from_secs(120),
+            replay_frames: 1024,
         }
     }
 }

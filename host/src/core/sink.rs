@@ -36,6 +36,9 @@ pub struct TurnControl {
     ended: AtomicBool,
     /// The results of the tool calls the turn waits on.
     pub tools: super::tools::ToolResults,
+    /// The numbered frames the turn sent, the last `server.replay_frames`
+    /// (see [`super::replay`]).
+    frames: Mutex<super::replay::FrameLog>,
 }
 
 impl TurnControl {
@@ -68,6 +71,19 @@ impl TurnControl {
     /// Whether the turn must stop.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Records frames the turn sends, numbered through `through`.
+    pub(super) fn record(&self, frames: &[Bytes], through: u64, limit: usize) {
+        self.frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(frames, through, limit);
+    }
+
+    /// Reads the turn's frames sent so far.
+    pub fn frames<T>(&self, read: impl FnOnce(&super::replay::FrameLog) -> T) -> T {
+        read(&self.frames.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Why the host stopped the turn, if it did.

@@ -383,3 +383,99 @@ async fn a_turn_cannot_spend_more_numbers_than_it_reserved() {
     let sequences = client.frames.turn_sequences();
     assert_eq!(sequences.last().copied(), Some(16), "{sequences:?}");
 }
+
+// Each saved turn keeps its numbered frames, the end frame included, byte
+// for byte as the client was sent them, and within server.replay_frames;
+// a lease renewal on a shared store keeps the frames sent so far.
+#[tokio::test(start_paused = true)]
+async fn a_saved_turn_keeps_its_frames_for_replay() {
+    use super::replay::{Replay, StoredFrames};
+    for shared in [false, true] {
+        let store = FakeStore::new(shared);
+        let locks = SessionLocks::default();
+        let model = FakeModel::new(Duration::ZERO);
+        let client = Client::new("host-1", &store, "s", "alice");
+        assert_eq!(
+            client.prompt(&locks, &model, "one two").await,
+            Status::Completed
+        );
+        assert_eq!(
+            client.prompt(&locks, &model, "three four five").await,
+            Status::Completed
+        );
+        let sent = client.frames.all();
+        let doc = store.doc("s").expect("stored");
+        let stored: StoredFrames =
+            serde_json::from_value(doc["replay"].clone()).expect("a replay log");
+        let last = doc["lastSequence"].as_u64().expect("last");
+        assert_eq!(stored.last(), last, "through the end frame");
+        // The log is the latest turn's: its frames, in order, as sent.
+        let replay = Replay::after(0, last, Some(&stored), None);
+        let first = replay.frames[0].0;
+        assert_eq!(
+            replay.gap,
+            Some(first),
+            "the first turn's frames are not kept"
+        );
+        let kept: Vec<serde_json::Value> = replay
+            .frames
+            .iter()
+            .map(|(_, frame)| serde_json::from_slice(frame).expect("JSON"))
+            .collect();
+        let tail = &sent[sent.len() - kept.len()..];
+        assert_eq!(kept, tail);
+        assert_eq!(kept.last().expect("end")["name"], "interaction.turn");
+        assert_eq!(
+            kept[0]["data"]["meta"]["interactionId"], "turn-2",
+            "{shared}: the second turn only"
+        );
+    }
+    // Within server.replay_frames: the last frames, the end frame last.
+    let store = FakeStore::new(false);
+    let locks = SessionLocks::default();
+    let model = FakeModel::new(Duration::ZERO);
+    let mut client = Client::new("host-1", &store, "s", "alice");
+    client.settings.replay_frames = 3;
+    client.prompt(&locks, &model, "a b c d e f").await;
+    let doc = store.doc("s").expect("stored");
+    let stored: StoredFrames = serde_json::from_value(doc["replay"].clone()).expect("log");
+    let replay = Replay::after(0, 0, Some(&stored), None);
+    assert_eq!(replay.frames.len(), 3);
+    assert_eq!(stored.last(), doc["lastSequence"].as_u64().expect("last"));
+    // With 0 nothing is kept.
+    let store = FakeStore::new(false);
+    let mut client = Client::new("host-1", &store, "t", "alice");
+    client.settings.replay_frames = 0;
+    client.prompt(&locks, &model, "a b").await;
+    assert!(store.doc("t").expect("stored").get("replay").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_renewal_keeps_the_frames_sent_so_far() {
+    use super::replay::StoredFrames;
+    let store = FakeStore::new(true);
+    let locks = SessionLocks::default();
+    // Slow enough for renewals while it streams.
+    let model = FakeModel::new(Duration::from_millis(500));
+    let client = Client::new("host-1", &store, "s", "alice");
+    let watcher = store.handle();
+    let running = client.prompt(&locks, &model, "a b c d e f g h i j k l");
+    tokio::pin!(running);
+    let mut seen = None;
+    for _ in 0..40 {
+        tokio::select! {
+            _ = &mut running => break,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let doc = watcher.doc("s").expect("claimed");
+        if doc.get("lease").is_some() && doc.get("replay").is_some() {
+            seen = Some(doc);
+            break;
+        }
+    }
+    let doc = seen.expect("a renewal saved the frames sent so far");
+    let stored: StoredFrames = serde_json::from_value(doc["replay"].clone()).expect("log");
+    assert_eq!(stored.first, 1);
+    assert!(stored.last() >= 2, "{}", stored.last());
+    running.await;
+}

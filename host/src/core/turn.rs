@@ -25,6 +25,7 @@ use super::commit::{self, CommitError};
 use super::generate::{generate, RequestRef};
 use super::locks::SessionLocks;
 use super::ports::{Backends, Frames, Model, NoBackends, SessionStore};
+use super::replay::{Recorded, StoredFrames};
 use super::request;
 use super::rounds::{self, RoundTrips};
 use super::settings;
@@ -65,6 +66,20 @@ pub async fn run_with<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
     prompt: Prompt,
     control: Arc<TurnControl>,
 ) -> (Report, Arc<M>) {
+    // Every numbered frame of the turn is also kept for replay.
+    let recorded = Recorded {
+        inner: scope.frames,
+        control: &control,
+        limit: scope.settings.replay_frames,
+    };
+    let scope = &Scope {
+        host: scope.host,
+        attachment: scope.attachment,
+        store: scope.store,
+        frames: &recorded,
+        framer: scope.framer,
+        settings: scope.settings,
+    };
     let turn = run_turn(scope, locks, backends, model, prompt, control.clone());
     let Some(limit) = scope.settings.turn_timeout else {
         return turn.await;
@@ -263,8 +278,14 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
     // The turn's end frame takes the next number; it is saved with the turn.
     let end_sequence = last_model_sequence + 1;
     let commit_began = started.elapsed();
-    let saved = save(scope, claimed, answers, end_sequence, status).await;
+    // Saved with the turn's frames: the end frame it will have if the save
+    // goes through.
+    let end = end_frame(scope, end_sequence, &interaction_id, prompt_id, status);
+    let replay =
+        control.frames(|log| log.stored(Some((end_sequence, &end)), scope.settings.replay_frames));
+    let saved = save(scope, claimed, answers, end_sequence, status, replay).await;
     report.commit = Some(Phase::until_now(started, commit_began, saved.1.is_none()));
+    let saved_as = status;
     status = saved.0;
     if let Some(code) = saved.1 {
         report.code.get_or_insert_with(|| code.to_owned());
@@ -275,7 +296,12 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
         .turn_seconds
         .observe(started.elapsed().as_secs_f64());
     control.end();
-    end_turn(scope, end_sequence, &interaction_id, prompt_id, status).await;
+    let end = if status == saved_as {
+        end
+    } else {
+        end_frame(scope, end_sequence, &interaction_id, prompt_id, status)
+    };
+    send_end(scope, end, end_sequence, status).await;
     report.status = status;
     report.duration = started.elapsed();
     (report, ran)
@@ -412,8 +438,9 @@ async fn save<S: SessionStore, F: Frames>(
     answers: Vec<Message>,
     end_sequence: u64,
     status: Status,
+    replay: Option<StoredFrames>,
 ) -> (Status, Option<&'static str>) {
-    match commit::commit(scope, claimed, answers, end_sequence).await {
+    match commit::commit(scope, claimed, answers, end_sequence, replay).await {
         Ok(saved) => {
             scope.attachment.remember(scope.store.name(), saved);
             (status, None)
@@ -452,10 +479,18 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
     prompt_id: Option<&str>,
     status: Status,
 ) {
-    metrics()
-        .turns
-        .get_or_create(&[("status", status.as_str())])
-        .inc();
+    let frame = end_frame(scope, sequence, interaction_id, prompt_id, status);
+    send_end(scope, frame, sequence, status).await;
+}
+
+/// The turn's `interaction.turn` end frame, numbered `sequence`.
+fn end_frame<S, F>(
+    scope: &Scope<'_, S, F>,
+    sequence: u64,
+    interaction_id: &str,
+    prompt_id: Option<&str>,
+    status: Status,
+) -> Bytes {
     let meta = Meta::now(sequence, SOURCE_HOST, Some(interaction_id));
     let frame = scope.framer.turn(
         &TurnEvent::End {
@@ -465,10 +500,21 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
         },
         &meta,
     );
-    scope
-        .frames
-        .send_numbered(&mut vec![Bytes::from(frame)], sequence)
-        .await;
+    Bytes::from(frame)
+}
+
+/// Sends `frame`, the turn's end frame of `status` numbered `sequence`.
+async fn send_end<S: SessionStore, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    frame: Bytes,
+    sequence: u64,
+    status: Status,
+) {
+    metrics()
+        .turns
+        .get_or_create(&[("status", status.as_str())])
+        .inc();
+    scope.frames.send_numbered(&mut vec![frame], sequence).await;
 }
 
 #[cfg(test)]

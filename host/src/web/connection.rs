@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::{
-    error::{CapacityError, Error as WsError},
+    error::{CapacityError, Error as WsError, ProtocolError},
     protocol::{frame::coding::CloseCode, CloseFrame},
     Message as WsMessage,
 };
@@ -57,6 +57,9 @@ pub struct Opening {
     /// The trace the upgrade request named (`traceparent`), read only when
     /// telemetry is on: every turn of the socket is a child of it.
     pub trace: Option<crate::telemetry::Parent>,
+    /// `?since=N`: the last sequence number the client has, when it asks
+    /// for what followed (see [`super::hub`]).
+    pub since: Option<u64>,
 }
 
 /// State shared by a connection's reader, its turn worker and its turns.
@@ -88,6 +91,8 @@ pub struct Connection {
     pub framer: Framer,
     /// Where every frame of the connection goes.
     pub out: Outbox,
+    /// The session's sockets on this host: its turns' frames go to each.
+    pub hub: Arc<super::hub::Hub>,
 }
 
 impl Connection {
@@ -179,6 +184,7 @@ where
             last_sequence,
             Duration::from_secs(active.config.server.write_timeout_secs),
         ),
+        hub: host.hubs.of(&opening.session_id),
     });
 
     // Boxed: what connecting holds is freed once the session is announced,
@@ -194,6 +200,10 @@ where
     {
         return;
     }
+
+    // One of the session's sockets from now on; with `?since=N`, sent what
+    // it missed first.
+    conn.hub.join(&conn, opening.since).await;
 
     let current: CurrentTurn = Arc::default();
     let closed = Arc::new(AtomicBool::new(false));
@@ -215,20 +225,30 @@ where
     let ended = read_frames(&conn, ws_rx, reading).await;
 
     // Queued prompts are dropped. When the client is gone, the running turn
-    // is cancelled (and saved with what it had); on shutdown it may finish
-    // within the grace period first.
+    // runs on for server.reconnect_grace_secs, for a socket to rejoin it,
+    // and is then cancelled (and saved with what it had); when the host
+    // closed the socket it is cancelled at once; on shutdown it may finish
+    // within the shutdown grace first.
     closed.store(true, Ordering::Relaxed);
+    conn.hub.leave(&conn).await;
     if let Some((prompts, mut worker)) = queue.started.take() {
         drop(prompts);
-        if matches!(ended, Ended::Shutdown) {
-            let grace = Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
-            if tokio::time::timeout(grace, &mut worker).await.is_err() {
+        match ended {
+            Ended::Shutdown => {
+                let grace =
+                    Duration::from_secs(host.active.load().config.server.shutdown_grace_secs);
+                if tokio::time::timeout(grace, &mut worker).await.is_err() {
+                    cancel_current(&current);
+                    let _ = worker.await;
+                }
+            }
+            Ended::ClientGone => {
+                let _ = worker.await;
+            }
+            Ended::Closed => {
                 cancel_current(&current);
                 let _ = worker.await;
             }
-        } else {
-            cancel_current(&current);
-            let _ = worker.await;
         }
     }
     drop(queue);
@@ -374,7 +394,8 @@ where
                     .await;
                 }
                 Ok(Command::Cancel) => {
-                    if !cancel_current(current) {
+                    // The session's turn may be another socket's.
+                    if !cancel_current(current) && !conn.hub.cancel_running().await {
                         let entry = protocol_diagnostic(
                             "warn",
                             "nothing_to_cancel",
@@ -389,7 +410,14 @@ where
                     error,
                 }) => {
                     let outcome = content.ok_or(error.unwrap_or_default());
-                    if let Err(refused) = deliver_tool_result(current, &call_id, outcome) {
+                    let mut delivered = deliver_tool_result(current, &call_id, outcome.clone());
+                    // The turn waiting may be another socket's.
+                    if matches!(delivered, Err(crate::core::tools::Refused::NotWaiting)) {
+                        if let Some(turn) = conn.hub.running().await {
+                            delivered = turn.tools.deliver(&call_id, outcome);
+                        }
+                    }
+                    if let Err(refused) = delivered {
                         let message = refused.message(&call_id);
                         let entry = protocol_diagnostic("error", "bad_tool_result", &message);
                         conn.send_entry(&entry).await;
@@ -457,6 +485,11 @@ where
                 metrics().refuse("protocol_violation");
                 close(conn, CloseCode::Invalid, "text frame is not UTF-8").await;
                 return Ended::Closed;
+            }
+            // A client that went away without a close frame is gone, not
+            // at fault.
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                return Ended::ClientGone;
             }
             Err(WsError::Protocol(err)) => {
                 tracing::debug!(session = %conn.session_id(), error = %err, "protocol violation");

@@ -8,6 +8,8 @@
 //! - [`server`]: the routes and the WebSocket upgrade.
 //! - [`page`]: the chat page on `GET /`.
 //! - [`connection`]: one socket: reading frames, the prompt queue, its turns.
+//! - [`hub`]: a session's sockets on this host: its running turn's frames
+//!   to each, replay after a reconnect, the grace of a turn left alone.
 //! - [`announce`]: the session announcement at connect (or its refusal).
 //! - [`queue`]: a connection's prompt queue, its limits, its turns.
 //! - [`settings`]: `session.update`: a session's settings, checked and saved.
@@ -24,6 +26,7 @@ pub mod announce;
 pub mod audit;
 pub mod auth;
 pub mod connection;
+pub mod hub;
 pub mod listener;
 pub mod openai;
 pub mod outbox;

@@ -223,6 +223,19 @@ async fn upgrade_session(
         None => None,
     };
 
+    // `since`: the last sequence number the client has; it is sent what
+    // follows (see `hub`).
+    let since = match params.get("since").map(|since| since.parse::<u64>()) {
+        Some(Ok(since)) => Some(since),
+        Some(Err(_)) => {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                "bad_since",
+                "since is the last sequence number the client has: a whole number",
+            )
+        }
+        None => None,
+    };
     let key = match websocket_key(headers) {
         Ok(key) => key,
         Err((status, message)) => {
@@ -321,6 +334,7 @@ async fn upgrade_session(
         credential,
         peer: accepted.as_ref().map(|accepted| accepted.peer),
         trace: crate::telemetry::parent(headers),
+        since,
     };
     let max_frame = active.config.server.max_frame_bytes;
     let config = WebSocketConfig::default()

@@ -339,10 +339,14 @@ async fn cancel_without_a_turn_warns() {
     assert_contiguous(&turn, 1);
 }
 
-// Closing the socket mid-turn cancels it; resuming shows the turn counted and its text kept.
+// With server.reconnect_grace_secs = 0, closing the socket mid-turn cancels
+// it at once; resuming shows the turn counted and its text kept.
 #[tokio::test]
 async fn a_disconnect_mid_turn_cancels_it_and_the_session_resumes_after_it() {
-    let host = Host::start_default();
+    let host = Host::start(&Config {
+        server_extra: "reconnect_grace_secs = 0\n".to_owned(),
+        ..Config::default()
+    });
     let mut client = host.connect("/v1/ws?session=drop-1&model=slow").await;
     client.next_json().await;
     client.send_text("count").await;

@@ -1,0 +1,339 @@
+//! A session's sockets on this host: every socket of a session receives
+//! the frames of its running turn, whichever socket asked for it; a socket
+//! that connects with `?since=N` is first sent what it missed (from the
+//! store's log of the latest turn and the running turn's own log, see
+//! [`crate::core::replay`]), each frame once and in order, then follows
+//! the turn live; and a turn whose sockets all went away runs on for
+//! `server.reconnect_grace_secs` before it is cancelled.
+//!
+//! Frames reach the sockets under the hub's lock, and a socket joins under
+//! it too: a frame is either in what a joining socket is sent first or
+//! among those it follows, never both (each socket also skips numbers it
+//! was already sent).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
+
+use super::connection::Connection;
+use crate::core::ports::Frames;
+use crate::core::replay::Replay;
+use crate::core::sink::TurnControl;
+use crate::protocol::protocol_diagnostic;
+
+/// The hubs of the sessions with sockets on this host.
+#[derive(Default)]
+pub struct Hubs {
+    hubs: Mutex<HashMap<String, Weak<Hub>>>,
+}
+
+impl Hubs {
+    /// The hub of session `id`, made if it has none.
+    pub fn of(&self, id: &str) -> Arc<Hub> {
+        let mut hubs = self.hubs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hub) = hubs.get(id).and_then(Weak::upgrade) {
+            return hub;
+        }
+        // Hubs whose sockets are all gone are forgotten now and then, so
+        // the map stays as large as the sessions with sockets.
+        if hubs.len() >= 64 && hubs.len().is_power_of_two() {
+            hubs.retain(|_, hub| hub.strong_count() > 0);
+        }
+        let hub = Arc::new(Hub::default());
+        hubs.insert(id.to_owned(), Arc::downgrade(&hub));
+        hub
+    }
+
+    /// How many sessions have a hub (for tests of the forgetting).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.hubs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// One session's sockets on this host and its running turn.
+#[derive(Default)]
+pub struct Hub {
+    state: tokio::sync::Mutex<State>,
+    /// `server.reconnect_grace_secs`, as the last socket to join saw it.
+    grace_secs: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    sockets: Vec<Socket>,
+    /// The turn running on this host, once it sent a frame.
+    running: Option<Arc<TurnControl>>,
+    /// Counts the times the hub was left with no socket: a grace timer
+    /// acts only if no socket came and left since it started.
+    alone: u64,
+}
+
+/// A socket following the session.
+struct Socket {
+    conn: Weak<Connection>,
+    /// The last number it was sent.
+    through: u64,
+}
+
+impl Socket {
+    fn is(&self, conn: &Connection) -> bool {
+        std::ptr::eq(self.conn.as_ptr(), conn)
+    }
+}
+
+/// A frame's JSON text as a WebSocket text message.
+fn text(frame: &Bytes) -> Option<WsMessage> {
+    Utf8Bytes::try_from(frame.clone()).ok().map(WsMessage::Text)
+}
+
+impl Hub {
+    /// Adds `conn` to the session's sockets. With `since`, it is first sent
+    /// every frame numbered after it that the host keeps, or told by a
+    /// `replay_gap` diagnostic where what it can have begins.
+    pub async fn join(&self, conn: &Arc<Connection>, since: Option<u64>) {
+        let active = conn.host.active.load_full();
+        self.grace_secs
+            .store(active.config.server.reconnect_grace_secs, Ordering::Relaxed);
+        let mut state = self.state.lock().await;
+        let running = state.running.clone().filter(|turn| !turn.has_ended());
+        let mut through = conn.attachment.sequence();
+        if let Some(turn) = &running {
+            through = through.max(turn.frames(|log| log.last()).unwrap_or(0));
+        }
+        if let Some(since) = since {
+            through = self.replay(conn, &active, since, running.as_deref()).await;
+        }
+        state.sockets.push(Socket {
+            conn: Arc::downgrade(conn),
+            through,
+        });
+        state.alone += 1;
+    }
+
+    /// Sends `conn` the frames after `since`; answers the last number it
+    /// was sent. Called under the hub's lock.
+    async fn replay(
+        &self,
+        conn: &Connection,
+        active: &crate::plugins::runtime::Active,
+        since: u64,
+        running: Option<&TurnControl>,
+    ) -> u64 {
+        let store = active.stores.get(&conn.store()).or_else(|| active.store());
+        let timeout = active.config.server.turn_settings().store_timeout;
+        let loaded = match store {
+            Some(store) => crate::core::load(store, conn.session_id(), timeout).await,
+            None => Ok(None),
+        };
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                tracing::error!(session = %conn.session_id(), error = %err, "cannot load the frames to replay");
+                let message = format!(
+                    "the frames after {since} could not be read: {}",
+                    err.public()
+                );
+                conn.send_entry(&protocol_diagnostic("error", "store_unavailable", &message))
+                    .await;
+                return conn.attachment.sequence();
+            }
+        };
+        let saved_last = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
+        let stored = loaded.as_ref().and_then(|found| found.doc.replay.as_ref());
+        let replay = match running {
+            Some(turn) => turn.frames(|log| Replay::after(since, saved_last, stored, Some(log))),
+            None => Replay::after(since, saved_last, stored, None),
+        };
+        if let Some(first) = replay.gap {
+            let message = format!(
+                "frames after {since} are no longer kept (server.replay_frames); the first this \
+                 host can send is {first}"
+            );
+            let mut entry = protocol_diagnostic("warn", "replay_gap", &message);
+            if let Some(data) = entry.data.as_mut() {
+                data["firstAvailable"] = first.into();
+            }
+            conn.send_entry(&entry).await;
+        }
+        let Some(&(last, _)) = replay.frames.last() else {
+            return conn.attachment.sequence().max(since);
+        };
+        let frames: Vec<WsMessage> = replay
+            .frames
+            .iter()
+            .filter_map(|(_, frame)| text(frame))
+            .collect();
+        conn.out.write_numbered(frames, last).await;
+        last
+    }
+
+    /// Takes `conn` off the session's sockets. A running turn left with no
+    /// socket is cancelled after `server.reconnect_grace_secs` unless a
+    /// socket joins first (at once when it is 0).
+    pub async fn leave(self: &Arc<Self>, conn: &Connection) {
+        let mut state = self.state.lock().await;
+        state.sockets.retain(|socket| !socket.is(conn));
+        self.left(&mut state);
+    }
+
+    /// Starts the grace of a running turn whose last socket just went.
+    fn left(self: &Arc<Self>, state: &mut State) {
+        if !state.sockets.is_empty() {
+            return;
+        }
+        let Some(turn) = state.running.clone().filter(|turn| !turn.has_ended()) else {
+            return;
+        };
+        state.alone += 1;
+        let grace = Duration::from_secs(self.grace_secs.load(Ordering::Relaxed));
+        if grace.is_zero() {
+            turn.cancel();
+            return;
+        }
+        let (hub, alone) = (Arc::downgrade(self), state.alone);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(hub) = hub.upgrade() else {
+                turn.cancel();
+                return;
+            };
+            let state = hub.state.lock().await;
+            if state.alone == alone && state.sockets.is_empty() {
+                tracing::debug!("no socket rejoined the turn within server.reconnect_grace_secs");
+                turn.cancel();
+            }
+        });
+    }
+
+    /// Cancels the session's running turn on this host (a cancel from a
+    /// socket that did not start it); answers whether one ran.
+    pub async fn cancel_running(&self) -> bool {
+        let state = self.state.lock().await;
+        match &state.running {
+            Some(turn) if !turn.has_ended() => {
+                turn.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The session's running turn on this host, if one runs.
+    pub async fn running(&self) -> Option<Arc<TurnControl>> {
+        let state = self.state.lock().await;
+        state.running.clone().filter(|turn| !turn.has_ended())
+    }
+
+    /// The turn `control` is over: it is no longer the running one.
+    pub async fn finished(&self, control: &Arc<TurnControl>) {
+        let mut state = self.state.lock().await;
+        if state
+            .running
+            .as_ref()
+            .is_some_and(|turn| Arc::ptr_eq(turn, control))
+        {
+            state.running = None;
+        }
+    }
+
+    /// The frames port of turn `control`, through this hub.
+    pub fn turn(self: &Arc<Self>, control: Arc<TurnControl>) -> TurnFrames {
+        TurnFrames {
+            hub: self.clone(),
+            control,
+        }
+    }
+}
+
+/// A turn's frames, sent to every socket of its session on this host.
+pub struct TurnFrames {
+    hub: Arc<Hub>,
+    control: Arc<TurnControl>,
+}
+
+impl Frames for TurnFrames {
+    async fn send_numbered(&self, frames: &mut Vec<Bytes>, through: u64) -> bool {
+        let mut state = self.hub.state.lock().await;
+        // The turn sends frames once it holds the session: from now on it
+        // is the one sockets joining here follow.
+        if !state
+            .running
+            .as_ref()
+            .is_some_and(|turn| Arc::ptr_eq(turn, &self.control))
+        {
+            state.running = Some(self.control.clone());
+        }
+        let first = (through + 1).saturating_sub(frames.len() as u64);
+        let mut at = 0;
+        let before = state.sockets.len();
+        while at < state.sockets.len() {
+            let socket = &mut state.sockets[at];
+            let Some(conn) = socket.conn.upgrade() else {
+                state.sockets.swap_remove(at);
+                continue;
+            };
+            // Numbers the socket was already sent (while it joined) are
+            // skipped.
+            let skip = usize::try_from((socket.through + 1).saturating_sub(first))
+                .unwrap_or(usize::MAX)
+                .min(frames.len());
+            if skip < frames.len() {
+                let messages: Vec<WsMessage> = frames[skip..].iter().filter_map(text).collect();
+                let sent = conn.out.write_numbered(messages, through).await;
+                if !sent {
+                    state.sockets.swap_remove(at);
+                    continue;
+                }
+                socket.through = through;
+            }
+            at += 1;
+        }
+        frames.clear();
+        if state.sockets.is_empty() && before > 0 {
+            self.hub.left(&mut state);
+        }
+        // With no socket the turn runs on, within its grace (which cancels
+        // it); with none, it stops now.
+        !state.sockets.is_empty() || self.hub.grace_secs.load(Ordering::Relaxed) > 0
+    }
+
+    async fn send_stamped(&self, make: impl FnOnce(u64) -> Bytes + Send) -> bool {
+        let state = self.hub.state.lock().await;
+        let sequence = state
+            .sockets
+            .iter()
+            .map(|socket| socket.through)
+            .max()
+            .unwrap_or(0);
+        let frame = make(sequence);
+        let mut sent = false;
+        for socket in &state.sockets {
+            if let Some(conn) = socket.conn.upgrade() {
+                sent |= conn.out.send(text(&frame)).await;
+            }
+        }
+        sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hubs_of_sessions_without_sockets_are_forgotten() {
+        let hubs = Hubs::default();
+        let kept = hubs.of("kept");
+        assert!(Arc::ptr_eq(&kept, &hubs.of("kept")));
+        for at in 0..200 {
+            drop(hubs.of(&format!("gone-{at}")));
+        }
+        assert!(hubs.len() < 200, "{}", hubs.len());
+        assert!(Arc::ptr_eq(&kept, &hubs.of("kept")));
+    }
+}
