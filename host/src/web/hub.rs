@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 use super::connection::Connection;
-use crate::core::ports::Frames;
+use crate::core::ports::{Frames, SessionStore};
 use crate::core::replay::Replay;
 use crate::core::sink::TurnControl;
 use crate::protocol::protocol_diagnostic;
@@ -94,82 +94,111 @@ fn text(frame: &Bytes) -> Option<WsMessage> {
 impl Hub {
     /// Adds `conn` to the session's sockets. With `since`, it is first sent
     /// every frame numbered after it that the host keeps, or told by a
-    /// `replay_gap` diagnostic where what it can have begins.
-    pub async fn join(&self, conn: &Arc<Connection>, since: Option<u64>) {
+    /// `replay_gap` diagnostic where what it can have begins. A turn that
+    /// runs on another host sharing the store is followed from the store
+    /// (see [`Hub::follow`]).
+    pub async fn join(self: &Arc<Self>, conn: &Arc<Connection>, since: Option<u64>) {
         let active = conn.host.active.load_full();
+        let server = &active.config.server;
         self.grace_secs
-            .store(active.config.server.reconnect_grace_secs, Ordering::Relaxed);
+            .store(server.reconnect_grace_secs, Ordering::Relaxed);
+        let store = active.stores.get(&conn.store()).or_else(|| active.store());
+        let shared = store.is_some_and(|store| store.shared());
         let mut state = self.state.lock().await;
         let running = state.running.clone().filter(|turn| !turn.has_ended());
+        // The session as stored now: what to replay, and whether another
+        // host runs a turn of it.
+        let loaded = match store {
+            Some(store) if since.is_some() || (shared && running.is_none()) => {
+                let timeout = server.turn_settings().store_timeout;
+                crate::core::load(store, conn.session_id(), timeout).await
+            }
+            _ => Ok(None),
+        };
         let mut through = conn.attachment.sequence();
         if let Some(turn) = &running {
             through = through.max(turn.frames(|log| log.last()).unwrap_or(0));
         }
+        let elsewhere = running.is_none()
+            && loaded.as_ref().is_ok_and(|loaded| {
+                loaded
+                    .as_ref()
+                    .and_then(|found| found.doc.lease.as_ref())
+                    .is_some_and(|lease| lease.holder != conn.host.instance)
+            });
         if let Some(since) = since {
-            through = self.replay(conn, &active, since, running.as_deref()).await;
+            through = replay(conn, since, running.as_deref(), loaded).await;
         }
         state.sockets.push(Socket {
             conn: Arc::downgrade(conn),
             through,
         });
         state.alone += 1;
+        drop(state);
+        if elsewhere {
+            let every = server.turn_settings().renew;
+            let (hub, conn) = (self.clone(), Arc::downgrade(conn));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(conn) = conn.upgrade() else { return };
+                    if !hub.follow(&conn).await {
+                        return;
+                    }
+                }
+            });
+        }
     }
 
-    /// Sends `conn` the frames after `since`; answers the last number it
-    /// was sent. Called under the hub's lock.
-    async fn replay(
-        &self,
-        conn: &Connection,
-        active: &crate::plugins::runtime::Active,
-        since: u64,
-        running: Option<&TurnControl>,
-    ) -> u64 {
-        let store = active.stores.get(&conn.store()).or_else(|| active.store());
-        let timeout = active.config.server.turn_settings().store_timeout;
-        let loaded = match store {
-            Some(store) => crate::core::load(store, conn.session_id(), timeout).await,
-            None => Ok(None),
-        };
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(err) => {
-                tracing::error!(session = %conn.session_id(), error = %err, "cannot load the frames to replay");
-                let message = format!(
-                    "the frames after {since} could not be read: {}",
-                    err.public()
-                );
-                conn.send_entry(&protocol_diagnostic("error", "store_unavailable", &message))
-                    .await;
-                return conn.attachment.sequence();
-            }
-        };
-        let saved_last = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
-        let stored = loaded.as_ref().and_then(|found| found.doc.replay.as_ref());
-        let replay = match running {
-            Some(turn) => turn.frames(|log| Replay::after(since, saved_last, stored, Some(log))),
-            None => Replay::after(since, saved_last, stored, None),
-        };
-        if let Some(first) = replay.gap {
-            let message = format!(
-                "frames after {since} are no longer kept (server.replay_frames); the first this \
-                 host can send is {first}"
-            );
-            let mut entry = protocol_diagnostic("warn", "replay_gap", &message);
-            if let Some(data) = entry.data.as_mut() {
-                data["firstAvailable"] = first.into();
-            }
-            conn.send_entry(&entry).await;
+    /// Sends `conn` the frames of a turn running on another host that the
+    /// store holds and it was not sent (the holder writes them at each
+    /// lease renewal, so they come `server.lease_renew_ms` apart); answers
+    /// whether that turn still runs there.
+    async fn follow(&self, conn: &Connection) -> bool {
+        let mut state = self.state.lock().await;
+        // A turn of this host now: it sends its frames itself.
+        if state.running.is_some() {
+            return false;
         }
-        let Some(&(last, _)) = replay.frames.last() else {
-            return conn.attachment.sequence().max(since);
+        let Some(socket) = state.sockets.iter_mut().find(|socket| socket.is(conn)) else {
+            return false;
         };
-        let frames: Vec<WsMessage> = replay
-            .frames
-            .iter()
-            .filter_map(|(_, frame)| text(frame))
-            .collect();
-        conn.out.write_numbered(frames, last).await;
-        last
+        let active = conn.host.active.load_full();
+        let Some(store) = active.stores.get(&conn.store()).or_else(|| active.store()) else {
+            return false;
+        };
+        let timeout = active.config.server.turn_settings().store_timeout;
+        let found = match crate::core::load(store, conn.session_id(), timeout).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return false,
+            // Tried again at the next round.
+            Err(err) => {
+                tracing::warn!(session = %conn.session_id(), error = %err, "cannot follow the turn");
+                return true;
+            }
+        };
+        let frames = found
+            .doc
+            .replay
+            .as_ref()
+            .map(|stored| stored.since(socket.through))
+            .unwrap_or_default();
+        if let Some(&(first, _)) = frames.first() {
+            if first > socket.through + 1 {
+                gap(conn, socket.through, first).await;
+            }
+        }
+        if let Some(&(last, _)) = frames.last() {
+            let messages: Vec<WsMessage> = frames.iter().filter_map(|(_, f)| text(f)).collect();
+            if !conn.out.write_numbered(messages, last).await {
+                return false;
+            }
+            socket.through = last;
+        }
+        found
+            .doc
+            .lease
+            .is_some_and(|lease| lease.holder != conn.host.instance)
     }
 
     /// Takes `conn` off the session's sockets. A running turn left with no
@@ -248,6 +277,62 @@ impl Hub {
             control,
         }
     }
+}
+
+/// Sends `conn` the frames after `since` from `loaded` (the session as
+/// stored) and `running` (a turn running here); answers the last number it
+/// was sent. Called under the hub's lock.
+async fn replay(
+    conn: &Connection,
+    since: u64,
+    running: Option<&TurnControl>,
+    loaded: Result<Option<crate::core::document::Loaded>, crate::core::ports::StoreError>,
+) -> u64 {
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            tracing::error!(session = %conn.session_id(), error = %err, "cannot load the frames to replay");
+            let message = format!(
+                "the frames after {since} could not be read: {}",
+                err.public()
+            );
+            conn.send_entry(&protocol_diagnostic("error", "store_unavailable", &message))
+                .await;
+            return conn.attachment.sequence();
+        }
+    };
+    let saved_last = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
+    let stored = loaded.as_ref().and_then(|found| found.doc.replay.as_ref());
+    let replay = match running {
+        Some(turn) => turn.frames(|log| Replay::after(since, saved_last, stored, Some(log))),
+        None => Replay::after(since, saved_last, stored, None),
+    };
+    if let Some(first) = replay.gap {
+        gap(conn, since, first).await;
+    }
+    let Some(&(last, _)) = replay.frames.last() else {
+        return conn.attachment.sequence().max(since);
+    };
+    let frames: Vec<WsMessage> = replay
+        .frames
+        .iter()
+        .filter_map(|(_, frame)| text(frame))
+        .collect();
+    conn.out.write_numbered(frames, last).await;
+    last
+}
+
+/// Tells `conn` that the frames after `since` are kept from `first` on.
+async fn gap(conn: &Connection, since: u64, first: u64) {
+    let message = format!(
+        "frames after {since} are no longer kept (server.replay_frames); the first this host \
+         can send is {first}"
+    );
+    let mut entry = protocol_diagnostic("warn", "replay_gap", &message);
+    if let Some(data) = entry.data.as_mut() {
+        data["firstAvailable"] = first.into();
+    }
+    conn.send_entry(&entry).await;
 }
 
 /// A turn's frames, sent to every socket of its session on this host.

@@ -223,3 +223,38 @@ async fn a_turn_left_alone_is_cancelled_after_the_grace() {
     // Cancelled after about a second: far fewer than the 100 tokens.
     assert!(after.deltas().len() < 90, "{}", after.dump());
 }
+
+// Two hosts sharing a sqlite file: a client whose socket to one dropped
+// mid-turn reconnects to the other with `?since=N`; it is sent what the
+// store holds, then follows the turn as its host renews its lease, to the
+// end, each number once.
+#[tokio::test]
+async fn a_turn_running_on_another_host_is_followed_from_the_store() {
+    use crate::stores::{config_with_store, start_host, store_settings, Kind};
+    let shared = tempfile::tempdir().expect("a directory for the sqlite file");
+    let settings = store_settings(Kind::Sqlite, shared.path()).expect("sqlite needs no server");
+    let mut config = config_with_store(&settings);
+    config.server_extra = "lease_ms = 1000\nlease_renew_ms = 200\n".to_owned();
+    let (one, two) = (
+        start_host(Kind::Sqlite, &config),
+        start_host(Kind::Sqlite, &config),
+    );
+    let mut client = one.connect("/v1/ws?session=replay-6&model=slow").await;
+    client.next_json().await;
+    client.send_text("count").await;
+    let before = read_through(&mut client, 3).await;
+    let seen = before.last().expect("frames").sequence();
+    drop(client);
+
+    let mut client = two
+        .connect(&format!("/v1/ws?session=replay-6&since={seen}"))
+        .await;
+    client.next_json().await;
+    let after = client.read_turn().await;
+    assert_eq!(after.status(), "completed", "{}", after.dump());
+    assert_contiguous(&after, seen + 1);
+    let whole = Turn {
+        frames: before.into_iter().chain(after.frames).collect(),
+    };
+    assert_eq!(whole.text(), saved_answer(&two, "replay-6").await);
+}
