@@ -42,6 +42,8 @@ mod protocol;
 mod reload;
 #[path = "host/replay.rs"]
 mod replay;
+#[path = "host/replay_attack.rs"]
+mod replay_attack;
 #[path = "host/scaffold.rs"]
 mod scaffold;
 #[path = "host/session_settings.rs"]

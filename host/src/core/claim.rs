@@ -254,11 +254,17 @@ pub async fn keep<S: SessionStore, F: Frames>(
     let settings = scope.settings;
     let id = &scope.attachment.session_id;
     let margin = settings.lease.saturating_sub(settings.renew);
+    // After a round that failed, the next waits a little: a store that
+    // refuses at once is not asked in a tight loop.
+    let mut retry_at: Option<Instant> = None;
     loop {
+        let next =
+            (claimed.renewed_at + settings.renew).max(retry_at.unwrap_or(claimed.renewed_at));
         tokio::select! {
             _ = &mut done => return claimed,
-            () = tokio::time::sleep_until(claimed.renewed_at + settings.renew) => {}
+            () = tokio::time::sleep_until(next) => {}
         }
+        retry_at = Some(Instant::now() + settings.renew / 8);
         let valid_until = claimed.renewed_at + margin;
         let sent = Instant::now();
         if let Some(lease) = claimed.doc.lease.as_mut() {

@@ -181,6 +181,14 @@ impl Replay {
             let after = frames.last().map_or(since, |(sequence, _)| *sequence);
             frames.extend(running.since(after.max(since)));
         }
+        // Frames missing between the stored turn and the running one (more
+        // than either log keeps): only those after the hole are sent.
+        if let Some(hole) = (1..frames.len())
+            .rev()
+            .find(|&at| frames[at].0 != frames[at - 1].0 + 1)
+        {
+            frames.drain(..hole);
+        }
         let newest = frames
             .last()
             .map_or(saved_last, |(sequence, _)| (*sequence).max(saved_last));
@@ -273,6 +281,13 @@ mod tests {
         assert_eq!(numbers(&replay.frames), vec![1, 2, 3]);
         let replay = Replay::after(0, 9, partial.as_ref(), None);
         assert_eq!(replay.gap, Some(4));
+        // A hole between the stored turn and the running one: a gap, and
+        // only what follows it.
+        let mut late = FrameLog::default();
+        late.record(&[frame(9), frame(10)], 10, 10);
+        let replay = Replay::after(1, 3, stored.as_ref(), Some(&late));
+        assert_eq!(numbers(&replay.frames), vec![9, 10]);
+        assert_eq!(replay.gap, Some(9));
         // Nothing kept, and numbers were sent since: all of them are gone.
         assert_eq!(Replay::after(2, 7, None, None).gap, Some(8));
         assert_eq!(Replay::after(7, 7, None, None).gap, None);

@@ -39,6 +39,9 @@ pub struct TurnControl {
     /// The numbered frames the turn sent, the last `server.replay_frames`
     /// (see [`super::replay`]).
     frames: Mutex<super::replay::FrameLog>,
+    /// The owner of the session the turn claimed, once it claimed it: who
+    /// may follow the turn.
+    owner: std::sync::OnceLock<String>,
 }
 
 impl TurnControl {
@@ -71,6 +74,16 @@ impl TurnControl {
     /// Whether the turn must stop.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// The turn claimed a session of `owner`.
+    pub(super) fn claimed_for(&self, owner: &str) {
+        let _ = self.owner.set(owner.to_owned());
+    }
+
+    /// The owner of the session the turn claimed, once it claimed it.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.get().map(String::as_str)
     }
 
     /// Records frames the turn sends, numbered through `through`.

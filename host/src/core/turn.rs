@@ -156,12 +156,13 @@ async fn run_turn<S: SessionStore, M: Model, F: Frames, B: Backends<M>>(
                 }
             };
             control.end();
-            end_turn(scope, attachment.sequence(), &turn, prompt_id, status).await;
+            end_unclaimed(scope, &turn, prompt_id, status).await;
             let mut report = Report::new(status, turn, code, started);
             report.claim = Some(claim_phase);
             return (report, model);
         }
     };
+    control.claimed_for(&claimed.owner);
     let interaction_id = format!("turn-{}", claimed.doc.turns);
     attachment
         .turns
@@ -481,6 +482,25 @@ pub async fn end_turn<S: SessionStore, F: Frames>(
 ) {
     let frame = end_frame(scope, sequence, interaction_id, prompt_id, status);
     send_end(scope, frame, sequence, status).await;
+}
+
+/// Sends the end frame of a turn that never claimed its session: it takes
+/// no number, and is stamped with the last number sent, as a diagnostic
+/// outside a turn is.
+async fn end_unclaimed<S: SessionStore, F: Frames>(
+    scope: &Scope<'_, S, F>,
+    interaction_id: &str,
+    prompt_id: Option<&str>,
+    status: Status,
+) {
+    metrics()
+        .turns
+        .get_or_create(&[("status", status.as_str())])
+        .inc();
+    scope
+        .frames
+        .send_stamped(|sequence| end_frame(scope, sequence, interaction_id, prompt_id, status))
+        .await;
 }
 
 /// The turn's `interaction.turn` end frame, numbered `sequence`.

@@ -15,7 +15,8 @@ use crate::plugins::runtime::Active;
 use crate::protocol::{DiagnosticEntry, Meta, SessionEvent, SOURCE_HOST};
 
 /// How long a new connection waits for a turn of its session that is still
-/// finishing before it announces the session as stored.
+/// finishing before it announces the session as stored (without a
+/// reconnect grace: with one, the turn runs on and the socket follows it).
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Loads the session (after any turn of it still finishing) and announces
@@ -33,12 +34,18 @@ pub(super) async fn announce(
         return false;
     };
     let settings = active.config.server.turn_settings();
-    // A turn of this session may still be finishing (a client that just
-    // reconnected after a disconnect mid-turn): announce what it saved. When
-    // none is, what the upgrade loaded is current.
+    // A turn of this session may be running. With a reconnect grace it runs
+    // on, and the socket follows it once announced (see `hub`): announce
+    // the session as stored now. Without one, a turn whose socket just
+    // dropped is finishing: announce what it saved. When none runs, what
+    // the upgrade loaded is current.
     let lock = conn.host.locks.get(&session_id);
     let loaded = match (found, lock.try_lock()) {
         (Some(found), Ok(_free)) => Ok(found),
+        (_, busy) if active.config.server.reconnect_grace_secs > 0 => {
+            drop(busy);
+            core::load(&store, &session_id, settings.store_timeout).await
+        }
         (_, busy) => {
             drop(busy);
             let finishing = tokio::time::timeout(CONNECT_WAIT, lock.lock()).await;

@@ -200,6 +200,9 @@ where
     {
         return;
     }
+    // The snapshot was for connecting only: a socket must not hold the
+    // active set (its adapters, an old plugin child) for its life.
+    drop(active);
 
     // One of the session's sockets from now on; with `?since=N`, sent what
     // it missed first.
@@ -230,7 +233,12 @@ where
     // closed the socket it is cancelled at once; on shutdown it may finish
     // within the shutdown grace first.
     closed.store(true, Ordering::Relaxed);
-    conn.hub.leave(&conn).await;
+    // A client gone leaves its session's sockets now (its turn's grace
+    // starts if it was the last); otherwise the socket still gets the end
+    // of its turn.
+    if matches!(ended, Ended::ClientGone) {
+        conn.hub.leave(&conn).await;
+    }
     if let Some((prompts, mut worker)) = queue.started.take() {
         drop(prompts);
         match ended {
@@ -252,6 +260,7 @@ where
         }
     }
     drop(queue);
+    conn.hub.leave(&conn).await;
     if matches!(ended, Ended::Shutdown) {
         close(&conn, CloseCode::Away, "the server is shutting down").await;
     }
@@ -394,8 +403,9 @@ where
                     .await;
                 }
                 Ok(Command::Cancel) => {
-                    // The session's turn may be another socket's.
-                    if !cancel_current(current) && !conn.hub.cancel_running().await {
+                    // The session's running turn, whichever socket's; else
+                    // this socket's own, while it waits to claim.
+                    if !conn.hub.cancel_running(conn).await && !cancel_current(current) {
                         let entry = protocol_diagnostic(
                             "warn",
                             "nothing_to_cancel",
@@ -413,7 +423,7 @@ where
                     let mut delivered = deliver_tool_result(current, &call_id, outcome.clone());
                     // The turn waiting may be another socket's.
                     if matches!(delivered, Err(crate::core::tools::Refused::NotWaiting)) {
-                        if let Some(turn) = conn.hub.running().await {
+                        if let Some(turn) = conn.hub.running(conn).await {
                             delivered = turn.tools.deliver(&call_id, outcome);
                         }
                     }

@@ -71,6 +71,17 @@ struct State {
     /// Counts the times the hub was left with no socket: a grace timer
     /// acts only if no socket came and left since it started.
     alone: u64,
+    /// The turn whose grace runs, while no socket is there.
+    grace_of: Option<Arc<TurnControl>>,
+    /// The last number a turn of this host sent.
+    last_sent: u64,
+}
+
+/// Whether `conn` may follow `turn`: a turn of a session its key may use
+/// (a socket that came before another key created the session may not).
+fn may_follow(conn: &Connection, turn: &TurnControl) -> bool {
+    turn.owner()
+        .is_some_and(|owner| conn.attachment.party.may_use(owner))
 }
 
 /// A socket following the session.
@@ -105,7 +116,10 @@ impl Hub {
         let store = active.stores.get(&conn.store()).or_else(|| active.store());
         let shared = store.is_some_and(|store| store.shared());
         let mut state = self.state.lock().await;
-        let running = state.running.clone().filter(|turn| !turn.has_ended());
+        let running = state
+            .running
+            .clone()
+            .filter(|turn| !turn.has_ended() && may_follow(conn, turn));
         // The session as stored now: what to replay, and whether another
         // host runs a turn of it.
         let loaded = match store {
@@ -126,14 +140,27 @@ impl Hub {
                     .and_then(|found| found.doc.lease.as_ref())
                     .is_some_and(|lease| lease.holder != conn.host.instance)
             });
-        if let Some(since) = since {
-            through = replay(conn, since, running.as_deref(), loaded).await;
+        // The announcement named the last number saved: frames sent since
+        // (the running turn's so far, or a turn that ended meanwhile) are
+        // sent first, as to a client that asked for them.
+        let announced = conn.attachment.sequence();
+        let asked = since.is_some();
+        let missed = since.is_none() && (running.is_some() || state.last_sent > announced);
+        if missed && loaded.as_ref().is_ok_and(Option::is_none) && running.is_none() {
+            let timeout = server.turn_settings().store_timeout;
+            if let Some(store) = store {
+                let loaded = crate::core::load(store, conn.session_id(), timeout).await;
+                through = replay(conn, announced, false, None, loaded).await;
+            }
+        } else if let Some(since) = since.or(missed.then_some(announced)) {
+            through = replay(conn, since, asked, running.as_deref(), loaded).await;
         }
         state.sockets.push(Socket {
             conn: Arc::downgrade(conn),
             through,
         });
         state.alone += 1;
+        state.grace_of = None;
         drop(state);
         if elsewhere {
             let every = server.turn_settings().renew;
@@ -210,7 +237,8 @@ impl Hub {
         self.left(&mut state);
     }
 
-    /// Starts the grace of a running turn whose last socket just went.
+    /// Starts the grace of a running turn with no socket (its last one just
+    /// went, or it started after they all had), unless it runs already.
     fn left(self: &Arc<Self>, state: &mut State) {
         if !state.sockets.is_empty() {
             return;
@@ -218,6 +246,14 @@ impl Hub {
         let Some(turn) = state.running.clone().filter(|turn| !turn.has_ended()) else {
             return;
         };
+        if state
+            .grace_of
+            .as_ref()
+            .is_some_and(|armed| Arc::ptr_eq(armed, &turn))
+        {
+            return;
+        }
+        state.grace_of = Some(turn.clone());
         state.alone += 1;
         let grace = Duration::from_secs(self.grace_secs.load(Ordering::Relaxed));
         if grace.is_zero() {
@@ -239,12 +275,12 @@ impl Hub {
         });
     }
 
-    /// Cancels the session's running turn on this host (a cancel from a
-    /// socket that did not start it); answers whether one ran.
-    pub async fn cancel_running(&self) -> bool {
+    /// Cancels the session's running turn on this host, for `conn`, one of
+    /// its sockets; answers whether one ran.
+    pub async fn cancel_running(&self, conn: &Connection) -> bool {
         let state = self.state.lock().await;
         match &state.running {
-            Some(turn) if !turn.has_ended() => {
+            Some(turn) if !turn.has_ended() && may_follow(conn, turn) => {
                 turn.cancel();
                 true
             }
@@ -252,10 +288,14 @@ impl Hub {
         }
     }
 
-    /// The session's running turn on this host, if one runs.
-    pub async fn running(&self) -> Option<Arc<TurnControl>> {
+    /// The session's running turn on this host, if one runs that `conn`
+    /// may follow.
+    pub async fn running(&self, conn: &Connection) -> Option<Arc<TurnControl>> {
         let state = self.state.lock().await;
-        state.running.clone().filter(|turn| !turn.has_ended())
+        state
+            .running
+            .clone()
+            .filter(|turn| !turn.has_ended() && may_follow(conn, turn))
     }
 
     /// The turn `control` is over: it is no longer the running one.
@@ -270,21 +310,28 @@ impl Hub {
         }
     }
 
-    /// The frames port of turn `control`, through this hub.
-    pub fn turn(self: &Arc<Self>, control: Arc<TurnControl>) -> TurnFrames {
+    /// The frames port of turn `control`, run by `runner`, through this hub.
+    pub fn turn(
+        self: &Arc<Self>,
+        control: Arc<TurnControl>,
+        runner: &Arc<Connection>,
+    ) -> TurnFrames {
         TurnFrames {
             hub: self.clone(),
             control,
+            runner: Arc::downgrade(runner),
         }
     }
 }
 
 /// Sends `conn` the frames after `since` from `loaded` (the session as
-/// stored) and `running` (a turn running here); answers the last number it
-/// was sent. Called under the hub's lock.
+/// stored) and `running` (a turn running here), and when `asked` (the
+/// client asked with `?since=`) tells it of a gap; answers the last number
+/// it was sent. Called under the hub's lock.
 async fn replay(
     conn: &Connection,
     since: u64,
+    asked: bool,
     running: Option<&TurnControl>,
     loaded: Result<Option<crate::core::document::Loaded>, crate::core::ports::StoreError>,
 ) -> u64 {
@@ -302,16 +349,29 @@ async fn replay(
         }
     };
     let saved_last = loaded.as_ref().map_or(0, |found| found.doc.last_sequence);
+    // A turn running on another host may have sent the client numbers the
+    // store does not hold yet, up to its reservation.
+    let reserved = loaded
+        .as_ref()
+        .and_then(|found| found.doc.lease.as_ref())
+        .map_or(0, |lease| lease.reserved);
     let stored = loaded.as_ref().and_then(|found| found.doc.replay.as_ref());
     let replay = match running {
         Some(turn) => turn.frames(|log| Replay::after(since, saved_last, stored, Some(log))),
         None => Replay::after(since, saved_last, stored, None),
     };
-    if let Some(first) = replay.gap {
+    if let Some(first) = replay.gap.filter(|_| asked) {
         gap(conn, since, first).await;
     }
     let Some(&(last, _)) = replay.frames.last() else {
-        return conn.attachment.sequence().max(since);
+        // A client that says it has more than was ever sent has what was.
+        let known = running
+            .and_then(|turn| turn.frames(|log| log.last()))
+            .unwrap_or(0)
+            .max(saved_last)
+            .max(reserved)
+            .max(conn.attachment.sequence());
+        return since.min(known);
     };
     let frames: Vec<WsMessage> = replay
         .frames
@@ -339,6 +399,8 @@ async fn gap(conn: &Connection, since: u64, first: u64) {
 pub struct TurnFrames {
     hub: Arc<Hub>,
     control: Arc<TurnControl>,
+    /// The socket whose prompt it is: its diagnostics go there only.
+    runner: Weak<Connection>,
 }
 
 impl Frames for TurnFrames {
@@ -353,15 +415,19 @@ impl Frames for TurnFrames {
         {
             state.running = Some(self.control.clone());
         }
+        state.last_sent = state.last_sent.max(through);
         let first = (through + 1).saturating_sub(frames.len() as u64);
         let mut at = 0;
-        let before = state.sockets.len();
         while at < state.sockets.len() {
             let socket = &mut state.sockets[at];
             let Some(conn) = socket.conn.upgrade() else {
                 state.sockets.swap_remove(at);
                 continue;
             };
+            if !may_follow(&conn, &self.control) {
+                at += 1;
+                continue;
+            }
             // Numbers the socket was already sent (while it joined) are
             // skipped.
             let skip = usize::try_from((socket.through + 1).saturating_sub(first))
@@ -379,7 +445,8 @@ impl Frames for TurnFrames {
             at += 1;
         }
         frames.clear();
-        if state.sockets.is_empty() && before > 0 {
+
+        if state.sockets.is_empty() {
             self.hub.left(&mut state);
         }
         // With no socket the turn runs on, within its grace (which cancels
@@ -388,21 +455,10 @@ impl Frames for TurnFrames {
     }
 
     async fn send_stamped(&self, make: impl FnOnce(u64) -> Bytes + Send) -> bool {
-        let state = self.hub.state.lock().await;
-        let sequence = state
-            .sockets
-            .iter()
-            .map(|socket| socket.through)
-            .max()
-            .unwrap_or(0);
-        let frame = make(sequence);
-        let mut sent = false;
-        for socket in &state.sockets {
-            if let Some(conn) = socket.conn.upgrade() {
-                sent |= conn.out.send(text(&frame)).await;
-            }
+        match self.runner.upgrade() {
+            Some(runner) => runner.out.send_stamped(make).await,
+            None => false,
         }
-        sent
     }
 }
 

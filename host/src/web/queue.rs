@@ -265,7 +265,7 @@ async fn run_turns(
 
 /// Runs one turn through the turn core, on the backend and store the
 /// connection uses under the active config.
-async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) -> Status {
+async fn run_turn(conn: &Arc<Connection>, prompt: Prompt, control: Arc<TurnControl>) -> Status {
     let active = conn.host.active.load_full();
     let backend = prompt
         .model
@@ -301,7 +301,7 @@ async fn run_turn(conn: &Connection, prompt: Prompt, control: Arc<TurnControl>) 
         return Status::Failed;
     };
     // The turn's frames go to every socket of the session on this host.
-    let frames = conn.hub.turn(control.clone());
+    let frames = conn.hub.turn(control.clone(), conn);
     let scope = Scope {
         host: &conn.host.instance,
         attachment: &conn.attachment,

@@ -7,9 +7,12 @@
 //! An isolated echo streams what the in-process echo streams, and cancels.
 //! A child with `memory_limit_mb` that allocates without bound dies as a
 //! crash; the limit needs process isolation; each call in a child is timed
-//! by backend in the metrics.
+//! by backend in the metrics. A reload that changes an isolated backend
+//! starts a new child for new turns while a turn on the old one finishes
+//! there, then stops the old one; a reload that leaves the backend alone, or
+//! fails, keeps its child.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llm_host_tests::{http, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
 use serde_json::{json, Value};
@@ -336,4 +339,244 @@ fn a_memory_limit_without_process_isolation_is_refused() {
         assert!(exit.stderr.contains(names), "names the key:\n{exit}");
         assert!(!exit.stderr.contains("listening on"), "{exit}");
     }
+}
+
+/// `[models.iso_long]`: echo in a process of its own, with `settings`.
+fn iso_long(settings: &str) -> String {
+    format!(
+        "[models.iso_long]\nplugin = \"echo\"\nisolation = \"process\"\nsettings = {settings}\n"
+    )
+}
+
+/// The default config (reloads by `POST /v1/reload` only: the watcher waits
+/// a minute) plus `iso_long` with `settings`.
+fn reload_config(settings: &str) -> Config {
+    Config {
+        debounce_ms: 60_000,
+        extra: iso_long(settings),
+        ..Config::default()
+    }
+}
+
+/// The pid of `backend`'s child, as `GET /v1/plugins` shows it.
+async fn child_pid(host: &Host, backend: &str) -> u64 {
+    let plugins = http(host.addr(), "GET", "/v1/plugins").await.json();
+    isolated(&plugins, backend)["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no running child for {backend}: {plugins:#}"))
+}
+
+/// The host's children that run a plugin (`llm-host __run-plugin`, not
+/// exited), by pid, from /proc.
+fn plugin_children(host: &Host) -> Vec<u64> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if state == Some("Z") || ppid != Some(host.pid().to_string().as_str()) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).any(|arg| arg == b"__run-plugin") {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
+/// Waits (up to 20 s) until the host's plugin children are `expected` and
+/// every pid of `gone` has left /proc (ended and reaped).
+async fn wait_children(host: &Host, expected: &[u64], gone: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let children = plugin_children(host);
+        let left: Vec<&u64> = gone
+            .iter()
+            .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        if children == expected && left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plugin children {children:?}, expected {expected:?}; still there: {left:?}\nlog:\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `token0 token1 ... token{count-1}`.
+fn tokens(count: usize) -> String {
+    (0..count)
+        .map(|i| format!("token{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// A reload that changes an isolated backend's settings while a turn streams
+// on it: the reload starts a new child, a new turn runs there with the new
+// settings, the running turn finishes on the old child with all its tokens,
+// and the old child is stopped once that turn ended (not as a crash).
+#[tokio::test]
+async fn a_reload_moves_new_turns_to_a_new_child_while_the_old_one_finishes() {
+    // 100 tokens 50 ms apart: the turn runs for 5 s, across the reload.
+    let config = reload_config("{ delay_ms = 50, tokens = 100 }");
+    let host = Host::start(&config);
+    let started = Instant::now();
+    let old = child_pid(&host, "iso_long").await;
+    assert_eq!(plugin_children(&host), vec![old]);
+
+    let mut running = host.connect_command("/v1/ws?model=iso_long").await;
+    running.next_json().await;
+    running
+        .send_json(&json!({"type": "prompt", "text": "go"}))
+        .await;
+    let mut frames = running.read_until("interaction.model", "delta").await;
+
+    host.workdir()
+        .write_config(&reload_config("{ delay_ms = 0, tokens = 3 }").to_toml());
+    let reply = http(host.addr(), "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "reloaded", "{}", reply.body);
+    let new = child_pid(&host, "iso_long").await;
+    assert_ne!(new, old, "a new child for the new settings");
+    // The old child still runs the turn that started on it.
+    let mut both = vec![old, new];
+    both.sort_unstable();
+    assert_eq!(
+        plugin_children(&host),
+        both,
+        "after {:?}",
+        started.elapsed()
+    );
+
+    let next = turn(&host, "iso_long", "go").await;
+    assert_eq!(next.status(), "completed", "{}", next.dump());
+    assert_eq!(next.text(), tokens(3), "the new settings: {}", next.dump());
+
+    frames.extend(running.read_turn().await.frames);
+    let first = Turn { frames };
+    assert_eq!(first.status(), "completed", "{}", first.dump());
+    assert_eq!(first.text(), tokens(100), "{}", first.dump());
+    assert_eq!(first.deltas().len(), 100, "{}", first.dump());
+
+    // Its socket stays open: a socket must not hold the old set (and so the
+    // old child) beyond its turns.
+    wait_children(&host, &[new], &[old]).await;
+    assert!(
+        host.logged("plugin process stopped").await,
+        "{}",
+        host.log()
+    );
+    assert!(
+        !host.log().contains("plugin process crashed"),
+        "{}",
+        host.log()
+    );
+    let plugins = http(host.addr(), "GET", "/v1/plugins").await.json();
+    let state = isolated(&plugins, "iso_long");
+    assert_eq!(state["pid"].as_u64(), Some(new), "{state}");
+    assert_eq!(state["crashes"], 0, "{state}");
+    assert_eq!(state["restarts"], 0, "{state}");
+    // The new child serves on.
+    let again = turn(&host, "iso_long", "go").await;
+    assert_eq!(again.text(), tokens(3), "{}", again.dump());
+    eprintln!("reload onto a new child: test body {:?}", started.elapsed());
+}
+
+// A reload whose new child fails to start (echo refuses an unknown setting
+// in the child) fails and keeps the running set and child; a reload that
+// changes another backend keeps this one's child: the same pid, no restart.
+// A new build of its library then replaces the idle child at once.
+#[tokio::test]
+async fn a_reload_keeps_the_child_unless_the_backend_changes() {
+    let host = Host::start(&reload_config("{ tokens = 2 }"));
+    let started = Instant::now();
+    let pid = child_pid(&host, "iso_long").await;
+    assert_eq!(plugin_children(&host), vec![pid]);
+
+    host.workdir()
+        .write_config(&reload_config("{ tokens = 2, colour = \"blue\" }").to_toml());
+    let reply = http(host.addr(), "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("models.iso_long") && message.contains("colour"),
+        "{message}"
+    );
+    wait_children(&host, &[pid], &[]).await;
+    assert_eq!(child_pid(&host, "iso_long").await, pid);
+    let kept = turn(&host, "iso_long", "go").await;
+    assert_eq!(kept.text(), tokens(2), "{}", kept.dump());
+
+    let mut other = reload_config("{ tokens = 2 }");
+    for (name, settings) in &mut other.models {
+        if name == "short" {
+            *settings = "{ tokens = 4 }".to_owned();
+        }
+    }
+    host.workdir().write_config(&other.to_toml());
+    let reply = http(host.addr(), "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "reloaded", "{}", reply.body);
+    assert!(reply.body.contains("short"), "{}", reply.body);
+    assert!(!reply.body.contains("iso_long"), "{}", reply.body);
+    assert_eq!(child_pid(&host, "iso_long").await, pid, "no restart");
+    assert_eq!(plugin_children(&host), vec![pid]);
+    let after = turn(&host, "iso_long", "go").await;
+    assert_eq!(after.text(), tokens(2), "{}", after.dump());
+    let short = turn(&host, "short", "go").await;
+    assert_eq!(short.text(), tokens(4), "{}", short.dump());
+    let state = isolated(
+        &http(host.addr(), "GET", "/v1/plugins").await.json(),
+        "iso_long",
+    );
+    assert_eq!(state["restarts"], 0, "{state}");
+    assert!(
+        !host.log().contains("plugin process stopped"),
+        "{}",
+        host.log()
+    );
+
+    let plugin_dir = host.workdir().path().join("plugins");
+    let tmp = plugin_dir.join(".echo.tmp");
+    std::fs::copy(Plugin::EchoV2.path(), &tmp).expect("copy the new build in");
+    std::fs::rename(&tmp, plugin_dir.join(Plugin::Echo.file_name())).expect("move it over");
+    let reply = http(host.addr(), "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.body.contains("iso_long") && reply.body.contains("2.0.0"),
+        "{}",
+        reply.body
+    );
+    let new = child_pid(&host, "iso_long").await;
+    assert_ne!(new, pid, "a new child for the new build");
+    wait_children(&host, &[new], &[pid]).await;
+    assert!(
+        host.logged("plugin process stopped").await,
+        "{}",
+        host.log()
+    );
+    let rebuilt = turn(&host, "iso_long", "go").await;
+    assert_eq!(rebuilt.text(), tokens(2), "{}", rebuilt.dump());
+    eprintln!("reload keeps the child: test body {:?}", started.elapsed());
 }

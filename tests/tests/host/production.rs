@@ -377,7 +377,7 @@ async fn a_socket_that_connects_during_shutdown_is_closed_with_1001() {
     first.next_json().await;
     first.send_text("one two three four five six").await;
     first.read_until("interaction.model", "delta").await;
-    // Waits for the running turn of its session before it is announced.
+    // Announced at once, it follows the running turn of its session.
     let mut late = host.connect("/v1/ws?session=late-1").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     host.signal("TERM");
@@ -402,11 +402,12 @@ async fn a_socket_that_connects_during_shutdown_is_closed_with_1001() {
 }
 
 // A client that stops reading while its turn streams is dropped after
-// server.write_timeout_secs: its turn is cancelled and saved with what it
-// had, and the host goes on serving everyone else.
+// server.write_timeout_secs: its turn is cancelled (at once with no
+// reconnect grace, as here) and saved with what it had, and the host goes
+// on serving everyone else.
 #[tokio::test]
 async fn a_client_that_takes_nothing_is_dropped_and_its_turn_saved() {
-    let mut config = with_server("write_timeout_secs = 1");
+    let mut config = with_server("write_timeout_secs = 1\nreconnect_grace_secs = 0");
     config
         .models
         .push(("huge".to_owned(), "{ tokens = 300000 }".to_owned()));

@@ -170,6 +170,8 @@ async fn sequences_have_no_gaps_or_repeats_across_turns_and_reconnects() {
     );
     last = assert_contiguous(&turn, last + 1);
     client_b.close().await;
+    // The other socket of the session followed that turn.
+    assert_eq!(client.read_turn().await.sequences(), turn.sequences());
 
     client.send_text("e").await;
     let turn = client.read_turn().await;

@@ -57,16 +57,19 @@ async fn turns_of_two_connections_take_turns_on_one_history() {
     a.next_json().await;
     b.next_json().await;
 
+    // Each socket follows every turn of the session, whichever sent it.
     a.send_text("one two").await;
     let turn = a.read_turn().await;
     let mut history = words("one two");
     assert_echo_turn(&turn, "one two", history, "turn-1");
+    assert_eq!(b.read_turn().await.sequences(), turn.sequences());
     history += words("echo: one two");
 
     b.send_text("three").await;
     let turn = b.read_turn().await;
     history += words("three");
     assert_echo_turn(&turn, "three", history, "turn-2");
+    assert_eq!(a.read_turn().await.sequences(), turn.sequences());
     history += words("echo: three");
     let last = turn.end().sequence();
 
@@ -76,6 +79,7 @@ async fn turns_of_two_connections_take_turns_on_one_history() {
     history += words("four");
     assert_echo_turn(&turn, "four", history, "turn-3");
     assert_contiguous(&turn, last + 1);
+    assert_eq!(b.read_turn().await.sequences(), turn.sequences());
     let last = turn.end().sequence();
 
     b.send_text("five").await;
@@ -83,6 +87,7 @@ async fn turns_of_two_connections_take_turns_on_one_history() {
     history += words("echo: four five");
     assert_echo_turn(&turn, "five", history, "turn-4");
     assert_contiguous(&turn, last + 1);
+    assert_eq!(a.read_turn().await.sequences(), turn.sequences());
 }
 
 // A session deleted while a connection is open is not brought back by its next turn: that turn starts an empty history.

@@ -165,14 +165,27 @@ async fn sessions_survive_a_restart() {
 }
 
 /// Sends `prompts` as fast as possible and reads every turn they start.
-async fn run_prompts(mut client: Client, prompts: Vec<String>) -> Vec<Turn> {
+async fn run_prompts(mut client: Client, prompts: Vec<String>, all: usize) -> Vec<Turn> {
     for prompt in &prompts {
         client.send_text(prompt.clone()).await;
     }
     let mut turns = Vec::new();
-    while turns.len() < prompts.len() {
+    while turns.len() < all {
         turns.push(client.read_turn().await);
     }
+    // A socket follows every turn of its session run on its host, each
+    // once, in order; its own are those of its prompts.
+    let sequences: Vec<u64> = turns.iter().flat_map(Turn::sequences).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "a socket saw numbers out of order: {sequences:?}"
+    );
+    turns.retain(|turn| {
+        prompts
+            .iter()
+            .any(|prompt| turn.text() == format!("echo: {prompt}"))
+    });
+    assert_eq!(turns.len(), prompts.len());
     turns
 }
 
@@ -246,9 +259,10 @@ async fn two_connections_on_one_session_lose_nothing() {
     a.next_json().await;
     b.next_json().await;
     let writers = [prompts("a", 4), prompts("b", 4)];
+    // Each socket follows all eight turns.
     let (ta, tb) = tokio::join!(
-        run_prompts(a, writers[0].clone()),
-        run_prompts(b, writers[1].clone())
+        run_prompts(a, writers[0].clone(), 8),
+        run_prompts(b, writers[1].clone(), 8)
     );
     let turns: Vec<Turn> = ta.into_iter().chain(tb).collect();
     assert_nothing_lost(&stored(&host, "shared-1").await, &writers, &turns, "memory");
@@ -275,8 +289,8 @@ async fn two_hosts_sharing_a_store_lose_nothing() {
         b.next_json().await;
         let writers = [prompts("a", 4), prompts("b", 4)];
         let (ta, tb) = tokio::join!(
-            run_prompts(a, writers[0].clone()),
-            run_prompts(b, writers[1].clone())
+            run_prompts(a, writers[0].clone(), 4),
+            run_prompts(b, writers[1].clone(), 4)
         );
         let turns: Vec<Turn> = ta.into_iter().chain(tb).collect();
         let what = format!("{kind:?}");

@@ -142,10 +142,20 @@ impl Child {
         });
         let (ready, answer) = mpsc::channel();
         let reader = child.clone();
-        std::thread::Builder::new()
+        let reading = std::thread::Builder::new()
             .name(format!("plugin-{}", launch.backend))
-            .spawn(move || reader.read(stdout, ready, on_exit))
-            .map_err(|err| format!("cannot start a thread: {err}"))?;
+            .spawn(move || reader.read(stdout, ready, on_exit));
+        if let Err(err) = reading {
+            // No thread will reap it: end it here, not as a zombie.
+            child.stop();
+            child.kill("had no thread to read it".to_owned());
+            let _ = child
+                .process
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wait();
+            return Err(format!("cannot start a thread: {err}"));
+        }
         match answer.recv_timeout(timeout) {
             Ok(Ok(())) => Ok(child),
             Ok(Err(message)) => {
@@ -220,6 +230,36 @@ impl Child {
     pub fn stop(&self) {
         self.closing.store(true, Ordering::Release);
         self.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Stops it for good (its backend is no longer used) and makes sure it
+    /// ends: a child still there `grace` after its stdin closed (a plugin's
+    /// exit handlers that hang) is killed. Its end is no crash either way.
+    pub fn retire(self: &Arc<Self>, grace: Duration) {
+        self.stop();
+        let child = self.clone();
+        let watching = std::thread::Builder::new()
+            .name(format!("plugin-stop-{}", self.pid))
+            .spawn(move || {
+                let until = Instant::now() + grace;
+                while child.alive() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if child.alive() {
+                    tracing::warn!(
+                        pid = child.pid,
+                        "plugin process did not exit within {} ms of being stopped; killing it",
+                        grace.as_millis()
+                    );
+                    child.kill(format!(
+                        "did not exit within {} ms of being stopped",
+                        grace.as_millis()
+                    ));
+                }
+            });
+        if watching.is_err() {
+            self.kill("was stopped with no thread to watch it exit".to_owned());
+        }
     }
 
     fn lock_turns(&self) -> std::sync::MutexGuard<'_, Turns> {

@@ -48,13 +48,32 @@
 //! The request is the JSON the in-process path hands the adapter; events
 //! carry their strings as they are, with no JSON per event.
 //!
+//! # Hot reload
+//!
+//! A child belongs to one [`IsolatedModel`], which belongs to one backend of
+//! one active set ([`crate::plugins::runtime::Active`]). A reload whose new
+//! config or library changes the backend (its library's hash, its settings
+//! or its isolation) builds a new `IsolatedModel` in the build phase, and so
+//! starts a new child through the same checks (the loader's in the child,
+//! then the plugin's `new_model`): a child that fails to start fails the
+//! reload, the new set is dropped (its children stopped) and the old one
+//! keeps serving. Once the set is swapped, new turns take the new set and
+//! run on the new child; a turn that started before keeps its snapshot and
+//! runs to its end on the old child. The old `IsolatedModel` is dropped
+//! with the last snapshot that holds it, that is when its last turn ended
+//! (at once when none runs), and its drop stops the child: stdin closed, and
+//! killed if it has not exited within [`model::STOP_GRACE`]. Nothing of it
+//! counts as a crash. A reload that leaves the backend as it is carries the
+//! same `IsolatedModel` over: its child goes on, not restarted.
+//!
 //! # What is left to later work
 //!
 //! The host still maps the library too (the loader's catalog and the admin
 //! API know plugins as loaded libraries), so its constructors and `init` run
 //! in the host as well as in the child; only its adapter and turns run in
-//! the child alone. Stores and hot reload onto a new child while the old one
-//! drains are not done yet.
+//! the child alone. `GET /v1/plugins` shows the active set's children only,
+//! not old ones still finishing their turns. Stores in a process of their
+//! own are not done yet.
 //!
 //! # Limits and metrics
 //!

@@ -13,6 +13,11 @@
 //! the child killed, which then counts as a crash. Each call's time, from
 //! sending its request to its end, is observed in
 //! `llm_host_plugin_call_seconds{backend}`.
+//!
+//! One is built per backend per active set; a reload that changes the
+//! backend builds another (a new child) and this one lives on while turns
+//! of the old set run on it. Dropped, it stops its child ([`super`]'s
+//! "Hot reload").
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +38,8 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long a child may take to load its plugin and build the adapter.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a child no longer used may take to exit before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often a waiting turn looks whether it was stopped.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -276,11 +283,22 @@ impl IsolatedModel {
     }
 }
 
+/// The backend left the active set (a reload replaced or removed it, or the
+/// reload that built it failed) and no turn holds it any more: its child is
+/// stopped, and killed if it does not exit within [`STOP_GRACE`].
 impl Drop for IsolatedModel {
     fn drop(&mut self) {
-        if let Some(child) = self.lock_child().take() {
-            child.stop();
+        let Some(child) = self.lock_child().take() else {
+            return;
+        };
+        if child.alive() {
+            tracing::info!(
+                backend = %self.launch.backend,
+                pid = child.pid,
+                "plugin process stopped: its backend is no longer in use and no turn runs on it"
+            );
         }
+        child.retire(STOP_GRACE);
     }
 }
 
