@@ -1,6 +1,7 @@
 //! The chat's side of the wire: the host's address, a WebSocket in command
-//! mode (subprotocol `llm-host.v1`) whose frames are read into [`Event`]s,
-//! and `GET /v1/models` for the list of backends.
+//! mode (subprotocol `llm-host.v1`) whose frames are read into [`Frame`]s
+//! (a reconnection asks with `?since=N` for the frames after the last it
+//! had), and `GET /v1/models` for the list of backends.
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::frames::{parse_frame, Event};
+use super::frames::{parse_frame, Event, Frame};
 use crate::protocol::COMMAND_SUBPROTOCOL;
 
 /// How long one connection attempt may take: TCP, the upgrade, and the
@@ -38,7 +39,8 @@ pub struct Endpoint {
     authority: String,
     /// The path, `/` at least.
     path: String,
-    /// The query's pairs other than `session` and `model`, as written.
+    /// The query's pairs other than `session`, `model` and `since`, as
+    /// written.
     query: Vec<String>,
     /// `session=` of the URL's query, if it had one.
     pub session: Option<String>,
@@ -76,6 +78,8 @@ impl Endpoint {
             match pair.split_once('=') {
                 Some(("session", value)) => endpoint.session = Some(value.to_owned()),
                 Some(("model", value)) => endpoint.model = Some(value.to_owned()),
+                // The chat says itself where a reconnection goes on from.
+                Some(("since", _)) => {}
                 _ => endpoint.query.push(pair.to_owned()),
             }
         }
@@ -156,8 +160,8 @@ pub struct Closed {
 
 /// What the socket gave.
 pub enum Incoming {
-    /// A frame's events.
-    Events(Vec<Event>),
+    /// A frame.
+    Frame(Frame),
     /// The connection ended.
     Closed(Closed),
 }
@@ -176,7 +180,7 @@ impl Link {
     pub async fn next(&mut self) -> Incoming {
         loop {
             match self.socket.next().await {
-                Some(Ok(Message::Text(text))) => return Incoming::Events(parse_frame(&text)),
+                Some(Ok(Message::Text(text))) => return Incoming::Frame(parse_frame(&text)),
                 Some(Ok(Message::Close(frame))) => {
                     return Incoming::Closed(Closed {
                         code: frame.as_ref().map(|frame| u16::from(frame.code)),
@@ -235,14 +239,21 @@ impl Link {
 }
 
 /// Opens a command-mode connection for `session` on `model` and reads the
-/// host's session announcement.
+/// host's session announcement. With `since` (the last sequence number the
+/// chat received on `session`), the host then sends the session's frames
+/// numbered after it, and its running turn live (PROTOCOL.md section 4).
 pub async fn connect(
     endpoint: &Endpoint,
     key: Option<&str>,
     session: Option<&str>,
     model: Option<&str>,
+    since: Option<u64>,
 ) -> Result<(Link, Event), ConnectError> {
-    let url = endpoint.url(session, model);
+    let mut url = endpoint.url(session, model);
+    if let (Some(since), Some(_)) = (since, session) {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("since={since}"));
+    }
     match tokio::time::timeout(CONNECT_TIMEOUT, open(&url, key)).await {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Unreachable(format!(
@@ -277,8 +288,8 @@ async fn open(url: &str, key: Option<&str>) -> Result<(Link, Event), ConnectErro
     let mut said = None;
     loop {
         match link.next().await {
-            Incoming::Events(events) => {
-                for event in events {
+            Incoming::Frame(frame) => {
+                for event in frame.events {
                     match event {
                         Event::Open { .. } => return Ok((link, event)),
                         Event::Diagnostic { message, code, .. } => {
@@ -423,8 +434,9 @@ mod tests {
         assert_eq!(endpoint.url(None, None), "ws://localhost:8080/");
         assert_eq!(endpoint.models_path(), "/v1/models");
 
-        let endpoint = Endpoint::parse("https://chat.example/llm/v1/ws?token=t&session=a&model=m")
-            .expect("parses");
+        let endpoint =
+            Endpoint::parse("https://chat.example/llm/v1/ws?token=t&session=a&model=m&since=4")
+                .expect("parses");
         assert_eq!(endpoint.session.as_deref(), Some("a"));
         assert_eq!(endpoint.model.as_deref(), Some("m"));
         assert_eq!(

@@ -1,6 +1,8 @@
 //! The host's frames (PROTOCOL.md section 3), read into the [`Event`]s
 //! the chat shows: text, reasoning and tool calls, usage, errors,
-//! diagnostics, turn ends and the session announcement.
+//! diagnostics, turn ends and the session announcement; and the sequence
+//! number of the numbered ones, which a reconnection asks to be sent on
+//! from (`?since=N`, PROTOCOL.md section 4).
 
 use serde_json::Value;
 
@@ -26,6 +28,8 @@ pub enum Event {
         model: String,
         /// Whether the store had the session.
         resumed: bool,
+        /// The session's last sequence number when the host announced it.
+        last_sequence: u64,
     },
     /// Answer text.
     Text(String),
@@ -65,6 +69,17 @@ pub enum Event {
     },
 }
 
+/// One host frame as the chat reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// What it says.
+    pub events: Vec<Event>,
+    /// `meta.sequence` of a numbered frame (a turn's model events and its
+    /// end); none for the others, whose number only repeats the session's
+    /// last (the announcement, diagnostics, a refused prompt's end).
+    pub sequence: Option<u64>,
+}
+
 fn text_of(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_owned()
 }
@@ -77,16 +92,19 @@ fn diagnostic(entry: &Value) -> Event {
     }
 }
 
-/// The events of one host frame, in either envelope (PROTOCOL.md section
-/// 3). Frames the chat has nothing to show for (model `start`, unknown
-/// names) give none.
-pub fn parse_frame(text: &str) -> Vec<Event> {
+/// One host frame, in either envelope (PROTOCOL.md section 3). Frames the
+/// chat has nothing to show for (model `start`, unknown names) give no
+/// events, but their number if they have one.
+pub fn parse_frame(text: &str) -> Frame {
     let Ok(frame) = serde_json::from_str::<Value>(text) else {
-        return vec![Event::Diagnostic {
-            level: "error".to_owned(),
-            code: String::new(),
-            message: format!("the host sent a frame that is not JSON: {text}"),
-        }];
+        return Frame {
+            events: vec![Event::Diagnostic {
+                level: "error".to_owned(),
+                code: String::new(),
+                message: format!("the host sent a frame that is not JSON: {text}"),
+            }],
+            sequence: None,
+        };
     };
     let data = &frame["data"];
     let body = if data.get("kind").is_some() {
@@ -94,13 +112,29 @@ pub fn parse_frame(text: &str) -> Vec<Event> {
     } else {
         &data["event"]
     };
+    let name = frame["name"].as_str().unwrap_or_default();
+    let meta = &body["meta"];
+    // A turn's frames name it; a refused prompt's end (no turn) does not.
+    let numbered = matches!(name, "interaction.model" | "interaction.turn")
+        && meta["interactionId"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty());
+    Frame {
+        events: events_of(name, body),
+        sequence: meta["sequence"].as_u64().filter(|_| numbered),
+    }
+}
+
+/// The events of frame `name` whose kind, event and meta are in `body`.
+fn events_of(name: &str, body: &Value) -> Vec<Event> {
     let event = &body["event"];
     let kind = event["type"].as_str().unwrap_or_default();
-    match (frame["name"].as_str().unwrap_or_default(), kind) {
+    match (name, kind) {
         ("interaction.session", "open") => vec![Event::Open {
             session: text_of(&event["sessionId"]),
             model: text_of(&event["model"]),
             resumed: event["resumed"].as_bool().unwrap_or(false),
+            last_sequence: event["lastSequence"].as_u64().unwrap_or(0),
         }],
         ("interaction.model", "delta") => {
             let mut events = Vec::new();
@@ -183,11 +217,12 @@ mod tests {
                 &meta(),
             );
             assert_eq!(
-                parse_frame(&open),
+                parse_frame(&open).events,
                 [Event::Open {
                     session: "s-1".to_owned(),
                     model: "echo".to_owned(),
-                    resumed: true
+                    resumed: true,
+                    last_sequence: 9
                 }]
             );
             let delta = framer.model(
@@ -199,7 +234,7 @@ mod tests {
                 &meta(),
             );
             assert_eq!(
-                parse_frame(&delta),
+                parse_frame(&delta).events,
                 [
                     Event::Reasoning("hmm".to_owned()),
                     Event::Text(" world".to_owned())
@@ -216,7 +251,7 @@ mod tests {
                 &meta(),
             );
             assert_eq!(
-                parse_frame(&usage),
+                parse_frame(&usage).events,
                 [Event::Usage(Usage {
                     input: 4,
                     output: 5,
@@ -232,7 +267,7 @@ mod tests {
                 &meta(),
             );
             assert_eq!(
-                parse_frame(&end),
+                parse_frame(&end).events,
                 [Event::TurnEnd {
                     status: "cancelled".to_owned(),
                     prompt_id: Some("p-2".to_owned())
@@ -243,7 +278,7 @@ mod tests {
                 &meta(),
             );
             assert_eq!(
-                parse_frame(&warning),
+                parse_frame(&warning).events,
                 [Event::Diagnostic {
                     level: "warn".to_owned(),
                     code: "nothing_to_cancel".to_owned(),
@@ -257,7 +292,23 @@ mod tests {
                 },
                 &meta(),
             );
-            assert_eq!(parse_frame(&start), []);
+            assert_eq!(parse_frame(&start).events, []);
+            // Numbered: the turn's model events and end; not the
+            // announcement, a diagnostic, or a refused prompt's end.
+            for numbered in [&delta, &usage, &end, &start] {
+                assert_eq!(parse_frame(numbered).sequence, Some(3), "{numbered}");
+            }
+            assert_eq!(parse_frame(&open).sequence, None);
+            assert_eq!(parse_frame(&warning).sequence, None);
+            let refused = framer.turn(
+                &TurnEvent::End {
+                    status: "refused",
+                    interaction_id: "",
+                    prompt_id: Some("p-3"),
+                },
+                &Meta::now(3, "host", None),
+            );
+            assert_eq!(parse_frame(&refused).sequence, None);
         }
     }
 
@@ -265,7 +316,7 @@ mod tests {
     fn reads_tool_calls_and_errors() {
         let call = r#"{"name":"interaction.model","data":{"kind":"model","event":{"type":"delta","toolCall":{"id":"c1","name":"lookup","arguments":"{\"q\":1}"}},"meta":{"sequence":1}}}"#;
         assert_eq!(
-            parse_frame(call),
+            parse_frame(call).events,
             [Event::ToolCall {
                 name: "lookup".to_owned(),
                 arguments: r#"{"q":1}"#.to_owned()
@@ -273,7 +324,7 @@ mod tests {
         );
         let error = r#"{"name":"interaction.model","data":{"kind":"model","event":{"type":"error","error":{"code":"timeout","message":"too slow"},"diagnostics":[{"level":"warn","message":"retried"}]},"meta":{"sequence":1}}}"#;
         assert_eq!(
-            parse_frame(error),
+            parse_frame(error).events,
             [
                 Event::ModelError {
                     code: "timeout".to_owned(),
@@ -287,7 +338,7 @@ mod tests {
             ]
         );
         assert!(matches!(
-            parse_frame("not json").as_slice(),
+            parse_frame("not json").events.as_slice(),
             [Event::Diagnostic { level, .. }] if level == "error"
         ));
     }

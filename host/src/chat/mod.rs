@@ -9,11 +9,15 @@
 //! `/new` reconnect on another backend or session; `/quit` and the end of
 //! input (Ctrl-D) quit, the latter after the running turns. A dropped
 //! socket is reconnected with backoff on the same session
-//! ([`connection`]); prompts typed meanwhile are sent once it is back.
+//! ([`connection`]), asking for the frames after the last numbered one the
+//! chat received (`?since=N`): a turn running at the drop goes on being
+//! shown where it stopped, and ends as it would have. Prompts typed
+//! meanwhile are sent once the chat is back.
 
 mod connection;
 mod frames;
 mod input;
+mod reconnect;
 mod render;
 
 use std::collections::VecDeque;
@@ -21,13 +25,13 @@ use std::future::Future;
 use std::io::{BufRead, IsTerminal};
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use connection::{connect, ConnectError, Endpoint, Incoming, Link};
-use frames::Event;
-use input::{parse_args, parse_input, Command, Input, Options, DEFAULT_URL};
+use frames::{Event, Frame};
+use input::{parse_args, parse_input, Command, Input, Options};
 use render::{Screen, Style};
 
 /// The usage text of `llm-host chat`.
@@ -54,12 +58,6 @@ const COMMANDS: &str = "\
   /new            start a new session
   /quit           quit
   //TEXT          send /TEXT as a prompt";
-
-/// How long the chat tries to reconnect a dropped socket before it gives up.
-const RECONNECT_FOR: Duration = Duration::from_secs(30);
-
-/// The longest pause between two reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// `llm-host chat ARGS`.
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
@@ -109,6 +107,7 @@ async fn run(options: Options, key: Option<String>) -> ExitCode {
         key.as_deref(),
         session.as_deref(),
         model.as_deref(),
+        None,
     )
     .await
     {
@@ -140,8 +139,10 @@ async fn run(options: Options, key: Option<String>) -> ExitCode {
         idle_closed: false,
         stored: false,
         prompts: 0,
+        last_sequence: 0,
+        in_turn: false,
     };
-    chat.opened(&open, "");
+    chat.opened(&open, "", true);
     chat.run(read_lines(), &mut interrupts).await
 }
 
@@ -259,6 +260,13 @@ struct Chat {
     stored: bool,
     /// Prompts sent so far (their ids count them).
     prompts: u64,
+    /// The last sequence number the chat has of the session: the
+    /// announcement's, then that of each numbered frame received. A
+    /// reconnection asks for the frames after it.
+    last_sequence: u64,
+    /// Numbered frames of a turn came and its end did not yet: a turn runs
+    /// (it goes on at the host when the socket drops).
+    in_turn: bool,
 }
 
 impl Chat {
@@ -310,10 +318,8 @@ impl Chat {
                     None
                 }
                 Step::Interrupt => self.interrupted().await,
-                Step::Socket(Incoming::Events(events)) => {
-                    for event in &events {
-                        self.received(event);
-                    }
+                Step::Socket(Incoming::Frame(frame)) => {
+                    self.received(frame);
                     None
                 }
                 Step::Socket(Incoming::Closed(closed)) => self.lost(&closed.reason, closed.code),
@@ -326,12 +332,15 @@ impl Chat {
         }
     }
 
-    /// Says which session and backend a new connection has.
-    fn opened(&mut self, open: &Event, prefix: &str) {
+    /// Says which session and backend a new connection has. `fresh`: not
+    /// a reconnection asking for what it missed, whose number the chat
+    /// keeps (the host sends on from it).
+    fn opened(&mut self, open: &Event, prefix: &str, fresh: bool) {
         if let Event::Open {
             session,
             model,
             resumed,
+            last_sequence,
         } = open
         {
             let how = if *resumed { "resumed" } else { "new" };
@@ -340,6 +349,10 @@ impl Chat {
             self.session = Some(session.clone());
             self.backend.clone_from(model);
             self.stored = *resumed;
+            if fresh {
+                self.last_sequence = *last_sequence;
+                self.in_turn = false;
+            }
         }
     }
 
@@ -429,9 +442,22 @@ impl Chat {
         Some(ExitCode::SUCCESS)
     }
 
-    fn received(&mut self, event: &Event) {
+    /// A frame of the host: its number is kept, its events shown.
+    fn received(&mut self, frame: Frame) {
+        // The host sends each numbered frame once, in order.
+        if let Some(sequence) = frame.sequence {
+            self.last_sequence = sequence;
+            self.in_turn = true;
+        }
+        for event in &frame.events {
+            self.shown(event);
+        }
+    }
+
+    fn shown(&mut self, event: &Event) {
         match event {
             Event::TurnEnd { prompt_id, status } => {
+                self.in_turn = false;
                 self.stored |= status != "refused";
                 match prompt_id {
                     Some(id) => self.pending.retain(|pending| pending != id),
@@ -447,104 +473,16 @@ impl Chat {
                 self.idle_closed = true;
                 return;
             }
+            // Sent at a reconnection: what the chat missed is no longer all
+            // kept (a turn longer than server.replay_frames, or an older one).
+            Event::Diagnostic { code, .. } if code == "replay_gap" => {
+                self.screen
+                    .note("[part of what was sent while disconnected is no longer kept: it is missing here]");
+                return;
+            }
             _ => {}
         }
         self.screen.show(event);
-    }
-
-    /// The socket closed (or a send failed): reconnect, unless the host
-    /// closed it for a reason a reconnection cannot mend.
-    fn lost(&mut self, reason: &str, code: Option<u16>) -> Option<ExitCode> {
-        if !self.pending.is_empty() {
-            self.screen.error(&format!(
-                "the connection dropped during a turn: {} prompt(s) got no complete answer",
-                self.pending.len()
-            ));
-            self.pending.clear();
-        }
-        self.cancelling = false;
-        // 1008: the key was revoked; 1011: the stored session does not parse.
-        if let Some(code @ (1008 | 1011)) = code {
-            self.screen.error(&format!("{reason} ({code})"));
-            return Some(ExitCode::FAILURE);
-        }
-        if std::mem::take(&mut self.idle_closed) {
-            self.state = State::Dormant;
-            self.screen
-                .note("the host closed the idle connection; the next prompt reopens it");
-            return None;
-        }
-        self.screen
-            .note(&format!("connection lost ({reason}); reconnecting"));
-        self.reconnect(Instant::now(), 0);
-        None
-    }
-
-    /// Starts attempt `attempt` to reconnect (after a pause that doubles
-    /// with each attempt) to the same session and backend.
-    fn reconnect(&mut self, since: Instant, attempt: u32) {
-        let pause = match attempt {
-            0 => Duration::ZERO,
-            n => (Duration::from_millis(100) * 2u32.saturating_pow(n - 1)).min(MAX_BACKOFF),
-        };
-        let endpoint = self.endpoint.clone();
-        let key = self.key.clone();
-        let session = self.session.clone();
-        let model = self.model.clone();
-        self.state = State::Reconnecting {
-            since,
-            attempt,
-            connecting: Box::pin(async move {
-                tokio::time::sleep(pause).await;
-                connect(
-                    &endpoint,
-                    key.as_deref(),
-                    session.as_deref(),
-                    model.as_deref(),
-                )
-                .await
-            }),
-        };
-    }
-
-    async fn reconnected(
-        &mut self,
-        result: Result<(Link, Event), ConnectError>,
-    ) -> Option<ExitCode> {
-        let State::Reconnecting { since, attempt, .. } = self.state else {
-            return None;
-        };
-        match result {
-            Ok((link, open)) => {
-                self.state = State::Up(link);
-                let had_history = self.stored;
-                self.opened(&open, "reconnected: ");
-                if had_history && !self.stored {
-                    self.screen
-                        .note("the host no longer had this session: its history is gone");
-                }
-                self.flush().await
-            }
-            Err(ConnectError::Unreachable(_)) if since.elapsed() < RECONNECT_FOR => {
-                self.reconnect(since, attempt + 1);
-                None
-            }
-            Err(err) => {
-                self.screen.error(&format!("cannot reconnect: {err}"));
-                if let Some(session) = &self.session {
-                    let url = self.endpoint.url(None, None);
-                    let flag = if url == DEFAULT_URL {
-                        String::new()
-                    } else {
-                        format!(" --url {url}")
-                    };
-                    self.screen.note(&format!(
-                        "resume later with: llm-host chat{flag} --session {session}"
-                    ));
-                }
-                Some(ExitCode::FAILURE)
-            }
-        }
     }
 
     /// Moves to another session or backend: a new connection, which
@@ -556,6 +494,7 @@ impl Chat {
             self.key.as_deref(),
             session.as_deref(),
             model.as_deref(),
+            None,
         )
         .await
         {
@@ -565,7 +504,7 @@ impl Chat {
                 }
                 self.model = model;
                 self.idle_closed = false;
-                self.opened(&open, "");
+                self.opened(&open, "", true);
                 // Prompts typed while disconnected go to the new session.
                 let _ = self.flush().await;
             }

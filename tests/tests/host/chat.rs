@@ -1,13 +1,17 @@
 //! `llm-host chat`, the terminal client, run under a real pseudo-terminal
 //! against a real host: the answer streams in, Ctrl-C cancels a turn and a
 //! second one quits, `/model`, `/session` and `/new` move between backends
-//! and sessions, and a dropped socket is reconnected on the same session.
+//! and sessions, and a dropped socket is reconnected on the same session,
+//! where a turn that was streaming goes on being shown (`?since=N`).
 //!
 //! The pseudo-terminal is Python's (`pty.fork`, standard library): a small
 //! script runs the chat on it and relays bytes both ways, so that `\x03`
 //! written to it reaches the chat as SIGINT from the line discipline, as
 //! Ctrl-C does. Without `python3` the pty tests say they skipped (and fail
 //! under `CI=true`).
+
+#[path = "cutting_proxy.rs"]
+pub(crate) mod cutting_proxy;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -19,6 +23,7 @@ use llm_host_conformance::support::skip_or_fail;
 use llm_host_tests::{artifacts, Config, Host, Workdir};
 
 use crate::common::{free_port, stored_messages};
+use cutting_proxy::CuttingProxy;
 
 /// How long the chat may take to show what a test waits for.
 const EXPECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -454,4 +459,81 @@ async fn the_chat_reopens_a_connection_closed_for_idleness_at_the_next_prompt() 
             "assistant: echo: after a nap"
         ]
     );
+}
+
+/// `text` without ANSI escapes (`ESC [ ... m`).
+fn without_escapes(text: &str) -> String {
+    let mut plain = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('\x1b') {
+        plain.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+    }
+    plain.push_str(rest);
+    plain
+}
+
+// The connection between the chat and the host is cut in the middle of a
+// slow turn, and new connections are refused for a while (the host keeps
+// running, and so does the turn, within server.reconnect_grace_secs). The
+// chat reconnects with ?since= the last number it had: the words sent
+// while it was away are replayed and the rest streamed, so the answer is
+// shown whole and once, with its end and usage; the next prompt is served.
+#[tokio::test]
+async fn the_chat_goes_on_showing_a_turn_across_a_dropped_connection() {
+    let host = Host::start_default();
+    let proxy = CuttingProxy::start(host.addr());
+    let url = format!("ws://{}/v1/ws", proxy.addr);
+    let Some(mut chat) = Terminal::start(&["--url", &url, "--model", "slow_echo"], &[]) else {
+        return;
+    };
+    let id = session_of(&chat.expect("(new), model slow_echo"));
+    let words: Vec<String> = (1..=30).map(|n| format!("w{n:02}")).collect();
+    let prompt = words.join(" ");
+    chat.send(&format!("{prompt}\n"));
+    chat.expect(&format!("{prompt}\n"));
+    let mut shown = chat.expect(" w04");
+    proxy.cut(Duration::from_millis(700));
+    shown.push_str(&chat.expect("connection lost"));
+    // (new: the memory store has the session once its first turn ended)
+    shown.push_str(&chat.expect(&format!("reconnected: session {id} (")));
+    shown.push_str(&chat.expect("usage: 30 in, 31 out, 61 total"));
+
+    // The answer's lines, the chat's notes left out, make the whole answer.
+    let shown = without_escapes(&shown);
+    let answer: String = shown
+        .lines()
+        .filter(|line| !line.contains("connection lost") && !line.contains("reconnected: "))
+        .filter(|line| !line.starts_with("usage: "))
+        .collect();
+    assert_eq!(
+        answer,
+        format!("echo: {prompt}"),
+        "the chat showed:\n{shown}"
+    );
+    // The cut came in the middle of the turn, and nothing was lost.
+    let before = shown
+        .split_once("connection lost")
+        .map_or("", |(before, _)| before);
+    assert!(!before.contains(" w30"), "{shown}");
+    for lost in ["no complete answer", "were not run", "no longer kept"] {
+        assert!(!shown.contains(lost), "{lost:?} in:\n{shown}");
+    }
+
+    chat.send("and after\n");
+    chat.expect("echo: and after\n");
+    chat.expect("usage: ");
+    assert_eq!(
+        stored_messages(&host, &id).await,
+        [
+            format!("user: {prompt}"),
+            format!("assistant: echo: {prompt}"),
+            "user: and after".to_owned(),
+            "assistant: echo: and after".to_owned(),
+        ]
+    );
+    chat.send("/quit\n");
+    let status = chat.exit_status();
+    assert!(status.success(), "{status}:\n{}", chat.transcript());
 }

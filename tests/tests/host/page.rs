@@ -1,8 +1,8 @@
 //! The chat page on `GET /`: its headers over raw HTTP, and the page itself
 //! driven in headless Chromium through chromedriver by the Python `selenium`
 //! package, against a real host: backends, a streamed turn with its usage,
-//! cancel, an error, resuming a past session, an API key, and tool calls
-//! answered in the page.
+//! cancel, an error, resuming a past session, an API key, tool calls
+//! answered in the page, and a turn followed across a dropped socket.
 //!
 //! The browser tests need Debian's `chromium` and `chromium-driver`
 //! (`/usr/bin/chromium`, `/usr/bin/chromedriver`) and `python3` with
@@ -14,6 +14,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use llm_host_conformance::support::skip_or_fail;
 use llm_host_tests::{http, http_with, Config, Host};
@@ -276,6 +279,14 @@ try:
         field.clear()
         field.send_keys(Keys.TAB)
         out("untooled", **turn("no tools now", "tools"))
+    elif scenario == "reconnect":
+        connected()
+        message = submit(" ".join(f"w{n:02}" for n in range(1, 31)), "slow_echo")
+        wait.until(lambda _: "w04" in message.find_element(By.CSS_SELECTOR, ".text").text)
+        # The test cuts the page's connection when this file appears.
+        open(key, "w").close()
+        wait.until(lambda _: "connection lost" in find("#log").text)
+        out("followed", **finished(message), log=find("#log").text)
     out("console", entries=[e["message"] for e in driver.get_log("browser")])
 except Exception:
     # What the page said on the way, for the failure's message.
@@ -287,10 +298,28 @@ finally:
 
 /// Runs the browser script's `scenario` against `host`: its steps by name.
 async fn drive(host: &Host, scenario: &str, shot: &Path, key: &str) -> HashMap<String, Value> {
+    drive_at(
+        host,
+        &format!("http://{}", host.addr()),
+        scenario,
+        shot,
+        key,
+    )
+    .await
+}
+
+/// [`drive`] with the page loaded from `base`.
+async fn drive_at(
+    host: &Host,
+    base: &str,
+    scenario: &str,
+    shot: &Path,
+    key: &str,
+) -> HashMap<String, Value> {
     let dir = tempfile::tempdir().expect("a scratch directory");
     let script = dir.path().join("page.py");
     std::fs::write(&script, SCRIPT).expect("write the script");
-    let base = format!("http://{}", host.addr());
+    let base = base.to_owned();
     let args = [
         script.display().to_string(),
         base,
@@ -631,4 +660,58 @@ async fn the_chat_page_answers_tool_calls_in_chromium() {
         ],
         "{stored}"
     );
+}
+
+// The page's connection to the host is cut in the middle of a slow turn
+// (through a proxy the page was loaded from), and new connections are
+// refused for a while; the host and the turn run on. The page reconnects
+// with ?since= the last number it had and shows the whole answer once,
+// ending as it would have.
+#[tokio::test]
+async fn the_chat_page_follows_a_turn_across_a_dropped_socket_in_chromium() {
+    if !browser() {
+        return;
+    }
+    let host = Host::start_default();
+    let proxy = crate::chat::cutting_proxy::CuttingProxy::start(host.addr());
+    let base = format!("http://{}", proxy.addr);
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let trigger = dir.path().join("cut");
+    let done = Arc::new(AtomicBool::new(false));
+    let (watched, finished) = (trigger.clone(), done.clone());
+    let cutter = std::thread::spawn(move || {
+        while !finished.load(Ordering::SeqCst) {
+            if watched.exists() {
+                proxy.cut(Duration::from_millis(700));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        proxy
+    });
+    let key = trigger.display().to_string();
+    let steps = drive_at(
+        &host,
+        &base,
+        "reconnect",
+        &dir.path().join("unused.png"),
+        &key,
+    )
+    .await;
+    done.store(true, Ordering::SeqCst);
+    drop(cutter.join().expect("the cutting thread"));
+
+    let followed = &steps["followed"];
+    let words: Vec<String> = (1..=30).map(|n| format!("w{n:02}")).collect();
+    assert_eq!(followed["status"], "completed", "{followed}");
+    assert_eq!(
+        followed["text"].as_str(),
+        Some(format!("echo: {}", words.join(" ")).as_str()),
+        "{followed}"
+    );
+    let meta = followed["meta"].as_str().unwrap_or_default();
+    assert!(meta.contains("30 in, 31 out, 61 tokens"), "{followed}");
+    let log = followed["log"].as_str().unwrap_or_default();
+    assert!(log.contains("reconnected"), "{followed}");
+    assert!(!log.contains("disconnected"), "{followed}");
 }
