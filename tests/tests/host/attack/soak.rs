@@ -125,7 +125,7 @@ async fn fresh_turn(host: &Host, text: &str) {
     };
     let prompt = json!({ "type": "prompt", "text": text }).to_string();
     let turn = match conn.send(Message::text(prompt)).await {
-        Ok(()) => conn.turn().await,
+        Ok(()) => conn.turn(None).await,
         Err(end) => Err(end),
     };
     let Ok(Ok(turn)) = turn else {
@@ -182,6 +182,7 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
                 session: format!("soak-{run}-c{id}-s0"),
                 session_turns: 0,
                 kept: HashSet::new(),
+                shared: false,
                 prompts: 0,
                 log: Log::default(),
             };

@@ -112,20 +112,44 @@ impl Conn {
         }
     }
 
-    /// Frames up to the turn's end; `Ok(Err(code))` when the prompt was
-    /// refused before it ran.
-    pub(super) async fn turn(&mut self) -> Result<Result<Turn, String>, End> {
-        let mut frames = Vec::new();
+    /// Frames up to the end of the turn of the prompt just sent;
+    /// `Ok(Err(code))` when the prompt was refused before it ran.
+    ///
+    /// Every socket of a session receives the session's running turn, so a
+    /// turn this client left running on a socket it dropped (which runs on
+    /// within the reconnect grace) may stream here first. In command mode the
+    /// prompt carries `id` (`prompt_id`), and a turn whose end does not repeat
+    /// it is another's: its frames are skipped. Plain mode has no ids, so a
+    /// session with such a turn is only used in command mode
+    /// ([`Client::shared`]).
+    pub(super) async fn turn(
+        &mut self,
+        prompt_id: Option<&str>,
+    ) -> Result<Result<Turn, String>, End> {
+        let mut frames: Vec<Frame> = Vec::new();
         loop {
             let frame = self.recv().await?;
             if frame.is_diagnostic() && PROMPT_REFUSALS.contains(&frame.diagnostic_code()) {
                 self.refused_end().await?;
                 return Ok(Err(frame.diagnostic_code().to_owned()));
             }
-            frames.push(frame);
-            if frames.last().is_some_and(Frame::is_turn_end) {
-                return Ok(Ok(Turn { frames }));
+            if !frame.is_turn_end() {
+                frames.push(frame);
+                continue;
             }
+            let ours = match prompt_id {
+                Some(id) => frame.event()["promptId"].as_str() == Some(id),
+                None => true,
+            };
+            if !ours {
+                let other = interaction_of(&frame);
+                frames.retain(|f| interaction_of(f) != other);
+                continue;
+            }
+            let id = interaction_of(&frame);
+            frames.retain(|f| interaction_of(f) == id);
+            frames.push(frame);
+            return Ok(Ok(Turn { frames }));
         }
     }
 
@@ -143,10 +167,20 @@ impl Conn {
     }
 
     /// Reads up to the diagnostic refusing a frame, which must be `code`. A
-    /// late `cancel`'s `nothing_to_cancel` may come first.
+    /// late `cancel`'s `nothing_to_cancel` may come first. Frames of a turn
+    /// (another socket's, see [`Conn::turn`]) are skipped; an idle `cancel`
+    /// stops such a turn if one runs (a cancel from any socket of a session
+    /// stops its running turn), which its `cancelled` end shows.
     pub(super) async fn refusal(&mut self, code: &str) -> Result<(), End> {
         loop {
             let frame = self.recv().await?;
+            if !interaction_of(&frame).is_empty() {
+                let stopped = frame.is_turn_end() && frame.event()["status"] == "cancelled";
+                if code == "nothing_to_cancel" && stopped {
+                    return Ok(());
+                }
+                continue;
+            }
             let got = frame.diagnostic_code();
             if frame.is_diagnostic() && got == code {
                 if PROMPT_REFUSALS.contains(&code) {
@@ -159,6 +193,11 @@ impl Conn {
             }
         }
     }
+}
+
+/// The turn a frame belongs to (`meta.interactionId`); empty outside a turn.
+fn interaction_of(frame: &Frame) -> &str {
+    frame.meta()["interactionId"].as_str().unwrap_or_default()
 }
 
 pub(super) fn stall(what: &str) -> End {
@@ -200,6 +239,11 @@ pub(super) struct Client {
     pub(super) session_turns: usize,
     /// Sessions that hold a completed turn, so are resumed.
     pub(super) kept: HashSet<String>,
+    /// The session may have a turn running that a dropped socket of this
+    /// client left (it runs on within the reconnect grace, and every socket
+    /// of the session receives it): its sockets use command mode, whose
+    /// prompt ids tell turns apart.
+    pub(super) shared: bool,
     pub(super) prompts: usize,
     pub(super) log: Log,
 }
@@ -281,7 +325,7 @@ impl Client {
 
     /// Opens a socket in a random mode on the client's session.
     pub(super) async fn connect(&mut self) {
-        let command = self.rng.chance(50);
+        let command = self.rng.chance(50) || self.shared;
         let slow = !command && self.rng.chance(30);
         match Conn::open(self.addr, &self.session, command, slow).await {
             Ok((conn, id, resumed)) => {
@@ -330,7 +374,8 @@ impl Client {
         let words = if slow_turn { 3 } else { 0 } + self.rng.below(if slow_turn { 4 } else { 8 });
         let text = text.unwrap_or_else(|| self.prompt_text(words));
         let max_tokens = (command && self.rng.chance(10)).then(|| 1 + self.rng.below(6));
-        let mut frame = json!({ "type": "prompt", "text": text });
+        let prompt_id = format!("p{}", self.prompts);
+        let mut frame = json!({ "type": "prompt", "id": prompt_id, "text": text });
         if slow_turn {
             frame["model"] = json!("slow_echo");
         }
@@ -351,6 +396,7 @@ impl Client {
             Ok(()) if ending == Ending::Disconnect => {
                 sleep(pause).await;
                 self.conn = None;
+                self.shared = true;
                 let what = if command || slow {
                     "disconnect mid-turn"
                 } else {
@@ -361,11 +407,11 @@ impl Client {
             Ok(()) if ending == Ending::Cancel && command => {
                 sleep(pause).await;
                 match conn.send(Message::text(r#"{"type":"cancel"}"#)).await {
-                    Ok(()) => conn.turn().await,
+                    Ok(()) => conn.turn(Some(&prompt_id)).await,
                     Err(end) => Err(end),
                 }
             }
-            Ok(()) => conn.turn().await,
+            Ok(()) => conn.turn(command.then_some(prompt_id.as_str())).await,
         };
         let turn = match result {
             Ok(Ok(turn)) => turn,
@@ -451,6 +497,7 @@ impl Client {
         }
         if new_session {
             self.session_turns = 0;
+            self.shared = false;
             self.session = match self.rng.chance(50) {
                 true => format!("soak-{}-c{}-s{}", self.run, self.id, self.prompts),
                 false => String::new(),
