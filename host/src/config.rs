@@ -200,8 +200,8 @@ pub struct AdapterConfig {
     /// Models only: how much of a session's history a request holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::core::history::HistoryPolicy>,
-    /// Models only: where the plugin runs (in the host's process, or in a
-    /// child process of its own).
+    /// Where the plugin runs (in the host's process, or in a child process
+    /// of its own); a store's takes no turn limits.
     #[serde(skip_serializing_if = "Isolation::is_in_process")]
     pub isolation: Isolation,
 }
@@ -454,14 +454,8 @@ fn adapters(
                 .history
                 .map(|raw| history::policy(&at, raw, problems));
             let isolation = match adapter.isolation {
-                Some(_) if section != "models" => {
-                    problems.push(format!(
-                        "{section}.{name}.isolation: only model backends run in a process \
-                         of their own (stores: a later release)"
-                    ));
-                    Isolation::InProcess
-                }
-                Some(raw) => isolation::isolation(&at, raw, problems),
+                Some(raw) if section == "models" => isolation::isolation(&at, raw, problems),
+                Some(raw) => isolation::store_isolation(&at, raw, problems),
                 None => Isolation::InProcess,
             };
             let settings = adapter.settings.unwrap_or_default();

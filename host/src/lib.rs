@@ -324,7 +324,11 @@ pub fn list_plugins(config: &Path) -> ExitCode {
     };
     let loader =
         plugins::loader::Loader::new(config.plugins.staging_dir.clone(), config.base_dir.clone());
-    let catalog = match loader.scan(&config.plugins.dir, &Default::default()) {
+    let catalog = match loader.scan(
+        &config.plugins.dir,
+        &Default::default(),
+        &Default::default(),
+    ) {
         Ok(catalog) => catalog,
         Err(err) => {
             eprintln!("llm-host: {err}");

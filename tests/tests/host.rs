@@ -22,6 +22,8 @@ mod common;
 mod compat;
 #[path = "host/failures.rs"]
 mod failures;
+#[path = "host/isolated_stores.rs"]
+mod isolated_stores;
 #[path = "host/isolation.rs"]
 mod isolation;
 #[path = "host/openai_http.rs"]

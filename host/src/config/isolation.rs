@@ -1,9 +1,13 @@
-//! `[models.NAME] isolation`: where a backend's plugin runs. `"in_process"`
-//! (the default: in the host's own process, the fast path) or `"process"`
-//! (in a child process of its own, see [`crate::plugins::isolated`]), as a
-//! string or as a table with the child's limits:
+//! `[models.NAME] isolation` and `[stores.NAME] isolation`: where a
+//! backend's or a store's plugin runs. `"in_process"` (the default: in the
+//! host's own process, the fast path) or `"process"` (in a child process of
+//! its own, see [`crate::plugins::isolated`]), as a string or as a table
+//! with the child's limits:
 //! `isolation = { mode = "process", max_concurrent_turns = 64,
-//! first_event_timeout_ms = 60000, memory_limit_mb = 2048 }`.
+//! first_event_timeout_ms = 60000, memory_limit_mb = 2048 }`. A store takes
+//! `mode` and `memory_limit_mb` only: `max_concurrent_turns` and
+//! `first_event_timeout_ms` are about turns, which only a model runs (a
+//! store's calls are bounded by `server.store_timeout_ms`).
 
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +82,38 @@ const MOST_FIRST_EVENT_MS: u64 = 3_600_000;
 const LEAST_MEMORY_MB: u64 = 64;
 /// Most `memory_limit_mb`: 1 TiB.
 const MOST_MEMORY_MB: u64 = 1 << 20;
+
+/// Keys of the table that apply to model backends only.
+const MODEL_ONLY: [&str; 2] = ["max_concurrent_turns", "first_event_timeout_ms"];
+
+/// Checks `isolation` of store `at` (`stores.NAME`), adding each problem
+/// found: as [`isolation`], and the keys about turns are refused.
+pub(super) fn store_isolation(
+    at: &str,
+    raw: RawIsolation,
+    problems: &mut Vec<String>,
+) -> Isolation {
+    let raw = match raw {
+        RawIsolation::Table(mut table) => {
+            let given = [
+                table.max_concurrent_turns.take().is_some(),
+                table.first_event_timeout_ms.take().is_some(),
+            ];
+            for (key, given) in MODEL_ONLY.iter().zip(given) {
+                if given {
+                    problems.push(format!(
+                        "{at}.isolation.{key}: applies to model backends only (a store runs \
+                         no turns; its calls are bounded by server.store_timeout_ms): \
+                         remove it"
+                    ));
+                }
+            }
+            RawIsolation::Table(table)
+        }
+        mode => mode,
+    };
+    isolation(at, raw, problems)
+}
 
 /// Checks `isolation` of `at` (`models.NAME`), adding each problem found.
 pub(super) fn isolation(at: &str, raw: RawIsolation, problems: &mut Vec<String>) -> Isolation {
@@ -202,6 +238,54 @@ mod tests {
             check("isolation = { mode = \"in_process\", max_concurrent_turns = 2 }");
         assert!(
             problems[0].contains("max_concurrent_turns applies to mode \"process\" only"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_store_takes_the_mode_and_the_memory_limit_only() {
+        let store = |text: &str| {
+            #[derive(Deserialize)]
+            struct Entry {
+                isolation: RawIsolation,
+            }
+            let raw: Entry = toml::from_str(text).expect("parses");
+            let mut problems = Vec::new();
+            let isolation = store_isolation("stores.s", raw.isolation, &mut problems);
+            (isolation, problems)
+        };
+        assert_eq!(
+            store("isolation = \"process\""),
+            (Isolation::Process(ProcessLimits::default()), vec![])
+        );
+        let (isolation, problems) =
+            store("isolation = { mode = \"process\", memory_limit_mb = 256 }");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            isolation,
+            Isolation::Process(ProcessLimits {
+                memory_limit_mb: Some(256),
+                ..ProcessLimits::default()
+            })
+        );
+        let (_, problems) = store(
+            "isolation = { mode = \"process\", max_concurrent_turns = 4, \
+             first_event_timeout_ms = 2000 }",
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "stores.s.isolation.max_concurrent_turns: applies to model backends only"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("stores.s.isolation.first_event_timeout_ms: applies"),
+            "{problems:?}"
+        );
+        let (_, problems) = store("isolation = \"elsewhere\"");
+        assert!(
+            problems[0].contains("stores.s.isolation: `elsewhere`"),
             "{problems:?}"
         );
     }

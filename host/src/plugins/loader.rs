@@ -15,10 +15,14 @@
 //!    config is known to name it;
 //! 4. refuses a plugin name that two libraries provide, naming both files
 //!    (neither is loaded);
-//! 5. loads into this process only the plugins the config names: the staged
-//!    copy is verified against its hash once more, mapped, ABI-checked
-//!    (against today's contract, or an earlier layout it was published with:
-//!    [`compat`]), and its `init` called.
+//! 5. loads into this process only the plugins the config names for an
+//!    entry that runs in it: the staged copy is verified against its hash
+//!    once more, mapped, ABI-checked (against today's contract, or an
+//!    earlier layout it was published with: [`compat`]), and its `init`
+//!    called. A plugin the config names only for entries with
+//!    `isolation = "process"` is verified but never mapped here: its child
+//!    process loads it ([`load_isolated`]), so none of its code (constructors,
+//!    `init`, threads it starts) runs in the host.
 //!
 //! The host never maps the file an operator writes. Identical bytes are
 //! loaded once, and a new build of a plugin is staged under another name and
@@ -27,28 +31,28 @@
 //! mapped file crashes the process. Libraries are never unloaded.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use abi_stable::{
-    library::{lib_header_from_path, LibraryError},
-    std_types::RStr,
-};
-use llm_host_plugin_api::{Kinds, ModelAdapterBox, PluginError, StoreAdapterBox, API_VERSION};
+use abi_stable::{library::lib_header_from_path, std_types::RStr};
+use llm_host_plugin_api::{Kinds, ModelAdapterBox, PluginError, StoreAdapterBox};
 
 #[path = "compat.rs"]
 pub(crate) mod compat;
+#[path = "load_errors.rs"]
+mod load_errors;
 
 use self::compat::Root;
+use self::load_errors::describe;
 use super::library;
 pub(crate) use super::logger::PluginLogger;
 use super::probe::{Facts, Prober};
 use super::staging::{sha256_hex, Staging};
 
-/// A plugin library loaded into the process. Lives as long as the process:
-/// libraries are never unloaded.
+/// A plugin library loaded into the process (or, for a plugin run only in
+/// child processes, verified and known by its probe's answer). Lives as long
+/// as the process: libraries are never unloaded.
 pub struct LoadedPlugin {
     /// The plugin's own name, as config.toml names it.
     pub name: String,
@@ -68,7 +72,8 @@ pub struct LoadedPlugin {
     pub hash: String,
     /// When it was loaded.
     pub loaded_at: SystemTime,
-    module: Root,
+    /// Its root module; `None` when it is not mapped into this process.
+    module: Option<Root>,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -86,7 +91,7 @@ impl LoadedPlugin {
     /// Builds a model adapter from `settings` (a JSON object).
     pub fn new_model(&self, settings: &serde_json::Value) -> Result<ModelAdapterBox, PluginError> {
         let settings = settings.to_string();
-        self.module
+        self.module()?
             .new_model(RStr::from(settings.as_str()))
             .into_result()
     }
@@ -94,9 +99,24 @@ impl LoadedPlugin {
     /// Builds a store adapter from `settings` (a JSON object).
     pub fn new_store(&self, settings: &serde_json::Value) -> Result<StoreAdapterBox, PluginError> {
         let settings = settings.to_string();
-        self.module
+        self.module()?
             .new_store(RStr::from(settings.as_str()))
             .into_result()
+    }
+
+    /// Whether the library is mapped into this process (else it runs only
+    /// in child processes).
+    pub fn in_host(&self) -> bool {
+        self.module.is_some()
+    }
+
+    fn module(&self) -> Result<&Root, PluginError> {
+        self.module.as_ref().ok_or_else(|| {
+            PluginError::internal(format!(
+                "plugin `{}` is not loaded into the host: it runs in a process of its own",
+                self.name
+            ))
+        })
     }
 
     /// The first 12 hex digits of the content hash, for logs.
@@ -107,7 +127,9 @@ impl LoadedPlugin {
     /// Which layout of the plugin contract the library was loaded through:
     /// `current`, or an earlier one (see [`compat`]).
     pub fn contract(&self) -> &'static str {
-        self.module.contract()
+        self.module
+            .as_ref()
+            .map_or("known in its child process", Root::contract)
     }
 
     /// What it says it is.
@@ -168,7 +190,8 @@ pub struct Found {
     pub hash: String,
     /// What it says it is (asked in a probe process, or when it was loaded).
     pub facts: Facts,
-    /// Whether it is loaded into this process.
+    /// Whether it is loaded: into this process, or (named only by entries
+    /// with `isolation = "process"`) verified for its child processes.
     pub loaded: bool,
 }
 
@@ -235,11 +258,17 @@ impl Loader {
     }
 
     /// Scans `dir` for `lib*.so` plugins (see the module's doc) and loads
-    /// into this process those whose plugin name `wanted` holds. Files that
-    /// are not llm-host plugins (no root module symbol) are skipped; every
-    /// other problem of a file is collected, so the operator sees them all at
-    /// once. Fails only when the staging directory cannot be used.
-    pub fn scan(&self, dir: &Path, wanted: &BTreeSet<String>) -> Result<Catalog, String> {
+    /// those whose plugin name `wanted` holds: into this process if `in_host`
+    /// holds it too, else verified only, for child processes to load. Files
+    /// that are not llm-host plugins (no root module symbol) are skipped;
+    /// every other problem of a file is collected, so the operator sees them
+    /// all at once. Fails only when the staging directory cannot be used.
+    pub fn scan(
+        &self,
+        dir: &Path,
+        wanted: &BTreeSet<String>,
+        in_host: &BTreeSet<String>,
+    ) -> Result<Catalog, String> {
         self.staging.prepare()?;
         library::check_dir(dir);
         let mut catalog = Catalog::default();
@@ -289,7 +318,7 @@ impl Loader {
                     );
                     catalog.conflicts.insert(name.to_owned(), files);
                 } else if wanted.contains(name) {
-                    match self.load_entry(first, name) {
+                    match self.load_entry(first, name, in_host.contains(name)) {
                         Ok(plugin) => {
                             catalog.plugins.insert(name.to_owned(), plugin);
                             loaded = true;
@@ -372,16 +401,57 @@ impl Loader {
         facts
     }
 
-    /// Loads `entry`, whose probe said it is plugin `name`, into this process.
-    fn load_entry(&self, entry: &Entry, name: &str) -> Result<Arc<LoadedPlugin>, String> {
-        if let Some(plugin) = self.lock().get(&entry.hash) {
+    /// Loads `entry`, whose probe said it is plugin `name`: into this
+    /// process with `in_host`, else only verified and described (for child
+    /// processes to load; mapped later if an entry in the host comes to name
+    /// it).
+    fn load_entry(
+        &self,
+        entry: &Entry,
+        name: &str,
+        in_host: bool,
+    ) -> Result<Arc<LoadedPlugin>, String> {
+        let known = self.lock().get(&entry.hash).cloned();
+        if let Some(plugin) = known.as_ref().filter(|p| p.in_host() || !in_host) {
             return Ok(plugin.clone());
         }
-        let staged = entry
-            .staged
-            .as_deref()
-            .ok_or_else(|| "no staged copy was made for it".to_owned())?;
-        self.map(&entry.file, staged, &entry.hash, Some(name))
+        let staged = match (&entry.staged, &known) {
+            (Some(staged), _) => staged.clone(),
+            (None, Some(plugin)) => plugin.staged.clone(),
+            (None, None) => return Err("no staged copy was made for it".to_owned()),
+        };
+        if in_host {
+            return self.map(&entry.file, &staged, &entry.hash, Some(name));
+        }
+        self.staging.verify(&staged, &entry.hash)?;
+        let facts = match self.probes().get(&entry.hash) {
+            Some(Ok(facts)) => facts.clone(),
+            _ => return Err("its probe's answer was lost".to_owned()),
+        };
+        let plugin = Arc::new(LoadedPlugin {
+            name: facts.name,
+            version: facts.version,
+            description: facts.description,
+            kinds: Kinds(facts.kinds),
+            api_version: facts.api_version,
+            file: entry.file.clone(),
+            staged,
+            hash: entry.hash.clone(),
+            loaded_at: SystemTime::now(),
+            module: None,
+        });
+        tracing::info!(
+            plugin = %plugin.name,
+            version = %plugin.version,
+            hash = plugin.short_hash(),
+            file = %entry.file.display(),
+            "plugin verified for its child processes (not loaded into the host)"
+        );
+        Ok(self
+            .lock()
+            .entry(entry.hash.clone())
+            .or_insert(plugin)
+            .clone())
     }
 
     /// Loads one library into this process, as `llm-host check` does with
@@ -428,7 +498,13 @@ impl Loader {
             file = %file.display(),
             "plugin loaded"
         );
-        Ok(self.lock().entry(hash.to_owned()).or_insert(plugin).clone())
+        let mut loaded = self.lock();
+        let kept = loaded.entry(hash.to_owned()).or_insert(plugin.clone());
+        if !kept.in_host() {
+            // Known before for child processes only: mapped now.
+            *kept = plugin;
+        }
+        Ok(kept.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoadedPlugin>>> {
@@ -500,125 +576,6 @@ fn open(
         staged: staged.to_owned(),
         hash,
         loaded_at: SystemTime::now(),
-        module,
+        module: Some(module),
     })
-}
-
-/// Turns a loader error into the few lines an operator can act on: what is
-/// wrong and how to fix it; the full report goes to the debug log.
-/// `built_against` is the plugin-api version the library says it was built
-/// against, once its header could be read.
-fn describe(err: &LibraryError, built_against: Option<&str>) -> String {
-    match err {
-        LibraryError::IncompatibleVersionNumber {
-            expected_version,
-            actual_version,
-            ..
-        } => format!(
-            "built against plugin-api {actual_version}, but this host needs \
-             {}.{}.x (rebuild the plugin against llm-host-plugin-api {API_VERSION})",
-            expected_version.major, expected_version.minor
-        ),
-        LibraryError::AbiInstability(report) => {
-            let full = report.to_string();
-            tracing::debug!(report = %full, "full ABI report");
-            let useful: Vec<&str> = full
-                .lines()
-                .map(str::trim)
-                .filter(|line| line.starts_with("Error:") || line.contains("incompatible"))
-                .take(6)
-                .collect();
-            let built = built_against
-                .map(|version| format!("built against llm-host-plugin-api {version}, but "))
-                .unwrap_or_default();
-            let mut message = format!(
-                "incompatible plugin-api layout: {built}its types match no layout this host \
-                 (plugin-api {API_VERSION}) loads; was the plugin-api modified or forked? \
-                 Rebuild the plugin against an unmodified llm-host-plugin-api {API_VERSION}"
-            );
-            for line in useful {
-                let _ = write!(message, "\n    {line}");
-            }
-            message
-        }
-        LibraryError::InvalidAbiHeader(found) => {
-            let ours = abi_stable::library::AbiHeader::VALUE;
-            if found.magic_string != ours.magic_string {
-                "not an llm-host plugin: its root module symbol is not abi_stable's \
-                 (build it with llm_host_plugin_api::export_plugin!)"
-                    .to_owned()
-            } else {
-                format!(
-                    "built with abi_stable {}.{}, but this host loads plugins built with \
-                     abi_stable {}.{}: rebuild the plugin against llm-host-plugin-api \
-                     {API_VERSION}, and name abi_stable only as llm_host_plugin_api::abi_stable \
-                     (or as abi_stable = \"{}.{}\")",
-                    found.abi_major,
-                    found.abi_minor,
-                    ours.abi_major,
-                    ours.abi_minor,
-                    ours.abi_major,
-                    ours.abi_minor
-                )
-            }
-        }
-        LibraryError::GetSymbolError { .. } => {
-            "not an llm-host plugin: it exports no plugin root module \
-             (use llm_host_plugin_api::export_plugin!)"
-                .to_owned()
-        }
-        LibraryError::RootModule { err, .. } => {
-            format!("its root module failed to load: {}", err.to_string().trim())
-        }
-        LibraryError::ParseVersionError(err) => format!(
-            "its plugin-api version cannot be read ({}); rebuild the plugin against \
-             llm-host-plugin-api {API_VERSION}",
-            err.to_string().trim()
-        ),
-        LibraryError::InvalidCAbi { .. } => {
-            tracing::debug!(report = %err, "C ABI tests");
-            "its C ABI differs from this host's (built for another target, or by an \
-             incompatible compiler?): rebuild it for this machine"
-                .to_owned()
-        }
-        LibraryError::OpenError { err, .. } => format!("cannot be loaded: {err}"),
-        LibraryError::Many(errors) => errors
-            .iter()
-            .map(|err| describe(err, built_against))
-            .collect::<Vec<_>>()
-            .join("; "),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use abi_stable::library::AbiHeader;
-
-    use super::*;
-
-    // Each refusal says what is wrong and what to do, in a line or two.
-    #[test]
-    fn refusals_are_short_and_name_the_fix() {
-        let mut other_minor = AbiHeader::VALUE;
-        other_minor.abi_minor += 1;
-        let message = describe(&LibraryError::InvalidAbiHeader(other_minor), None);
-        let ours = AbiHeader::VALUE;
-        assert!(
-            message.starts_with(&format!(
-                "built with abi_stable {}.{}, but this host loads plugins built with abi_stable \
-                 {}.{}: rebuild the plugin against llm-host-plugin-api {API_VERSION}",
-                ours.abi_major,
-                ours.abi_minor + 1,
-                ours.abi_major,
-                ours.abi_minor
-            )),
-            "{message}"
-        );
-        assert!(!message.contains('\n'), "{message}");
-
-        let mut not_abi_stable = AbiHeader::VALUE;
-        not_abi_stable.magic_string = [b'x'; 32];
-        let message = describe(&LibraryError::InvalidAbiHeader(not_abi_stable), None);
-        assert!(message.starts_with("not an llm-host plugin"), "{message}");
-    }
 }

@@ -1,7 +1,8 @@
 //! The plugin side of the host: everything that knows the plugin ABI.
 //!
 //! - [`loader`]: scanning the plugin directory, loading the configured
-//!   plugins; ABI and version checks with readable errors.
+//!   plugins; ABI and version checks with readable errors (worded in
+//!   `load_errors.rs`, a module of the loader).
 //! - [`library`]: reading a library file: who could have written it, and
 //!   whether it is a whole plugin library.
 //! - [`logger`]: the host API a plugin gets, and its log lines under a
@@ -14,7 +15,8 @@
 //!   swapped whole.
 //! - [`ports`]: the turn core's store and model ports over the FFI adapters.
 //! - [`reload`]: what a reload changed, and what sessions are told.
-//! - [`isolated`]: model backends whose plugin runs in a child process.
+//! - [`isolated`]: model backends and stores whose plugin runs in a child
+//!   process.
 
 pub mod isolated;
 pub mod library;

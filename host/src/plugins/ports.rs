@@ -1,6 +1,8 @@
 //! The turn core's ports for the FFI adapters: a store plugin is a
 //! [`SessionStore`], a model plugin a [`Model`]. Everything of the plugin ABI
-//! (`RStr`, trait objects, `PluginError`) stays on this side.
+//! (`RStr`, trait objects, `PluginError`) stays on this side. A store in a
+//! child process of its own ([`super::isolated::store`]) takes each call
+//! over its pipe; timed, counted and failed the same way.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use llm_host_plugin_api::{
 };
 use serde::Serialize;
 
-use super::runtime::{Engine, ModelBackend, StoreBackend};
+use super::runtime::{Engine, ModelBackend, StoreBackend, StoreEngine};
 use crate::core::ports::{
     Model, ModelError, Next, SaveOutcome, SessionStore, Stepper, StoreError, Stored, Wake,
 };
@@ -27,6 +29,9 @@ impl SessionStore for Arc<StoreBackend> {
     }
 
     async fn load(&self, id: &str) -> Result<Option<Stored>, StoreError> {
+        if let StoreEngine::Process(child) = &self.engine {
+            return observe(self, "load", child.load(id)).await;
+        }
         let id = id.to_owned();
         call(self, "load", move |adapter| {
             adapter
@@ -50,6 +55,9 @@ impl SessionStore for Arc<StoreBackend> {
         owner: &str,
         data: String,
     ) -> Result<SaveOutcome, StoreError> {
+        if let StoreEngine::Process(child) = &self.engine {
+            return observe(self, "save", child.save(id, expected, owner, &data)).await;
+        }
         let (id, owner) = (id.to_owned(), owner.to_owned());
         call(self, "save", move |adapter| {
             adapter
@@ -73,6 +81,9 @@ impl SessionStore for Arc<StoreBackend> {
     }
 
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        if let StoreEngine::Process(child) = &self.engine {
+            return observe(self, "delete", child.delete(id)).await;
+        }
         let id = id.to_owned();
         call(self, "delete", move |adapter| {
             adapter.delete(RStr::from(id.as_str())).into_result()
@@ -97,6 +108,11 @@ pub async fn list(
     after: &str,
     limit: u32,
 ) -> Result<Page, StoreError> {
+    if let StoreEngine::Process(child) = &store.engine {
+        let page = child.list(owner, after, limit);
+        let (ids, next) = observe(store, "list", page).await?;
+        return Ok(Page { ids, next });
+    }
     let (owner, after) = (owner.to_owned(), after.to_owned());
     call(store, "list", move |adapter| {
         adapter
@@ -116,6 +132,9 @@ pub async fn list(
 
 /// Whether the store answers.
 pub async fn ping(store: &Arc<StoreBackend>) -> Result<(), StoreError> {
+    if let StoreEngine::Process(child) = &store.engine {
+        return observe(store, "ping", child.ping()).await;
+    }
     call(store, "ping", |adapter| adapter.ping().into_result()).await
 }
 
@@ -126,34 +145,66 @@ async fn call<T: Send + 'static>(
     op: &'static str,
     body: impl FnOnce(&StoreAdapterBox) -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, StoreError> {
+    let StoreEngine::InProcess(adapter) = &store.engine else {
+        // Never: every call takes the child's path first.
+        return Err(StoreError::Lost(store.name.clone()));
+    };
     let started = std::time::Instant::now();
     let result = if store.in_process {
         // The store answers from memory: a blocking thread would cost more
         // than the call.
-        Ok(body(&store.adapter))
+        Ok(body(adapter))
     } else {
         let backend = store.clone();
-        tokio::task::spawn_blocking(move || body(&backend.adapter)).await
+        tokio::task::spawn_blocking(move || match &backend.engine {
+            StoreEngine::InProcess(adapter) => body(adapter),
+            StoreEngine::Process(_) => Err(PluginError::internal("the store moved")),
+        })
+        .await
     };
+    let result = match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Some(error.to_string())),
+        Err(_) => Err(None),
+    };
+    account(store, op, started, result)
+}
+
+/// Awaits one call of a store in a child process, timed and counted by
+/// `op` as [`call`] does.
+async fn observe<T>(
+    store: &StoreBackend,
+    op: &'static str,
+    body: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = body.await.map_err(Some);
+    account(store, op, started, result)
+}
+
+/// Records a store call's time (and its failure) in the metrics; `Err(None)`:
+/// the call was lost.
+fn account<T>(
+    store: &StoreBackend,
+    op: &'static str,
+    started: std::time::Instant,
+    result: Result<T, Option<String>>,
+) -> Result<T, StoreError> {
     let metrics = crate::metrics::metrics();
     metrics
         .store_seconds
         .get_or_create(&[("op", op)])
         .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => {
-            metrics.store_errors.get_or_create(&[("op", op)]).inc();
-            Err(StoreError::Failed {
-                store: store.name.clone(),
-                message: error.to_string(),
-            })
-        }
-        Err(_) => {
-            metrics.store_errors.get_or_create(&[("op", op)]).inc();
-            Err(StoreError::Lost(store.name.clone()))
-        }
+    if result.is_err() {
+        metrics.store_errors.get_or_create(&[("op", op)]).inc();
     }
+    result.map_err(|failure| match failure {
+        Some(message) => StoreError::Failed {
+            store: store.name.clone(),
+            message,
+        },
+        None => StoreError::Lost(store.name.clone()),
+    })
 }
 
 impl Model for ModelBackend {

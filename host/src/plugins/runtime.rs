@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use llm_host_plugin_api::{Kinds, ModelAdapterBox, StoreAdapterBox};
 
-use super::isolated::{child::Launch, IsolatedModel};
+use super::isolated::{child::Launch, IsolatedModel, IsolatedStore};
 use super::loader::{Catalog, LoadedPlugin, Loader};
 use crate::config::{AdapterConfig, Config, Isolation};
 
@@ -57,16 +57,7 @@ impl ModelBackend {
                 (Engine::InProcess(adapter), stepped)
             }
             Isolation::Process(limits) => {
-                let launch = Launch {
-                    program: super::isolated::child::own_executable(),
-                    backend: name.to_owned(),
-                    plugin: plugin.name.clone(),
-                    file: plugin.file.clone(),
-                    staged: plugin.staged.clone(),
-                    hash: plugin.hash.clone(),
-                    base_dir: base_dir.to_owned(),
-                    settings: entry.settings.to_string(),
-                };
+                let launch = launch(name, entry, &plugin, base_dir);
                 let model = IsolatedModel::start(launch, limits).map_err(|why| {
                     format!(
                         "models.{name}: plugin `{}` could not be started in a process of \
@@ -88,6 +79,21 @@ impl ModelBackend {
     }
 }
 
+/// What a child of backend or store `name` is started with.
+fn launch(name: &str, entry: &AdapterConfig, plugin: &LoadedPlugin, base_dir: &Path) -> Launch {
+    Launch {
+        program: super::isolated::child::own_executable(),
+        backend: name.to_owned(),
+        plugin: plugin.name.clone(),
+        file: plugin.file.clone(),
+        staged: plugin.staged.clone(),
+        hash: plugin.hash.clone(),
+        base_dir: base_dir.to_owned(),
+        settings: entry.settings.to_string(),
+        store: false,
+    }
+}
+
 /// A configured store (`[stores.NAME]`).
 pub struct StoreBackend {
     /// Its name in config.toml.
@@ -96,10 +102,62 @@ pub struct StoreBackend {
     pub plugin: Arc<LoadedPlugin>,
     /// The settings it was built from.
     pub settings: serde_json::Value,
-    /// The adapter.
-    pub adapter: StoreAdapterBox,
-    /// Whether it lives in this process (see `StoreAdapter::in_process`).
+    /// Where its plugin runs, as configured.
+    pub isolation: Isolation,
+    /// The adapter, or the child process it runs in.
+    pub engine: StoreEngine,
+    /// Whether it lives in this process's memory (see
+    /// `StoreAdapter::in_process`); never for a store in a child.
     pub in_process: bool,
+}
+
+/// Where a store's calls run.
+pub enum StoreEngine {
+    /// In this process, through the plugin's adapter.
+    InProcess(StoreAdapterBox),
+    /// In a child process of its own ([`super::isolated`]).
+    Process(IsolatedStore),
+}
+
+impl StoreBackend {
+    /// Builds store `name` of `entry` from `plugin`: the adapter in this
+    /// process, or a child process that builds it.
+    fn build(
+        name: &str,
+        entry: &AdapterConfig,
+        plugin: Arc<LoadedPlugin>,
+        base_dir: &Path,
+    ) -> Result<StoreBackend, String> {
+        let key = format!("stores.{name}");
+        let (engine, in_process) = match entry.isolation {
+            Isolation::InProcess => {
+                let adapter = plugin
+                    .new_store(&entry.settings)
+                    .map_err(|err| refused(&key, entry, &err))?;
+                let in_process = adapter.in_process();
+                (StoreEngine::InProcess(adapter), in_process)
+            }
+            Isolation::Process(limits) => {
+                let launch = launch(name, entry, &plugin, base_dir);
+                let store =
+                    IsolatedStore::start(launch, limits.memory_limit_mb).map_err(|why| {
+                        format!(
+                        "{key}: plugin `{}` could not be started in a process of its own: {why}",
+                        entry.plugin
+                    )
+                    })?;
+                (StoreEngine::Process(store), false)
+            }
+        };
+        Ok(StoreBackend {
+            name: name.to_owned(),
+            plugin,
+            settings: entry.settings.clone(),
+            isolation: entry.isolation,
+            engine,
+            in_process,
+        })
+    }
 }
 
 /// One consistent set of adapters and the config they came from.
@@ -157,8 +215,11 @@ impl Active {
                 continue;
             };
             let before = previous.and_then(|p| p.stores.get(name));
-            let kept =
-                before.filter(|b| b.plugin.hash == plugin.hash && b.settings == entry.settings);
+            let kept = before.filter(|b| {
+                b.plugin.hash == plugin.hash
+                    && b.settings == entry.settings
+                    && b.isolation == entry.isolation
+            });
             if let Some(store) = kept {
                 stores.insert(name.clone(), store.clone());
                 continue;
@@ -166,10 +227,12 @@ impl Active {
             if let Some(before) = before.filter(|b| b.in_process) {
                 // A new adapter would start empty, and turns in flight would
                 // save into the one dropped.
-                let what = if before.plugin.hash == plugin.hash {
+                let what = if before.plugin.hash != plugin.hash {
+                    "its library"
+                } else if before.settings != entry.settings {
                     "its settings"
                 } else {
-                    "its library"
+                    "its isolation"
                 };
                 problems.push(format!(
                     "{key}: store `{name}` keeps its sessions in this process's memory; \
@@ -179,18 +242,11 @@ impl Active {
                 stores.insert(name.clone(), before.clone());
                 continue;
             }
-            match plugin.new_store(&entry.settings) {
-                Ok(adapter) => {
-                    let store = StoreBackend {
-                        name: name.clone(),
-                        plugin,
-                        settings: entry.settings.clone(),
-                        in_process: adapter.in_process(),
-                        adapter,
-                    };
+            match StoreBackend::build(name, entry, plugin, &config.base_dir) {
+                Ok(store) => {
                     stores.insert(name.clone(), Arc::new(store));
                 }
-                Err(err) => problems.push(refused(&key, entry, &err)),
+                Err(problem) => problems.push(problem),
             }
         }
         if !problems.is_empty() {
@@ -224,7 +280,16 @@ impl Active {
             .chain(config.stores.values())
             .map(|entry| entry.plugin.clone())
             .collect();
-        let catalog = match loader.scan(&config.plugins.dir, &wanted) {
+        // Of those, only the ones some entry runs in this process are mapped
+        // into it; the others are loaded by their child processes alone.
+        let in_host: BTreeSet<String> = config
+            .models
+            .values()
+            .chain(config.stores.values())
+            .filter(|entry| entry.isolation == Isolation::InProcess)
+            .map(|entry| entry.plugin.clone())
+            .collect();
+        let catalog = match loader.scan(&config.plugins.dir, &wanted, &in_host) {
             Ok(catalog) => catalog,
             Err(problem) => {
                 problems.push(problem);

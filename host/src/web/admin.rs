@@ -197,9 +197,21 @@ fn plugins(
                     crate::plugins::runtime::Engine::InProcess(_) => None,
                 })
                 .collect();
+            // Stores whose plugin runs in a child process: likewise.
+            let isolated_stores: serde_json::Map<String, Value> = active
+                .stores
+                .values()
+                .filter_map(|s| match &s.engine {
+                    crate::plugins::runtime::StoreEngine::Process(store) => {
+                        Some((s.name.clone(), json!(store.health())))
+                    }
+                    crate::plugins::runtime::StoreEngine::InProcess(_) => None,
+                })
+                .collect();
             warp::reply::json(&json!({
                 "plugins": plugins,
                 "isolated": isolated,
+                "isolatedStores": isolated_stores,
                 "reloads": status.reloads,
                 "lastReloadAt": status.last_reload_ms,
                 "lastError": last_error,

@@ -3,7 +3,8 @@
 //! down (a segfault, an abort, a stack overflow, a hang past the first-event
 //! deadline); the host goes on, the crashing turn fails `plugin_crashed`
 //! naming the signal, a turn on another backend running at the same time
-//! completes, and the next turn on the crashed backend runs on a new child.
+//! completes, and the next turn on the crashed backend runs on a new child;
+//! a library only isolated backends name is never mapped into the host.
 //! An isolated echo streams what the in-process echo streams, and cancels.
 //! A child with `memory_limit_mb` that allocates without bound dies as a
 //! crash; the limit needs process isolation; each call in a child is timed
@@ -90,6 +91,18 @@ async fn each_crash_fails_only_its_turn_and_the_backend_restarts() {
     )["pid"]
         .as_u64()
         .expect("a running child has a pid");
+    // Named only by an isolated backend, the broken library is mapped by
+    // its child and never into the host.
+    let maps = |pid: u64| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let library = "libllm_host_broken_plugin_fixture-";
+    assert!(
+        maps(first_pid).contains(library),
+        "the child maps no broken fixture"
+    );
+    assert!(
+        !maps(u64::from(host.pid())).contains(library),
+        "the host maps it"
+    );
     for (count, (mode, signals)) in modes.iter().enumerate() {
         let started = Instant::now();
         // 4 words, 100 ms apart: running while the other turn crashes.

@@ -1,6 +1,6 @@
 //! One plugin child process, seen from the host: started and handed its
-//! plugin ([`Child::spawn`]), its turns by id, the thread that reads its
-//! frames, and what happened when it ended.
+//! plugin ([`Child::spawn`]), its turns (a model's) or calls (a store's) by
+//! id, the thread that reads its frames, and what happened when it ended.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
@@ -34,6 +34,8 @@ pub struct Launch {
     pub base_dir: PathBuf,
     /// The backend's settings, JSON.
     pub settings: String,
+    /// Whether the child builds a store adapter (else a model adapter).
+    pub store: bool,
 }
 
 /// The host's own executable, as the child is run: `/proc/self/exe`, which
@@ -52,8 +54,10 @@ pub fn own_executable() -> PathBuf {
 pub enum Incoming {
     /// A model event.
     Event(Event),
-    /// `generate` returned.
+    /// `generate` returned; or a store call failed (`Err`).
     Done(Result<(), ModelError>),
+    /// A store call's answer.
+    Reply(Frame),
     /// The child is gone; why.
     Crashed(String),
 }
@@ -87,8 +91,29 @@ pub struct Child {
 
 #[derive(Default)]
 struct Turns {
-    open: HashMap<u64, mpsc::Sender<Incoming>>,
+    open: HashMap<u64, Route>,
     dead: Option<String>,
+}
+
+/// Where the frames of an open id go.
+enum Route {
+    /// A turn's: every event, then its end.
+    Turn(mpsc::Sender<Incoming>),
+    /// A store call's: its one answer.
+    Call(tokio::sync::oneshot::Sender<Incoming>),
+}
+
+impl Route {
+    fn send(self, incoming: Incoming) {
+        match self {
+            Route::Turn(to) => {
+                let _ = to.send(incoming);
+            }
+            Route::Call(to) => {
+                let _ = to.send(incoming);
+            }
+        }
+    }
 }
 
 impl Child {
@@ -118,7 +143,12 @@ impl Child {
             return Err("the child's pipes are missing".to_owned());
         };
         let mut init = Encoder::default();
-        init.begin(to_child::INIT, 0)
+        let kind = if launch.store {
+            to_child::INIT_STORE
+        } else {
+            to_child::INIT
+        };
+        init.begin(kind, 0)
             .str(&launch.plugin)
             .str(&launch.file.to_string_lossy())
             .str(&launch.staged.to_string_lossy())
@@ -197,8 +227,22 @@ impl Child {
         }
         let turn = self.next_turn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        turns.open.insert(turn, tx);
+        turns.open.insert(turn, Route::Turn(tx));
         Ok((turn, rx))
+    }
+
+    /// Opens a store call: its id and where its answer comes (a
+    /// [`Incoming::Reply`], a failure as [`Incoming::Done`], or
+    /// [`Incoming::Crashed`]). [`Child::close`] forgets it.
+    pub fn call(&self) -> Result<(u64, tokio::sync::oneshot::Receiver<Incoming>), String> {
+        let mut turns = self.lock_turns();
+        if let Some(why) = &turns.dead {
+            return Err(why.clone());
+        }
+        let call = self.next_turn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        turns.open.insert(call, Route::Call(tx));
+        Ok((call, rx))
     }
 
     /// Forgets a turn: later frames of it are dropped.
@@ -294,8 +338,10 @@ impl Child {
                 }
                 continue;
             }
+            let turn = frame.turn;
             let incoming = match Event::read(&mut frame) {
                 Ok(Some(event)) => Incoming::Event(event),
+                Ok(None) if to_host::is_store_reply(frame.kind) => Incoming::Reply(frame),
                 Ok(None) if frame.kind == to_host::DONE => Incoming::Done(Ok(())),
                 Ok(None) if frame.kind == to_host::FAILED => {
                     let code = frame.str().unwrap_or_default();
@@ -306,15 +352,18 @@ impl Child {
                 Err(err) => break Some(format!("sent a bad frame ({err})")),
             };
             let mut turns = self.lock_turns();
-            let done = matches!(incoming, Incoming::Done(_));
-            let to = if done {
-                turns.open.remove(&frame.turn)
-            } else {
-                turns.open.get(&frame.turn).cloned()
+            let to = match &incoming {
+                Incoming::Event(_) => match turns.open.get(&turn) {
+                    Some(Route::Turn(to)) => Some(Route::Turn(to.clone())),
+                    _ => None,
+                },
+                Incoming::Done(_) | Incoming::Reply(_) | Incoming::Crashed(_) => {
+                    turns.open.remove(&turn)
+                }
             };
             drop(turns);
             if let Some(to) = to {
-                let _ = to.send(incoming);
+                to.send(incoming);
             }
         };
         if let Some(trouble) = trouble {
@@ -335,7 +384,7 @@ impl Child {
         let mut turns = self.lock_turns();
         turns.dead = Some(why.clone());
         for (_, to) in turns.open.drain() {
-            let _ = to.send(Incoming::Crashed(why.clone()));
+            to.send(Incoming::Crashed(why.clone()));
         }
         drop(turns);
         if let Some(ready) = ready {

@@ -1,7 +1,7 @@
-//! Crash isolation: a model backend configured with
+//! Crash isolation: a model backend or a store configured with
 //! `isolation = "process"` runs its plugin in a child process of its own,
 //! so that a segfault, an abort, a stack overflow or a hang in the plugin
-//! is that backend's failure and not the host's.
+//! is that backend's (or store's) failure and not the host's.
 //!
 //! - [`runner`]: the child, `llm-host __run-plugin` (the host's own
 //!   executable in a hidden mode, as the probe is): it loads the staged copy
@@ -9,10 +9,18 @@
 //!   called), builds the adapter from the backend's settings and runs the
 //!   turns it is sent, each on a thread of its own (a stepped adapter's
 //!   steps included).
-//! - [`child`]: one child seen from the host: its pipes, its turns by id,
-//!   the thread that reads its frames and reports its end.
+//! - [`store_runner`]: the same child for a store: its store calls, each on
+//!   a thread of its own.
+//! - [`child`]: one child seen from the host: its pipes, its turns (or
+//!   store calls) by id, the thread that reads its frames and reports its
+//!   end.
 //! - [`model`]: the backend: a blocking [`Model`](crate::core::ports::Model)
 //!   for the turn core, restarts with backoff, the per-call deadline.
+//! - [`store`]: the store: async calls multiplexed over one child by id
+//!   (the store timeout is the callers', `server.store_timeout_ms`), the
+//!   same restarts with backoff. A store that keeps its sessions in its own
+//!   memory (`in_process`, the memory plugin) refuses to start in a child:
+//!   they would be lost with each restart.
 //! - [`wire`]: the framing.
 //!
 //! # Framing
@@ -31,7 +39,8 @@
 //! ```
 //!
 //! Host to child: `INIT` (plugin, file, staged copy, hash, base dir,
-//! settings JSON, memory limit in bytes or 0) once, first; `GENERATE` (request JSON) opens turn id;
+//! settings JSON, memory limit in bytes or 0) once, first, or `INIT_STORE`
+//! (the same fields) for a store; `GENERATE` (request JSON) opens turn id;
 //! `CANCEL` stops it (the sink's `is_cancelled` turns true and every later
 //! event answers STOP); `ACK` (events taken so far) lets a turn that is
 //! [`runner::WINDOW`] events ahead of the host go on, so a slow client slows
@@ -47,6 +56,12 @@
 //!
 //! The request is the JSON the in-process path hands the adapter; events
 //! carry their strings as they are, with no JSON per event.
+//!
+//! A store's child takes calls instead of turns, the frame's id being the
+//! call's: `LOAD` (id), `SAVE` (id, expected version, owner, data),
+//! `DELETE` (id), `LIST` (owner, after, limit), `PING`; it answers each
+//! once, under its id, with `LOADED`, `SAVED`, `DELETED`, `LISTED`, `PONG`
+//! or `FAILED` (code, message: the plugin's error), in any order.
 //!
 //! # Hot reload
 //!
@@ -65,15 +80,20 @@
 //! killed if it has not exited within [`model::STOP_GRACE`]. Nothing of it
 //! counts as a crash. A reload that leaves the backend as it is carries the
 //! same `IsolatedModel` over: its child goes on, not restarted.
+//! A store's child ([`IsolatedStore`]) goes the same way: a new one when
+//! the store's library, settings or isolation change, the old one stopped
+//! with the last snapshot holding it.
 //!
 //! # What is left to later work
 //!
-//! The host still maps the library too (the loader's catalog and the admin
-//! API know plugins as loaded libraries), so its constructors and `init` run
-//! in the host as well as in the child; only its adapter and turns run in
-//! the child alone. `GET /v1/plugins` shows the active set's children only,
-//! not old ones still finishing their turns. Stores in a process of their
-//! own are not done yet.
+//! A library that only isolated entries name is never mapped into the host:
+//! the loader verifies its staged copy and describes it from its probe's
+//! answer (the probe child ran its constructors, not its `init`), and only
+//! the children load it. One an in-process entry names as well is mapped
+//! in the host for that entry. `GET /v1/plugins` shows the active set's
+//! children only, not old ones still finishing their turns. A store's child is not killed
+//! for a slow call: the call fails at the store timeout and the child goes
+//! on.
 //!
 //! # Limits and metrics
 //!
@@ -87,6 +107,9 @@
 pub mod child;
 pub mod model;
 pub mod runner;
+pub mod store;
+pub mod store_runner;
 pub mod wire;
 
 pub use model::IsolatedModel;
+pub use store::IsolatedStore;

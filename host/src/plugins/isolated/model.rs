@@ -72,9 +72,9 @@ pub struct Health {
     /// Turns running in the child now.
     pub running_turns: usize,
     #[serde(skip)]
-    backoff: Duration,
+    pub(super) backoff: Duration,
     #[serde(skip)]
-    not_before: Option<Instant>,
+    pub(super) not_before: Option<Instant>,
 }
 
 /// A child's death.
@@ -126,9 +126,16 @@ impl IsolatedModel {
         let backend = self.launch.backend.clone();
         let on_exit = Box::new(move |pid: u32, why: Option<String>| {
             let mut health = lock(&health);
-            health.pid = None;
+            // A call may have started the next child before this one's
+            // reader got here: its state is not this one's to change.
+            let newer = health.pid.is_some_and(|running| running != pid);
+            if !newer {
+                health.pid = None;
+            }
             let Some(why) = why else { return };
-            health.state = "crashed";
+            if !newer {
+                health.state = "crashed";
+            }
             health.crashes += 1;
             health.last_crash = Some(Crash {
                 at_ms: crate::protocol::now_ms(),
@@ -256,6 +263,11 @@ impl IsolatedModel {
                     return result;
                 }
                 Ok(Incoming::Crashed(why)) => return Err(crashed(why)),
+                Ok(Incoming::Reply(_)) => {
+                    return Err(ModelError::internal(
+                        "the plugin's process answered a turn with a store's frame",
+                    ))
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(crashed("the plugin's process is gone".to_owned()))
                 }
@@ -333,7 +345,7 @@ fn crashed(message: String) -> ModelError {
     }
 }
 
-fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
+pub(super) fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
     health.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,7 +1,8 @@
-//! The child's side: `llm-host __run-plugin` ([`ARG`]) loads one model
-//! plugin through the loader's own checks, builds its adapter, and runs the
-//! turns the host sends, each on a thread of its own, writing their events
-//! back as frames ([`super`] describes them).
+//! The child's side: `llm-host __run-plugin` ([`ARG`]) loads one plugin
+//! through the loader's own checks, builds its model adapter (`INIT`) or its
+//! store adapter (`INIT_STORE`), and runs the turns the host sends, each on
+//! a thread of its own, writing their events back as frames ([`super`]
+//! describes them); a store's calls are served by [`super::store_runner`].
 //!
 //! The frames go out on the file descriptor that was stdout when the child
 //! started; stdout itself is pointed at stderr, so a plugin that prints
@@ -21,7 +22,7 @@ use std::time::Duration;
 use llm_host_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RStr},
     EventSink, EventSink_TO, FinishReason, Flow, LogLevel, ModelAdapterBox, Next, PluginError,
-    TurnWaker, TurnWaker_TO, Usage,
+    StoreAdapterBox, TurnWaker, TurnWaker_TO, Usage,
 };
 
 use super::wire::{to_child, to_host, Encoder, Frame};
@@ -52,11 +53,14 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
     let out = Arc::new(Mutex::new(frames));
     let mut input = BufReader::new(std::io::stdin().lock());
     let adapter = match init(&mut input) {
-        Ok((name, adapter)) => {
+        Ok((name, built)) => {
             let mut enc = Encoder::default();
             enc.begin(to_host::READY, 0).str(&name).finish();
             send(&out, &enc.buf);
-            adapter
+            match built {
+                Built::Model(adapter) => adapter,
+                Built::Store(store) => super::store_runner::serve(store, out, &mut input),
+            }
         }
         Err(message) => {
             let mut enc = Encoder::default();
@@ -111,12 +115,20 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
-/// Reads the INIT frame, loads the plugin and builds its adapter.
-fn init(input: &mut impl std::io::Read) -> Result<(String, ModelAdapterBox), String> {
+/// What the child runs.
+enum Built {
+    Model(ModelAdapterBox),
+    Store(StoreAdapterBox),
+}
+
+/// Reads the INIT (or INIT_STORE) frame, loads the plugin and builds its
+/// adapter.
+fn init(input: &mut impl std::io::Read) -> Result<(String, Built), String> {
     let mut frame = match Frame::read(input) {
-        Ok(Some(frame)) if frame.kind == to_child::INIT => frame,
+        Ok(Some(frame)) if matches!(frame.kind, to_child::INIT | to_child::INIT_STORE) => frame,
         _ => return Err("the host sent no INIT frame".to_owned()),
     };
+    let store = frame.kind == to_child::INIT_STORE;
     let fields = (|| {
         Ok::<_, std::io::Error>((
             frame.str()?,
@@ -151,12 +163,23 @@ fn init(input: &mut impl std::io::Read) -> Result<(String, ModelAdapterBox), Str
         &name,
     )
     .map_err(limited)?;
-    let adapter = plugin
-        .new_model(&settings)
-        .map_err(|err| limited(format!("plugin `{name}` refused its settings: {err}")))?;
+    let refused = |err| limited(format!("plugin `{name}` refused its settings: {err}"));
+    let built = if store {
+        let adapter = plugin.new_store(&settings).map_err(refused)?;
+        if adapter.in_process() {
+            return Err(format!(
+                "plugin `{name}`'s store keeps its sessions in its own process's memory: \
+                 in a process of its own they would be lost with each restart \
+                 (isolation = \"process\" is for stores that keep them elsewhere)"
+            ));
+        }
+        Built::Store(adapter)
+    } else {
+        Built::Model(plugin.new_model(&settings).map_err(refused)?)
+    };
     // The library stays mapped for the child's life.
     std::mem::forget(plugin);
-    Ok((name, adapter))
+    Ok((name, built))
 }
 
 /// Sets `RLIMIT_AS` to `bytes`, soft and hard: the plugin cannot lift it.
@@ -178,7 +201,7 @@ fn limit_memory(bytes: u64) -> Result<(), String> {
 }
 
 /// Writes `bytes` (whole frames); a host that is gone ends the child.
-fn send(out: &Mutex<File>, bytes: &[u8]) {
+pub(super) fn send(out: &Mutex<File>, bytes: &[u8]) {
     let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
     if out.write_all(bytes).is_err() {
         std::process::exit(0);

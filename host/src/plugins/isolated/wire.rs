@@ -21,6 +21,18 @@ pub mod to_child {
     pub const CANCEL: u8 = 3;
     /// u64: events of the turn the host has taken so far.
     pub const ACK: u8 = 4;
+    /// As INIT, for a store: build the store adapter.
+    pub const INIT_STORE: u8 = 5;
+    /// id: a store's `load` (the frame's id is the call's).
+    pub const LOAD: u8 = 8;
+    /// id, u64 expected version, owner, data: a store's `save`.
+    pub const SAVE: u8 = 9;
+    /// id: a store's `delete`.
+    pub const DELETE: u8 = 10;
+    /// owner, after, u64 limit: a store's `list`.
+    pub const LIST: u8 = 11;
+    /// (nothing): a store's `ping`.
+    pub const PING: u8 = 12;
 }
 
 /// Frame kinds, child to host.
@@ -47,8 +59,26 @@ pub mod to_host {
     pub const DIAGNOSTIC: u8 = 39;
     /// (nothing): `generate` returned Ok.
     pub const DONE: u8 = 48;
-    /// code, message: `generate` returned this error.
+    /// code, message: `generate` (or a store call) returned this error.
     pub const FAILED: u8 = 49;
+    /// u8 found (0: none, then nothing follows), u64 version, owner, data:
+    /// `load` answered.
+    pub const LOADED: u8 = 64;
+    /// u8 outcome (0: saved, 1: conflict), u64 version (saved: the new one;
+    /// conflict: the current one): `save` answered.
+    pub const SAVED: u8 = 65;
+    /// u8 existed: `delete` answered.
+    pub const DELETED: u8 = 66;
+    /// u64 count, that many ids, u8 more (1: a next id follows): `list`
+    /// answered.
+    pub const LISTED: u8 = 67;
+    /// (nothing): `ping` answered Ok.
+    pub const PONG: u8 = 68;
+
+    /// Whether a frame of `kind` answers a store call.
+    pub fn is_store_reply(kind: u8) -> bool {
+        (LOADED..=PONG).contains(&kind)
+    }
 }
 
 /// Writes frames into a buffer: `begin`, fields, `finish`.
@@ -98,6 +128,7 @@ impl Encoder {
 }
 
 /// One frame read: its kind, its turn and its fields, read in order.
+#[derive(Debug)]
 pub struct Frame {
     /// The frame's kind.
     pub kind: u8,
