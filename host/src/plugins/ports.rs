@@ -13,6 +13,7 @@ use llm_host_plugin_api::{
 };
 use serde::Serialize;
 
+use super::isolated::stepped::SteppedTurn;
 use super::runtime::{Engine, ModelBackend, StoreBackend, StoreEngine};
 use crate::core::ports::{
     Model, ModelError, Next, SaveOutcome, SessionStore, Stepper, StoreError, Stored, Wake,
@@ -221,7 +222,12 @@ impl Model for ModelBackend {
     fn generate(&self, request: &str, sink: &mut TurnSink) -> Result<(), ModelError> {
         let adapter = match &self.engine {
             Engine::InProcess(adapter) => adapter,
-            Engine::Process(child) => return child.generate(request, sink),
+            // Never asked: a backend in a process of its own runs in steps.
+            Engine::Process(_) => {
+                return Err(ModelError::internal(
+                    "a backend in a process of its own runs its turns in steps",
+                ))
+            }
         };
         let mut events = Events(sink);
         adapter
@@ -234,28 +240,38 @@ impl Model for ModelBackend {
     }
 
     fn start(&self, request: &str, wake: Wake) -> Result<StepperPort, ModelError> {
-        let Engine::InProcess(adapter) = &self.engine else {
-            // Never asked: a backend in a process of its own is not stepped.
-            return Err(ModelError::internal(
-                "a backend in a process of its own runs no turns in steps",
-            ));
+        let adapter = match &self.engine {
+            Engine::InProcess(adapter) => adapter,
+            Engine::Process(child) => {
+                return child.start_turn(request, wake).map(StepperPort::Child)
+            }
         };
         let waker = TurnWaker_TO::from_value(StepWaker(wake), TD_Opaque);
         adapter
             .start(RStr::from(request), waker)
             .into_result()
-            .map(StepperPort)
+            .map(StepperPort::Plugin)
             .map_err(model_error)
     }
 }
 
-/// A stepped model's turn.
-pub struct StepperPort(TurnStepperBox);
+/// A stepped model's turn: a stepped plugin's in this process, or any
+/// turn of a backend in a process of its own.
+pub enum StepperPort {
+    /// The plugin's own stepper.
+    Plugin(TurnStepperBox),
+    /// A turn in the backend's child process.
+    Child(SteppedTurn),
+}
 
 impl Stepper for StepperPort {
     fn step(&mut self, sink: &mut TurnSink) -> Result<Next, ModelError> {
+        let stepper = match self {
+            StepperPort::Plugin(stepper) => stepper,
+            StepperPort::Child(turn) => return turn.step(sink),
+        };
         let mut events = Events(sink);
-        self.0
+        stepper
             .step(EventSink_TO::from_ptr(&mut events, TD_Opaque))
             .into_result()
             .map(|step| step.next())

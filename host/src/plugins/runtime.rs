@@ -65,7 +65,9 @@ impl ModelBackend {
                         entry.plugin
                     )
                 })?;
-                (Engine::Process(Box::new(model)), false)
+                // Its turns run in steps on the async workers, whatever the
+                // plugin does in the child (see `isolated::stepped`).
+                (Engine::Process(Box::new(model)), true)
             }
         };
         Ok(ModelBackend {

@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::runner::ARG;
+use super::stepped::TurnQueue;
 use super::wire::{to_child, to_host, Encoder, Event, Frame};
 use crate::core::ports::ModelError;
 
@@ -101,6 +102,8 @@ enum Route {
     Turn(mpsc::Sender<Incoming>),
     /// A store call's: its one answer.
     Call(tokio::sync::oneshot::Sender<Incoming>),
+    /// A turn run in steps: every event, then its end, queued.
+    Queue(Arc<TurnQueue>),
 }
 
 impl Route {
@@ -112,6 +115,7 @@ impl Route {
             Route::Call(to) => {
                 let _ = to.send(incoming);
             }
+            Route::Queue(queue) => queue.push(incoming),
         }
     }
 }
@@ -229,6 +233,20 @@ impl Child {
         let (tx, rx) = mpsc::channel();
         turns.open.insert(turn, Route::Turn(tx));
         Ok((turn, rx))
+    }
+
+    /// Opens a turn run in steps: its id; its frames go to `queue`.
+    pub fn open_queue(&self, max: u32, queue: Arc<TurnQueue>) -> Result<u64, Refusal> {
+        let mut turns = self.lock_turns();
+        if let Some(why) = &turns.dead {
+            return Err(Refusal::Dead(why.clone()));
+        }
+        if turns.open.len() >= max as usize {
+            return Err(Refusal::Busy);
+        }
+        let turn = self.next_turn.fetch_add(1, Ordering::Relaxed);
+        turns.open.insert(turn, Route::Queue(queue));
+        Ok(turn)
     }
 
     /// Opens a store call: its id and where its answer comes (a
@@ -355,6 +373,7 @@ impl Child {
             let to = match &incoming {
                 Incoming::Event(_) => match turns.open.get(&turn) {
                     Some(Route::Turn(to)) => Some(Route::Turn(to.clone())),
+                    Some(Route::Queue(queue)) => Some(Route::Queue(queue.clone())),
                     _ => None,
                 },
                 Incoming::Done(_) | Incoming::Reply(_) | Incoming::Crashed(_) => {

@@ -7,15 +7,18 @@
 //!   executable in a hidden mode, as the probe is): it loads the staged copy
 //!   through the loader's own checks (hash verified, ABI checked, `init`
 //!   called), builds the adapter from the backend's settings and runs the
-//!   turns it is sent, each on a thread of its own (a stepped adapter's
-//!   steps included).
+//!   turns it is sent: a blocking adapter's each on a thread of its own.
+//! - [`stepped_runner`]: in the child, a stepped adapter's turns as tasks
+//!   of one small runtime instead of a thread each.
 //! - [`store_runner`]: the same child for a store: its store calls, each on
 //!   a thread of its own.
 //! - [`child`]: one child seen from the host: its pipes, its turns (or
 //!   store calls) by id, the thread that reads its frames and reports its
 //!   end.
-//! - [`model`]: the backend: a blocking [`Model`](crate::core::ports::Model)
-//!   for the turn core, restarts with backoff, the per-call deadline.
+//! - [`model`]: the backend: the turn core's
+//!   [`Model`](crate::core::ports::Model), restarts with backoff.
+//! - [`stepped`]: one turn on a child, run in steps on the async workers
+//!   (no host thread per turn), the first-event deadline.
 //! - [`store`]: the store: async calls multiplexed over one child by id
 //!   (the store timeout is the callers', `server.store_timeout_ms`), the
 //!   same restarts with backoff. A store that keeps its sessions in its own
@@ -107,6 +110,8 @@
 pub mod child;
 pub mod model;
 pub mod runner;
+pub mod stepped;
+pub mod stepped_runner;
 pub mod store;
 pub mod store_runner;
 pub mod wire;

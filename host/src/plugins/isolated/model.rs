@@ -1,18 +1,17 @@
 //! A model backend whose plugin runs in a child process: the turn core's
 //! [`Model`](crate::core::ports::Model) port over [`Child`], with restarts.
 //!
-//! Its turns run as a blocking model's do (on the blocking pool, frames
-//! through the sink's bounded channel). A turn opens an id on the current
-//! child, sends its request and hands each event the child sends to the
-//! turn's sink; a stop (the client's cancel, the turn deadline, a client
-//! gone) is sent on as CANCEL. When the child dies, every turn on it fails
-//! `plugin_crashed`, naming the signal; the next turn starts a new child,
-//! after a backoff that doubles from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]
-//! while children keep crashing (a turn that completes resets it). A turn
-//! that hears nothing from the child within `first_event_timeout_ms` has
-//! the child killed, which then counts as a crash. Each call's time, from
-//! sending its request to its end, is observed in
-//! `llm_host_plugin_call_seconds{backend}`.
+//! Its turns run in steps on the async workers ([`super::stepped`]): a turn
+//! opens an id on the current child, sends its request, and each step hands
+//! the events the child sent to the turn's sink; a stop (the client's
+//! cancel, the turn deadline, a client gone) is sent on as CANCEL. When the
+//! child dies, every turn on it fails `plugin_crashed`, naming the signal;
+//! the next turn starts a new child, after a backoff that doubles from
+//! [`FIRST_BACKOFF`] to [`MAX_BACKOFF`] while children keep crashing (a turn
+//! that completes resets it). A turn that hears nothing from the child
+//! within `first_event_timeout_ms` has the child killed, which then counts
+//! as a crash. Each call's time, from sending its request to its end, is
+//! observed in `llm_host_plugin_call_seconds{backend}`.
 //!
 //! One is built per backend per active set; a reload that changes the
 //! backend builds another (a new child) and this one lives on while turns
@@ -25,11 +24,11 @@ use std::time::{Duration, Instant};
 use llm_host_plugin_api::FinishReason;
 use serde::Serialize;
 
-use super::child::{Child, Incoming, Launch, Refusal};
-use super::runner::WINDOW;
+use super::child::{Child, Launch, Refusal};
+use super::stepped::{SteppedTurn, TurnQueue};
 use super::wire::{to_child, Encoder, Event};
 use crate::config::ProcessLimits;
-use crate::core::ports::ModelError;
+use crate::core::ports::{ModelError, Wake};
 use crate::core::sink::TurnSink;
 
 /// The first pause before a crashed child is started again.
@@ -168,7 +167,7 @@ impl IsolatedModel {
 
     /// The running child, started (after its backoff) if it died. `None`:
     /// the turn was stopped while it waited.
-    fn running(&self, sink: &TurnSink) -> Result<Option<Arc<Child>>, ModelError> {
+    fn running(&self, stopped: impl Fn() -> bool) -> Result<Option<Arc<Child>>, ModelError> {
         loop {
             let mut slot = self.lock_child();
             if let Some(child) = slot.as_ref().filter(|c| c.alive()) {
@@ -179,7 +178,7 @@ impl IsolatedModel {
             });
             if !wait.is_zero() {
                 drop(slot);
-                if sink.is_cancelled() {
+                if stopped() {
                     return Ok(None);
                 }
                 std::thread::sleep(wait.min(POLL));
@@ -206,92 +205,59 @@ impl IsolatedModel {
         }
     }
 
-    /// Runs a turn in the child (see the module doc); blocks.
-    pub fn generate(&self, request: &str, sink: &mut TurnSink) -> Result<(), ModelError> {
-        let Some(child) = self.running(sink)? else {
-            return Ok(());
-        };
-        let (turn, incoming) = match child.open(self.limits.max_concurrent_turns) {
-            Ok(opened) => opened,
-            Err(Refusal::Busy) => {
-                return Err(ModelError {
-                    code: "unavailable".to_owned(),
-                    message: format!(
-                        "backend `{}` runs at most {} turns at once \
-                         (isolation.max_concurrent_turns); try again shortly",
-                        self.launch.backend, self.limits.max_concurrent_turns
-                    ),
-                })
+    /// Why a turn could not be opened on the child.
+    fn refused(&self, refusal: Refusal) -> ModelError {
+        match refusal {
+            Refusal::Busy => ModelError {
+                code: "unavailable".to_owned(),
+                message: format!(
+                    "backend `{}` runs at most {} turns at once \
+                     (isolation.max_concurrent_turns); try again shortly",
+                    self.launch.backend, self.limits.max_concurrent_turns
+                ),
+            },
+            Refusal::Dead(why) => crashed(why),
+        }
+    }
+
+    /// Starts a turn in the child, run in steps ([`SteppedTurn`]): the
+    /// core's path for these backends. Takes no thread unless the child
+    /// must be started again first: that (its backoff included) blocks, in
+    /// `block_in_place` on the host's runtime.
+    pub fn start_turn(&self, request: &str, wake: Wake) -> Result<SteppedTurn, ModelError> {
+        let live = self.lock_child().as_ref().filter(|c| c.alive()).cloned();
+        let child = match live {
+            Some(child) => child,
+            None => {
+                let restart = || self.running(|| false);
+                let started = match tokio::runtime::Handle::try_current() {
+                    Ok(runtime)
+                        if runtime.runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::MultiThread =>
+                    {
+                        tokio::task::block_in_place(restart)
+                    }
+                    _ => restart(),
+                };
+                started?.ok_or_else(|| crashed("the plugin's process is gone".to_owned()))?
             }
-            Err(Refusal::Dead(why)) => return Err(crashed(why)),
         };
-        let _open = Opened(&child, turn);
+        let queue = TurnQueue::new(wake);
+        let turn = child
+            .open_queue(self.limits.max_concurrent_turns, queue.clone())
+            .map_err(|refusal| self.refused(refusal))?;
         let mut enc = Encoder::default();
         enc.begin(to_child::GENERATE, turn).str(request).finish();
-        // Time in the child, from here to the call's end however it ends.
-        let _timed = Timed(&self.launch.backend, Instant::now());
-        // A child that cannot take it is gone: its crash comes below.
+        // A child that cannot take it is gone: its crash comes in the queue.
         child.send(&enc.buf);
-
-        let first_due = Duration::from_millis(self.limits.first_event_timeout_ms);
-        let started = Instant::now();
-        let mut answered = false;
-        let mut stopped_at: Option<Instant> = None;
-        let mut taken: u64 = 0;
-        loop {
-            match incoming.recv_timeout(POLL) {
-                Ok(Incoming::Event(event)) => {
-                    answered = true;
-                    taken += 1;
-                    if stopped_at.is_none() {
-                        let last = matches!(event, Event::End(_) | Event::Error(..));
-                        if !deliver(sink, event) && !last {
-                            stopped_at = Some(Instant::now());
-                            cancel(&child, turn, &mut enc);
-                        }
-                    }
-                    if taken.is_multiple_of(WINDOW / 4) {
-                        enc.buf.clear();
-                        enc.begin(to_child::ACK, turn).u64(taken).finish();
-                        child.send(&enc.buf);
-                    }
-                }
-                Ok(Incoming::Done(result)) => {
-                    if result.is_ok() {
-                        lock(&self.health).backoff = FIRST_BACKOFF;
-                    }
-                    return result;
-                }
-                Ok(Incoming::Crashed(why)) => return Err(crashed(why)),
-                Ok(Incoming::Reply(_)) => {
-                    return Err(ModelError::internal(
-                        "the plugin's process answered a turn with a store's frame",
-                    ))
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(crashed("the plugin's process is gone".to_owned()))
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if stopped_at.is_none() && sink.is_cancelled() {
-                        stopped_at = Some(Instant::now());
-                        cancel(&child, turn, &mut enc);
-                    }
-                    if !answered && started.elapsed() >= first_due {
-                        child.kill(format!(
-                            "did not answer a turn within {} ms \
-                             (isolation.first_event_timeout_ms) and was killed",
-                            self.limits.first_event_timeout_ms
-                        ));
-                        // Its end comes as Crashed.
-                        answered = true;
-                    } else if stopped_at.is_some_and(|at| at.elapsed() >= first_due) {
-                        // It took the cancel but does not finish: leave the
-                        // turn to it (its later frames are dropped).
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        Ok(SteppedTurn::new(
+            child,
+            turn,
+            queue,
+            self.launch.backend.clone(),
+            self.health.clone(),
+            Duration::from_millis(self.limits.first_event_timeout_ms),
+        ))
     }
 }
 
@@ -314,31 +280,7 @@ impl Drop for IsolatedModel {
     }
 }
 
-/// Forgets the turn on the child when the call ends.
-struct Opened<'a>(&'a Child, u64);
-
-impl Drop for Opened<'_> {
-    fn drop(&mut self) {
-        self.0.close(self.1);
-    }
-}
-
-/// Observes the call's time in the child (backend, since) when it ends.
-struct Timed<'a>(&'a str, Instant);
-
-impl Drop for Timed<'_> {
-    fn drop(&mut self) {
-        crate::metrics::metrics().plugin_call(self.0, self.1.elapsed());
-    }
-}
-
-fn cancel(child: &Child, turn: u64, enc: &mut Encoder) {
-    enc.buf.clear();
-    enc.begin(to_child::CANCEL, turn).finish();
-    child.send(&enc.buf);
-}
-
-fn crashed(message: String) -> ModelError {
+pub(super) fn crashed(message: String) -> ModelError {
     ModelError {
         code: CRASHED.to_owned(),
         message,
@@ -350,7 +292,7 @@ pub(super) fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> 
 }
 
 /// Hands one event to the turn's sink; answers whether to go on.
-fn deliver(sink: &mut TurnSink, event: Event) -> bool {
+pub(super) fn deliver(sink: &mut TurnSink, event: Event) -> bool {
     match event {
         Event::Start(id, model) => sink.start(&id, &model),
         Event::Text(text) => sink.text(&text),

@@ -1,8 +1,10 @@
 //! The child's side: `llm-host __run-plugin` ([`ARG`]) loads one plugin
 //! through the loader's own checks, builds its model adapter (`INIT`) or its
-//! store adapter (`INIT_STORE`), and runs the turns the host sends, each on
-//! a thread of its own, writing their events back as frames ([`super`]
-//! describes them); a store's calls are served by [`super::store_runner`].
+//! store adapter (`INIT_STORE`), and runs the turns the host sends (a
+//! blocking adapter's each on a thread of its own, a stepped adapter's as
+//! tasks: [`super::stepped_runner`]), writing their events back as frames
+//! ([`super`] describes them); a store's calls are served by
+//! [`super::store_runner`].
 //!
 //! The frames go out on the file descriptor that was stdout when the child
 //! started; stdout itself is pointed at stderr, so a plugin that prints
@@ -50,7 +52,7 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
         File::from_raw_fd(out)
     };
     let _log = crate::init_logging();
-    let out = Arc::new(Mutex::new(frames));
+    let out = Out::new(frames);
     let mut input = BufReader::new(std::io::stdin().lock());
     let adapter = match init(&mut input) {
         Ok((name, built)) => {
@@ -86,6 +88,10 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
                 let state = Arc::new(TurnState::default());
                 turns.insert(frame.turn, state.clone());
                 let (adapter, to_host, turn) = (adapter.clone(), out.clone(), frame.turn);
+                if adapter.stepped() {
+                    super::stepped_runner::spawn(adapter, to_host, turn, state, request);
+                    continue;
+                }
                 let spawned = std::thread::Builder::new()
                     .name(format!("turn-{turn}"))
                     .spawn(move || run_turn(&adapter, to_host, turn, state, &request));
@@ -200,37 +206,86 @@ fn limit_memory(bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes `bytes` (whole frames); a host that is gone ends the child.
-pub(super) fn send(out: &Mutex<File>, bytes: &[u8]) {
-    let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
-    if out.write_all(bytes).is_err() {
-        std::process::exit(0);
+/// The frame pipe to the host, written by every turn's thread. Frames sent
+/// while one thread writes are gathered and go out in that thread's next
+/// write: one system call for many frames when turns stream at once (one
+/// per frame cost about as much CPU as the rest of the child's work).
+pub(super) struct Out {
+    state: Mutex<Gathered>,
+}
+
+struct Gathered {
+    file: Option<File>,
+    /// Whole frames waiting for the writing thread.
+    waiting: Vec<u8>,
+}
+
+impl Out {
+    pub(super) fn new(file: File) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(Gathered {
+                file: Some(file),
+                waiting: Vec::new(),
+            }),
+        })
+    }
+}
+
+/// Writes `bytes` (whole frames), in order with the frames this thread sent
+/// before; a host that is gone ends the child. A thread that finds another
+/// writing leaves its frames to it; the writer takes the file out of the
+/// lock while it writes and goes on until nothing waits.
+pub(super) fn send(out: &Out, bytes: &[u8]) {
+    let lock = || out.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut state = lock();
+    state.waiting.extend_from_slice(bytes);
+    let Some(mut file) = state.file.take() else {
+        // Another thread writes, and will write these too.
+        return;
+    };
+    let mut batch = Vec::new();
+    loop {
+        std::mem::swap(&mut batch, &mut state.waiting);
+        drop(state);
+        if file.write_all(&batch).is_err() {
+            std::process::exit(0);
+        }
+        batch.clear();
+        state = lock();
+        if state.waiting.is_empty() {
+            state.file = Some(file);
+            return;
+        }
     }
 }
 
 /// What the reading thread tells a turn's thread.
 #[derive(Default)]
-struct TurnState {
+pub(super) struct TurnState {
     cancelled: AtomicBool,
     done: AtomicBool,
     /// Events the host has taken.
     taken: Mutex<u64>,
     /// A stepped turn's waker was called.
-    woken: AtomicBool,
+    pub(super) woken: AtomicBool,
     changed: Condvar,
+    /// Wakes a turn run in steps on the child's runtime (a wake, an ACK, a
+    /// cancel), as `changed` does a turn on a thread.
+    pub(super) notify: tokio::sync::Notify,
 }
 
 impl TurnState {
-    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
         self.taken.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wake(&self) {
+    pub(super) fn wake(&self) {
         let _taken = self.lock();
         self.changed.notify_all();
+        self.notify.notify_one();
     }
 
-    fn cancelled(&self) -> bool {
+    pub(super) fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
 
@@ -246,18 +301,12 @@ impl TurnState {
 
 fn run_turn(
     adapter: &ModelAdapterBox,
-    out: Arc<Mutex<File>>,
+    out: Arc<Out>,
     turn: u64,
     state: Arc<TurnState>,
     request: &str,
 ) {
-    let mut sink = ChildSink {
-        out,
-        turn,
-        state: state.clone(),
-        enc: Encoder::default(),
-        sent: 0,
-    };
+    let mut sink = ChildSink::new(out, turn, state.clone(), true);
     let result = if adapter.stepped() {
         stepped(adapter, &mut sink, request)
     } else {
@@ -268,6 +317,12 @@ fn run_turn(
             )
             .into_result()
     };
+    finish(sink, result);
+}
+
+/// Sends a turn's DONE (or FAILED, with `result`'s error) and marks it done.
+pub(super) fn finish(mut sink: ChildSink, result: Result<(), PluginError>) {
+    let (turn, state) = (sink.turn, sink.state.clone());
     sink.enc.buf.clear();
     match result {
         Ok(()) => sink.enc.begin(to_host::DONE, turn).finish(),
@@ -318,7 +373,7 @@ fn stepped(
     }
 }
 
-struct Woken(Arc<TurnState>);
+pub(super) struct Woken(pub(super) Arc<TurnState>);
 
 impl TurnWaker for Woken {
     fn wake(&self) {
@@ -329,15 +384,31 @@ impl TurnWaker for Woken {
 
 /// The plugin ABI's event sink in the child: each event is a frame to the
 /// host.
-struct ChildSink {
-    out: Arc<Mutex<File>>,
+pub(super) struct ChildSink {
+    out: Arc<Out>,
     turn: u64,
     state: Arc<TurnState>,
     enc: Encoder,
-    sent: u64,
+    /// Events sent.
+    pub(super) sent: u64,
+    /// Whether an event past the window waits for the host in the sink (a
+    /// turn on a thread of its own); a turn run in steps waits between
+    /// steps instead.
+    waits: bool,
 }
 
 impl ChildSink {
+    pub(super) fn new(out: Arc<Out>, turn: u64, state: Arc<TurnState>, waits: bool) -> Self {
+        Self {
+            out,
+            turn,
+            state,
+            enc: Encoder::default(),
+            sent: 0,
+            waits,
+        }
+    }
+
     fn emit(&mut self, kind: u8, fields: impl FnOnce(&mut Encoder)) -> Flow {
         if self.state.cancelled() {
             return Flow::STOP;
@@ -349,7 +420,7 @@ impl ChildSink {
         send(&self.out, &self.enc.buf);
         self.sent += 1;
         let sent = self.sent;
-        if sent > *self.state.lock() + WINDOW {
+        if self.waits && sent > *self.state.lock() + WINDOW {
             // The host is behind (a slow client): wait for it.
             self.state
                 .wait(Duration::from_secs(3600), |taken| sent <= taken + WINDOW);

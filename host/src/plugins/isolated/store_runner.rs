@@ -5,9 +5,8 @@
 //! blocking pool, and its answer goes back under the same id. The child
 //! ends when its stdin closes.
 
-use std::fs::File;
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use llm_host_plugin_api::{
     abi_stable::std_types::RStr, ListQuery, PluginError, SaveOutcome, StoreAdapterBox,
@@ -17,7 +16,11 @@ use super::runner::send;
 use super::wire::{to_child, to_host, Encoder, Frame};
 
 /// Serves the host's store calls until it closes the pipe.
-pub(super) fn serve(adapter: StoreAdapterBox, out: Arc<Mutex<File>>, input: &mut impl Read) -> ! {
+pub(super) fn serve(
+    adapter: StoreAdapterBox,
+    out: Arc<super::runner::Out>,
+    input: &mut impl Read,
+) -> ! {
     let adapter = Arc::new(adapter);
     loop {
         let frame = match Frame::read(input) {

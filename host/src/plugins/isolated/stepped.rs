@@ -1,0 +1,198 @@
+//! A turn of a backend in a child process, run in steps on the async
+//! workers (the turn core's stepped path), so that a turn holds no thread
+//! of the host: the thread reading the child's frames puts each of the
+//! turn's frames in its [`TurnQueue`] and wakes the turn when the queue was
+//! empty, and each step hands everything queued to the sink, which sends it
+//! as one batch. A turn waiting on a blocking thread of the host instead
+//! cost a thread per turn (a thousand paced turns: a thousand threads each
+//! woken per token) and two more thread switches per event.
+//!
+//! A turn stopped (the client's cancel, the turn deadline, a client gone)
+//! is dropped by the core; dropping it sends CANCEL and forgets its id, so
+//! frames the child still sends for it are dropped. Its first event is due
+//! within `first_event_timeout_ms`: a timer wakes the turn then, and a turn
+//! still unanswered has the child killed, which its queue then reports as
+//! a crash.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::child::{Child, Incoming};
+use super::model::{crashed, deliver, lock, Health, FIRST_BACKOFF};
+use super::runner::WINDOW;
+use super::wire::{to_child, Encoder, Event};
+use crate::core::ports::{ModelError, Next, Wake};
+use crate::core::sink::TurnSink;
+
+/// Events one step hands to the sink at most (the core refuses a step of
+/// more than `STEP_FRAMES`, 1024); the rest go in the next step.
+const PER_STEP: usize = 512;
+
+/// The frames of one turn that wait for its next step.
+pub struct TurnQueue {
+    items: Mutex<VecDeque<Incoming>>,
+    wake: Wake,
+}
+
+impl TurnQueue {
+    /// An empty queue that wakes the turn through `wake`.
+    pub fn new(wake: Wake) -> Arc<Self> {
+        Arc::new(Self {
+            items: Mutex::new(VecDeque::new()),
+            wake,
+        })
+    }
+
+    /// Queues a frame of the turn; wakes the turn if nothing was queued (a
+    /// wake before the turn waits is kept, so none is lost).
+    pub fn push(&self, incoming: Incoming) {
+        let was_empty = {
+            let mut items = self.lock();
+            let was_empty = items.is_empty();
+            items.push_back(incoming);
+            was_empty
+        };
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Moves everything queued to the end of `into`.
+    fn take(&self, into: &mut VecDeque<Incoming>) {
+        into.append(&mut self.lock());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Incoming>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One turn on a child, run in steps.
+pub struct SteppedTurn {
+    child: Arc<Child>,
+    turn: u64,
+    queue: Arc<TurnQueue>,
+    backend: String,
+    health: Arc<Mutex<Health>>,
+    /// `isolation.first_event_timeout_ms`.
+    first_due: Duration,
+    started: Instant,
+    pending: VecDeque<Incoming>,
+    enc: Encoder,
+    answered: bool,
+    taken: u64,
+    /// Its end came (or it failed): nothing to cancel.
+    finished: bool,
+}
+
+impl SteppedTurn {
+    /// The turn `turn`, whose GENERATE was sent to `child`; wakes it when
+    /// its first event is due.
+    pub(super) fn new(
+        child: Arc<Child>,
+        turn: u64,
+        queue: Arc<TurnQueue>,
+        backend: String,
+        health: Arc<Mutex<Health>>,
+        first_due: Duration,
+    ) -> Self {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let wake = queue.wake.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(first_due).await;
+                wake.notify_one();
+            });
+        }
+        Self {
+            child,
+            turn,
+            queue,
+            backend,
+            health,
+            first_due,
+            started: Instant::now(),
+            pending: VecDeque::new(),
+            enc: Encoder::default(),
+            answered: false,
+            taken: 0,
+            finished: false,
+        }
+    }
+
+    /// Hands what the child sent to `sink`; never blocks.
+    pub fn step(&mut self, sink: &mut TurnSink) -> Result<Next, ModelError> {
+        self.queue.take(&mut self.pending);
+        let mut handed = 0;
+        while let Some(incoming) = self.pending.pop_front() {
+            match incoming {
+                Incoming::Event(event) => {
+                    self.answered = true;
+                    self.taken += 1;
+                    let last = matches!(event, Event::End(_) | Event::Error(..));
+                    if matches!(event, Event::End(_)) {
+                        lock(&self.health).backoff = FIRST_BACKOFF;
+                    }
+                    // After its last event the child's turn is over: no
+                    // CANCEL when the core drops it before DONE comes.
+                    self.finished |= last;
+                    if !deliver(sink, event) && !last {
+                        // The sink stopped the turn: dropped, it cancels.
+                        return Ok(Next::Done);
+                    }
+                    if self.taken.is_multiple_of(WINDOW / 4) {
+                        self.enc.buf.clear();
+                        self.enc
+                            .begin(to_child::ACK, self.turn)
+                            .u64(self.taken)
+                            .finish();
+                        self.child.send(&self.enc.buf);
+                    }
+                    handed += 1;
+                    if handed == PER_STEP {
+                        return Ok(Next::Ready);
+                    }
+                }
+                Incoming::Done(result) => {
+                    self.finished = true;
+                    if result.is_ok() {
+                        lock(&self.health).backoff = FIRST_BACKOFF;
+                    }
+                    return result.map(|()| Next::Done);
+                }
+                Incoming::Crashed(why) => {
+                    self.finished = true;
+                    return Err(crashed(why));
+                }
+                Incoming::Reply(_) => {
+                    self.finished = true;
+                    return Err(ModelError::internal(
+                        "the plugin's process answered a turn with a store's frame",
+                    ));
+                }
+            }
+        }
+        if !self.answered && self.started.elapsed() >= self.first_due {
+            self.child.kill(format!(
+                "did not answer a turn within {} ms (isolation.first_event_timeout_ms) \
+                 and was killed",
+                self.first_due.as_millis()
+            ));
+            // Its end comes as Crashed, through the queue.
+            self.answered = true;
+        }
+        Ok(Next::Pending)
+    }
+}
+
+impl Drop for SteppedTurn {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.enc.buf.clear();
+            self.enc.begin(to_child::CANCEL, self.turn).finish();
+            self.child.send(&self.enc.buf);
+        }
+        self.child.close(self.turn);
+        crate::metrics::metrics().plugin_call(&self.backend, self.started.elapsed());
+    }
+}
