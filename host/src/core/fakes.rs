@@ -376,12 +376,18 @@ fn tool_calls(request: &Value, prompt: String) -> (Vec<(String, String)>, String
     (Vec::new(), results)
 }
 
+/// What a client does on a frame the moment it is sent (a client that
+/// answers at once).
+pub type OnFrame = Box<dyn Fn(&Value) + Send + Sync>;
+
 /// A client: every frame it was sent, parsed.
 #[derive(Default)]
 pub struct FakeFrames {
     pub frames: Mutex<Vec<Value>>,
     pub last: Arc<AtomicU64>,
     pub gone: AtomicBool,
+    /// Called with each frame as it is sent.
+    pub on_frame: Mutex<Option<OnFrame>>,
 }
 
 impl FakeFrames {
@@ -426,7 +432,10 @@ impl FakeFrames {
     }
 
     fn push(&self, frame: &Bytes) {
-        let value = serde_json::from_slice(frame).expect("frames are JSON");
+        let value: Value = serde_json::from_slice(frame).expect("frames are JSON");
+        if let Some(on_frame) = self.on_frame.lock().expect("lock").as_ref() {
+            on_frame(&value);
+        }
         self.frames.lock().expect("lock").push(value);
     }
 }

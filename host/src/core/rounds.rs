@@ -59,6 +59,9 @@ pub(super) async fn run<M: Model>(
     mut round_trips: Option<RoundTrips<'_>>,
 ) -> Groups {
     let control = sink.control.clone();
+    if round_trips.is_some() {
+        control.tools.collect();
+    }
     let mut generated = generate(frames, model.clone(), request, sink).await;
     let mut answers = Vec::new();
     let mut usage: Option<Usage> = None;
@@ -82,6 +85,7 @@ pub(super) async fn run<M: Model>(
         let trips = match round_trips.as_mut() {
             Some(trips) if go_on => trips,
             _ => {
+                control.tools.settle();
                 answers.extend(answer);
                 sink.usage = usage;
                 return Groups {
@@ -144,6 +148,7 @@ pub(super) async fn run<M: Model>(
             params: trips.params,
         };
         let request = trips.shape.request(parts, &mut trips.messages_json);
+        control.tools.collect();
         generated = generate(frames, model.clone(), request, sink.next_group()).await;
     }
 }

@@ -76,6 +76,52 @@ fn stored(store: &FakeStore) -> Vec<String> {
         .collect()
 }
 
+// A client answers each call the moment it sees the group end calling
+// tools (before the turn has gone on to wait): every result is taken, and
+// the turn goes on at once. (They were refused `NotWaiting`, and the turn
+// waited for results that had been thrown away until its tool timeout.)
+#[tokio::test]
+async fn results_sent_as_soon_as_the_group_ends_are_taken() {
+    let store = FakeStore::new(true);
+    let client = Client::new("host-1", &store, "s", "");
+    let control = Arc::new(TurnControl::default());
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let (control, answers, calls) = (control.clone(), answers.clone(), calls.clone());
+        *client.frames.on_frame.lock().expect("lock") = Some(Box::new(move |frame| {
+            let event = &frame["data"]["event"];
+            if let Some(id) = event["toolCall"]["id"].as_str() {
+                calls.lock().expect("lock").push(id.to_owned());
+            }
+            if event["type"] == "end" && event["finishReason"] == "tool-calls" {
+                for id in calls.lock().expect("lock").drain(..) {
+                    let taken = control.tools.deliver(&id, Ok(format!("answer to {id}")));
+                    answers.lock().expect("lock").push((id, taken));
+                }
+            }
+        }));
+    }
+    let report = tokio::time::timeout(
+        Duration::from_secs(10),
+        run(&client, prompt("plan my day", true), control),
+    )
+    .await
+    .expect("the turn went on without waiting for its tool timeout");
+    assert_eq!(
+        report.status,
+        Status::Completed,
+        "{:?}",
+        client.frames.all()
+    );
+    let answers = answers.lock().expect("lock").clone();
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert!(
+        answers.iter().all(|(_, taken)| taken.is_ok()),
+        "{answers:?}"
+    );
+}
+
 #[tokio::test]
 async fn two_calls_in_a_group_and_two_groups_in_one_turn() {
     let store = FakeStore::new(true);

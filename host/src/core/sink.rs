@@ -480,6 +480,8 @@ impl TurnSink {
             name: name.to_owned(),
             arguments: arguments.to_owned(),
         };
+        // Before its frame is made: a client may answer it at once.
+        self.control.tools.announce(id);
         self.emit_model(&ModelEvent::Delta {
             text: None,
             reasoning: None,

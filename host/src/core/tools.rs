@@ -4,9 +4,12 @@
 //!
 //! [`ToolResults`] is where the results meet the waiting turn: the
 //! connection delivers what the client sends, the turn waits until every
-//! call has its result. A result for a call the turn is not waiting on, a
-//! second result for one call, or any result while no turn waits changes
-//! nothing and is answered with why ([`Refused`]).
+//! call has its result. A client may answer a call as soon as it sees it,
+//! before the turn has gone on to wait: while a group of a turn with round
+//! trips runs, each call it makes is announced as its frame is made, and a
+//! result for it is kept for the wait. A result for a call the turn did not
+//! make, a second result for one call, or any result while no turn waits
+//! or collects changes nothing and is answered with why ([`Refused`]).
 
 use std::sync::Mutex;
 
@@ -52,32 +55,85 @@ type Waiting = Vec<(ToolCall, Option<Outcome>)>;
 /// The calls a turn waits on, and the results that came.
 #[derive(Default, Debug)]
 pub struct ToolResults {
-    waiting: Mutex<Option<Waiting>>,
+    state: Mutex<State>,
     arrived: Notify,
 }
 
+#[derive(Default, Debug)]
+struct State {
+    /// The calls of the group that ended, once the turn waits.
+    waiting: Option<Waiting>,
+    /// While a group runs (of a turn with round trips): the ids of the
+    /// calls it made so far, each with a result that came early.
+    early: Option<Vec<(String, Option<Outcome>)>>,
+}
+
 impl ToolResults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes the client's `outcome` for call `call_id`.
     pub fn deliver(&self, call_id: &str, outcome: Outcome) -> Result<(), Refused> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let calls = waiting.as_mut().ok_or(Refused::NotWaiting)?;
-        let (_, slot) = calls
-            .iter_mut()
-            .find(|(call, _)| call.id == call_id)
-            .ok_or(Refused::UnknownCall)?;
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let slot = match (&mut state.waiting, &mut state.early) {
+            (Some(calls), _) => calls
+                .iter_mut()
+                .find(|(call, _)| call.id == call_id)
+                .map(|(_, slot)| slot),
+            (None, Some(made)) => made
+                .iter_mut()
+                .find(|(id, _)| id == call_id)
+                .map(|(_, slot)| slot),
+            (None, None) => return Err(Refused::NotWaiting),
+        };
+        let slot = slot.ok_or(Refused::UnknownCall)?;
         if slot.is_some() {
             return Err(Refused::Twice);
         }
         *slot = Some(outcome);
-        drop(waiting);
+        drop(guard);
         self.arrived.notify_one();
         Ok(())
     }
 
-    /// Starts waiting for the results of `calls`.
+    /// A group of a turn with round trips starts: its calls are announced
+    /// as they are made, and results for them kept until the wait.
+    pub(super) fn collect(&self) {
+        self.lock().early = Some(Vec::new());
+    }
+
+    /// The running group made call `call_id` (its frame is not sent yet);
+    /// nothing unless the group [collects](Self::collect).
+    pub(super) fn announce(&self, call_id: &str) {
+        if let Some(made) = self.lock().early.as_mut() {
+            made.push((call_id.to_owned(), None));
+        }
+    }
+
+    /// The group ended without waiting: results that came early for it are
+    /// dropped, and later ones refused.
+    pub(super) fn settle(&self) {
+        self.lock().early = None;
+    }
+
+    /// Starts waiting for the results of `calls`, with those that came
+    /// while their group ran.
     pub(super) fn expect(&self, calls: &[ToolCall]) {
-        let slots = calls.iter().map(|call| (call.clone(), None)).collect();
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(slots);
+        let mut state = self.lock();
+        let mut early = state.early.take().unwrap_or_default();
+        let slots = calls
+            .iter()
+            .map(|call| {
+                let came = early
+                    .iter_mut()
+                    .find(|(id, _)| *id == call.id)
+                    .and_then(|(_, outcome)| outcome.take());
+                (call.clone(), came)
+            })
+            .collect();
+        state.waiting = Some(slots);
     }
 
     /// Waits until every expected call has its result.
@@ -85,8 +141,9 @@ impl ToolResults {
         loop {
             let arrived = self.arrived.notified();
             {
-                let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-                let done = waiting
+                let state = self.lock();
+                let done = state
+                    .waiting
                     .as_ref()
                     .is_none_or(|calls| calls.iter().all(|(_, slot)| slot.is_some()));
                 if done {
@@ -102,12 +159,11 @@ impl ToolResults {
     /// without one, `missing` (so the history a later turn sends holds a
     /// result for every call, as providers require).
     pub(super) fn finish(&self, missing: &str) -> Vec<Message> {
-        let calls = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default();
+        let calls = {
+            let mut state = self.lock();
+            state.early = None;
+            state.waiting.take().unwrap_or_default()
+        };
         calls
             .into_iter()
             .map(|(call, outcome)| {
