@@ -53,13 +53,16 @@ pub async fn open_idle(addr: SocketAddr, count: usize) -> Result<Vec<Socket>, St
 
 /// Runs `connections` clients for `duration`, each sending a prompt, reading
 /// its turn to the end, and again. With `host` set, moves a new build of
-/// echo into its plugin directory at half time.
+/// echo into its plugin directory at half time. With `model`, the clients
+/// connect with `?model=MODEL` (and their session ids name it, so that two
+/// runs on one host do not resume each other's sessions).
 pub async fn drive(
     addr: SocketAddr,
     connections: usize,
     duration: Duration,
     gaps: bool,
     reload_host: Option<&Host>,
+    model: Option<&str>,
 ) -> Measured {
     let started = Instant::now();
     let deadline = started + duration;
@@ -70,6 +73,7 @@ pub async fn drive(
     let mut tasks = Vec::new();
     for c in 0..connections {
         let swap = swap.clone();
+        let model = model.map(str::to_owned);
         tasks.push(tokio::spawn(async move {
             let gaps = gaps.then_some(steady);
             if gaps.is_some() {
@@ -79,7 +83,7 @@ pub async fn drive(
                 let spread = PACING.as_micros() as u64 * c as u64 / connections as u64;
                 tokio::time::sleep(Duration::from_micros(spread)).await;
             }
-            client(addr, c, deadline, gaps, swap).await
+            client(addr, c, model.as_deref(), deadline, gaps, swap).await
         }));
     }
     if let Some(host) = reload_host {
@@ -128,10 +132,12 @@ async fn reload_once(host: &Host) -> Result<(Instant, Instant), String> {
 }
 
 /// One client. With `gaps`, it measures the gaps between deltas from that
-/// instant on.
+/// instant on, and how late each delta comes after it was due (the prompt
+/// sent plus one [`PACING`] per delta).
 async fn client(
     addr: SocketAddr,
     index: usize,
+    model: Option<&str>,
     deadline: Instant,
     gaps: Option<Instant>,
     swap: Arc<std::sync::Mutex<Option<(Instant, Instant)>>>,
@@ -140,10 +146,16 @@ async fn client(
     let mut session = 0usize;
     'sessions: while Instant::now() < deadline {
         session += 1;
-        let url = format!(
-            "ws://{addr}/v1/ws?session=bench-{}-{index}-{session}",
-            std::process::id()
-        );
+        let url = match model {
+            Some(model) => format!(
+                "ws://{addr}/v1/ws?session=bench-{}-{model}-{index}-{session}&model={model}",
+                std::process::id()
+            ),
+            None => format!(
+                "ws://{addr}/v1/ws?session=bench-{}-{index}-{session}",
+                std::process::id()
+            ),
+        };
         let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url).await else {
             measured.errors += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -169,17 +181,26 @@ async fn client(
             let mut first = None;
             let mut last_delta: Option<Instant> = None;
             let mut last_stamp: Option<u64> = None;
+            let mut turn_events = 0u32;
+            let mut deltas = 0u32;
             loop {
                 match socket.next().await {
                     Some(Ok(Message::Text(text))) => {
                         let now = Instant::now();
                         measured.events += 1;
+                        turn_events += 1;
                         if first.is_none() {
                             first = Some(now);
                             measured.first_ms.push((now - sent).as_secs_f64() * 1000.0);
                         }
                         let steady = gaps.is_some_and(|from| now >= from);
-                        if steady && text.contains("\"type\":\"delta\"") {
+                        let delta = gaps.is_some() && text.contains("\"type\":\"delta\"");
+                        if delta {
+                            deltas += 1;
+                        }
+                        if steady && delta {
+                            let due = sent + PACING * deltas;
+                            measured.late_us.push(signed_us(now, due));
                             let stamp = timestamp(&text);
                             if let (Some(previous), Some(previous_stamp)) = (last_delta, last_stamp)
                             {
@@ -201,6 +222,7 @@ async fn client(
                             }
                             let ms = (now - sent).as_secs_f64() * 1000.0;
                             measured.turn_ms.push(ms);
+                            measured.event_us.push(ms * 1000.0 / f64::from(turn_events));
                             measured.turns += 1;
                             let window = *swap.lock().unwrap_or_else(|p| p.into_inner());
                             if let Some((from, to)) = window {
@@ -222,6 +244,14 @@ async fn client(
         let _ = socket.close(None).await;
     }
     measured
+}
+
+/// `at - from` in microseconds, negative if `at` is earlier.
+fn signed_us(at: Instant, from: Instant) -> f64 {
+    match at.checked_duration_since(from) {
+        Some(after) => after.as_secs_f64() * 1e6,
+        None => -(from - at).as_secs_f64() * 1e6,
+    }
 }
 
 /// The `"timestamp":` number of a frame.

@@ -10,6 +10,12 @@
 //! (10,000 connected sessions), `reload` (c16 with a plugin reload in the
 //! middle), `sqlite`, `postgres` (c16 on those stores). Default: all.
 //!
+//! Crash isolation (not in the default set): `c16-isolated`,
+//! `paced-isolated` (`isolated`: both) run c16 and paced against echo in the
+//! host's process and echo in a child process (`isolation = { mode =
+//! "process" }`) of one host, then the floor; `--rounds N` (default 1)
+//! repeats them and prints the medians.
+//!
 //! Long sessions (not in the default set; they run to their length, never by
 //! time): `long` (16 connections, each on one session of 1,000 turns),
 //! `long10k` (one session of 10,000 turns), on the memory store, or on
@@ -21,6 +27,7 @@
 
 mod client;
 mod floor;
+mod isolated;
 mod long;
 mod measured;
 mod report;
@@ -72,6 +79,13 @@ fn main() {
         }
     };
     let duration = Duration::from_secs(secs);
+    let scenarios: Vec<String> = scenarios
+        .into_iter()
+        .flat_map(|name| match isolated::named(&name) {
+            Some(names) => names.iter().map(|n| (*n).to_owned()).collect(),
+            None => vec![name],
+        })
+        .collect();
     for scenario in scenarios {
         if let Err(err) = runtime.block_on(run_scenario(&scenario, duration, &overrides)) {
             eprintln!("load: {scenario}: {err}");
@@ -94,6 +108,9 @@ async fn run_scenario(
         "sqlite" | "postgres" => throughput(name, 16, name, duration, false).await,
         "paced" => paced(duration).await,
         "idle" => idle().await,
+        "c16-isolated" | "paced-isolated" => {
+            isolated::run(name, duration, overrides.rounds.unwrap_or(1).max(1)).await
+        }
         other => match long::Long::named(other, overrides) {
             Some(scenario) => long::run(&scenario?).await,
             None => Err(format!("unknown scenario {other}")),
@@ -102,7 +119,10 @@ async fn run_scenario(
 }
 
 /// The host's config: echo with `model_settings`, on `store` (`sqlite`,
-/// `postgres`, `redis`; anything else: memory).
+/// `postgres`, `redis`; anything else: memory). Every client comes from one
+/// address, as through a proxy: `max_pending_per_address` is raised past
+/// the paced scenario's 1,000 handshakes at once (at its default, 512, the
+/// host closes those over it before reading them, as it should).
 pub fn host_config(model_settings: &str, store: &str) -> String {
     let (store_name, store_table) = match store {
         "sqlite" => (
@@ -139,7 +159,7 @@ pub fn host_config(model_settings: &str, store: &str) -> String {
     };
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_queued_prompts = 8\nidle_timeout_secs = 0\n\
-         ping_interval_secs = 0\n\n[plugins]\ndir = \"plugins\"\ndebounce_ms = 200\n\n\
+         ping_interval_secs = 0\nmax_pending_per_address = 4096\n\n[plugins]\ndir = \"plugins\"\ndebounce_ms = 200\n\n\
          [defaults]\nmodel = \"bench\"\nstore = \"{store_name}\"\n\n[models.bench]\nplugin = \"echo\"\n\
          settings = {model_settings}\n\n{store_table}"
     )

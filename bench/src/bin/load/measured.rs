@@ -21,6 +21,11 @@ pub struct Measured {
     pub peak_rss_kib: u64,
     /// Turn latencies of turns that ended while a reload was under way.
     pub swap_turn_ms: Vec<f64>,
+    /// Each turn's time per event: its latency over its events, in µs.
+    pub event_us: Vec<f64>,
+    /// Paced runs: how late each delta came after it was due (the prompt
+    /// sent plus one pacing interval per delta), in µs.
+    pub late_us: Vec<f64>,
 }
 
 impl Measured {
@@ -33,6 +38,8 @@ impl Measured {
         self.gap_ms.extend(other.gap_ms);
         self.stamped_gap_ms.extend(other.stamped_gap_ms);
         self.swap_turn_ms.extend(other.swap_turn_ms);
+        self.event_us.extend(other.event_us);
+        self.late_us.extend(other.late_us);
     }
 
     pub fn finish(&mut self) {
@@ -42,6 +49,8 @@ impl Measured {
             &mut self.gap_ms,
             &mut self.stamped_gap_ms,
             &mut self.swap_turn_ms,
+            &mut self.event_us,
+            &mut self.late_us,
         ] {
             v.sort_by(f64::total_cmp);
         }

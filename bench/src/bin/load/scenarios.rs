@@ -25,13 +25,14 @@ pub async fn throughput(
         duration,
         false,
         reload.then_some(&host),
+        None,
     )
     .await;
     host_side.peak_rss_kib = host.peak_rss_kib()?;
     drop(host);
 
     let (floor, addr) = start_floor(TOKENS, 0)?;
-    let mut floor_side = drive(addr, connections, duration, false, None).await;
+    let mut floor_side = drive(addr, connections, duration, false, None, None).await;
     floor_side.peak_rss_kib = kill(floor);
 
     host_side.finish();
@@ -63,11 +64,11 @@ pub async fn throughput(
 pub async fn paced(duration: Duration) -> Result<(), String> {
     let connections = 1000;
     let host = Host::start(&host_config("{ tokens = 50, delay_ms = 20 }", ""), PLUGINS)?;
-    let mut host_side = drive(host.addr, connections, duration, true, None).await;
+    let mut host_side = drive(host.addr, connections, duration, true, None, None).await;
     host_side.peak_rss_kib = host.peak_rss_kib()?;
     drop(host);
     let (floor, addr) = start_floor(50, 20)?;
-    let mut floor_side = drive(addr, connections, duration, true, None).await;
+    let mut floor_side = drive(addr, connections, duration, true, None, None).await;
     floor_side.peak_rss_kib = kill(floor);
     host_side.finish();
     floor_side.finish();
