@@ -347,8 +347,12 @@ impl Loader {
         if !library::exports_root_module(&library.bytes)? {
             return Ok(None);
         }
-        let stage = if self.lock().contains_key(&library.hash) {
-            false
+        let known = self.lock().get(&library.hash).cloned();
+        let stage = if let Some(plugin) = known {
+            // Known for child processes only, its staged copy is what they
+            // load: staged again if cleaning removed it (a rollback to a
+            // build unused for a while).
+            !plugin.in_host() && !plugin.staged.exists()
         } else {
             match self.probes().get(&library.hash) {
                 Some(Ok(facts)) => wanted.contains(&facts.name),
@@ -412,7 +416,8 @@ impl Loader {
         in_host: bool,
     ) -> Result<Arc<LoadedPlugin>, String> {
         let known = self.lock().get(&entry.hash).cloned();
-        if let Some(plugin) = known.as_ref().filter(|p| p.in_host() || !in_host) {
+        let usable = |p: &Arc<LoadedPlugin>| p.in_host() || (!in_host && entry.staged.is_none());
+        if let Some(plugin) = known.as_ref().filter(|p| usable(p)) {
             return Ok(plugin.clone());
         }
         let staged = match (&entry.staged, &known) {
@@ -447,11 +452,13 @@ impl Loader {
             file = %entry.file.display(),
             "plugin verified for its child processes (not loaded into the host)"
         );
-        Ok(self
-            .lock()
-            .entry(entry.hash.clone())
-            .or_insert(plugin)
-            .clone())
+        let mut loaded = self.lock();
+        let kept = loaded.entry(entry.hash.clone()).or_insert(plugin.clone());
+        if !kept.in_host() {
+            // Known for children before, at a staged copy since removed.
+            *kept = plugin;
+        }
+        Ok(kept.clone())
     }
 
     /// Loads one library into this process, as `llm-host check` does with

@@ -153,13 +153,15 @@ fn plugins(
                     let used_by: Vec<&String> = active
                         .models
                         .values()
-                        .filter(|b| Arc::ptr_eq(&b.plugin, p))
+                        // By content: a backend may hold the same library
+                        // as verified for a child before it was mapped here.
+                        .filter(|b| b.plugin.hash == p.hash)
                         .map(|b| &b.name)
                         .chain(
                             active
                                 .stores
                                 .values()
-                                .filter(|s| Arc::ptr_eq(&s.plugin, p))
+                                .filter(|s| s.plugin.hash == p.hash)
                                 .map(|s| &s.name),
                         )
                         .collect();

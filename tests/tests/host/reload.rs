@@ -459,3 +459,65 @@ async fn staging_keeps_the_libraries_in_use_and_the_generation_before() {
     client.send_text("still serving").await;
     assert_eq!(client.read_turn().await.text(), "echo: still serving");
 }
+
+// Echo runs only in a child process, so the host never maps it and its
+// children load its staged copy. Two swaps later the first build's copy is
+// cleaned away (staging_grace_secs = 0); moving that build back in stages
+// it again, and the reload and the next turn on a new child succeed. (The
+// loader remembered the build and handed its removed copy to the child,
+// whose start failed every reload after.)
+#[tokio::test]
+async fn a_rollback_to_a_cleaned_build_of_an_isolated_plugin_reloads() {
+    let workdir = llm_host_tests::Workdir::new(llm_host_tests::STANDARD_PLUGINS);
+    let config = Config {
+        models: vec![("echo".to_owned(), "{}".to_owned())],
+        ..Config::default()
+    };
+    let text = config
+        .to_toml()
+        .replacen(
+            "[plugins]\n",
+            "[plugins]\nstaging_dir = \"staging\"\nstaging_grace_secs = 0\n",
+            1,
+        )
+        .replace(
+            "plugin = \"echo\"\n",
+            "plugin = \"echo\"\nisolation = \"process\"\n",
+        );
+    workdir.write_config(&text);
+    let plugin_dir = workdir.path().join("plugins");
+    let host = Host::start_in(workdir, &[]);
+    let answer = |text: &'static str| {
+        let host = &host;
+        async move {
+            let mut client = host.connect("/v1/ws").await;
+            client.next_json().await;
+            client.send_text(text).await;
+            client.read_turn().await.text()
+        }
+    };
+    assert_eq!(answer("first").await, "echo: first");
+
+    move_in(Plugin::EchoV2.path(), &plugin_dir, Plugin::Echo.file_name());
+    wait_for(&host, "echo 2.0.0", |s| {
+        plugin(s, "echo")["version"] == "2.0.0"
+    })
+    .await;
+    let mut bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
+    bytes.extend_from_slice(b"\0a third build");
+    let third = host.workdir().path().join("third.so");
+    std::fs::write(&third, bytes).expect("write the third build");
+    move_in(&third, &plugin_dir, Plugin::Echo.file_name());
+    wait_for(&host, "the third build", |s| {
+        plugin(s, "echo")["version"] != "2.0.0" && plugin(s, "echo")["reloads"] == 2
+    })
+    .await;
+
+    move_in(Plugin::Echo.path(), &plugin_dir, Plugin::Echo.file_name());
+    let status = wait_for(&host, "the first build again", |s| {
+        s["reloads"] == 3 || !s["lastError"].is_null()
+    })
+    .await;
+    assert!(status["lastError"].is_null(), "{status:#}");
+    assert_eq!(answer("rolled back").await, "echo: rolled back");
+}

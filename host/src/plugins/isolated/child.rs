@@ -98,8 +98,6 @@ struct Turns {
 
 /// Where the frames of an open id go.
 enum Route {
-    /// A turn's: every event, then its end.
-    Turn(mpsc::Sender<Incoming>),
     /// A store call's: its one answer.
     Call(tokio::sync::oneshot::Sender<Incoming>),
     /// A turn run in steps: every event, then its end, queued.
@@ -109,9 +107,6 @@ enum Route {
 impl Route {
     fn send(self, incoming: Incoming) {
         match self {
-            Route::Turn(to) => {
-                let _ = to.send(incoming);
-            }
             Route::Call(to) => {
                 let _ = to.send(incoming);
             }
@@ -218,21 +213,6 @@ impl Child {
     /// Turns running on it now.
     pub fn running(&self) -> usize {
         self.lock_turns().open.len()
-    }
-
-    /// Opens a turn: its id and where its frames come.
-    pub fn open(&self, max: u32) -> Result<(u64, mpsc::Receiver<Incoming>), Refusal> {
-        let mut turns = self.lock_turns();
-        if let Some(why) = &turns.dead {
-            return Err(Refusal::Dead(why.clone()));
-        }
-        if turns.open.len() >= max as usize {
-            return Err(Refusal::Busy);
-        }
-        let turn = self.next_turn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        turns.open.insert(turn, Route::Turn(tx));
-        Ok((turn, rx))
     }
 
     /// Opens a turn run in steps: its id; its frames go to `queue`.
@@ -372,7 +352,6 @@ impl Child {
             let mut turns = self.lock_turns();
             let to = match &incoming {
                 Incoming::Event(_) => match turns.open.get(&turn) {
-                    Some(Route::Turn(to)) => Some(Route::Turn(to.clone())),
                     Some(Route::Queue(queue)) => Some(Route::Queue(queue.clone())),
                     _ => None,
                 },

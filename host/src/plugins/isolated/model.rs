@@ -50,6 +50,8 @@ pub struct IsolatedModel {
     launch: Launch,
     limits: ProcessLimits,
     child: Mutex<Option<Arc<Child>>>,
+    /// Held by the caller that starts a new child.
+    restarting: Mutex<()>,
     health: Arc<Mutex<Health>>,
 }
 
@@ -94,6 +96,7 @@ impl IsolatedModel {
             launch,
             limits,
             child: Mutex::new(None),
+            restarting: Mutex::new(()),
             health: Arc::new(Mutex::new(Health {
                 state: "running",
                 backoff: FIRST_BACKOFF,
@@ -124,25 +127,9 @@ impl IsolatedModel {
         let health = self.health.clone();
         let backend = self.launch.backend.clone();
         let on_exit = Box::new(move |pid: u32, why: Option<String>| {
-            let mut health = lock(&health);
-            // A call may have started the next child before this one's
-            // reader got here: its state is not this one's to change.
-            let newer = health.pid.is_some_and(|running| running != pid);
-            if !newer {
-                health.pid = None;
-            }
-            let Some(why) = why else { return };
-            if !newer {
-                health.state = "crashed";
-            }
-            health.crashes += 1;
-            health.last_crash = Some(Crash {
-                at_ms: crate::protocol::now_ms(),
-                reason: why.clone(),
-            });
-            health.not_before = Some(Instant::now() + health.backoff);
-            let backoff = health.backoff;
-            health.backoff = (health.backoff * 2).min(MAX_BACKOFF);
+            let Some((why, backoff)) = record_exit(&health, pid, why) else {
+                return;
+            };
             crate::metrics::metrics().plugin_crash(&backend);
             tracing::error!(
                 backend = %backend,
@@ -165,19 +152,30 @@ impl IsolatedModel {
         Ok(child)
     }
 
+    /// The running child, if it is alive.
+    fn live(&self) -> Option<Arc<Child>> {
+        self.lock_child().as_ref().filter(|c| c.alive()).cloned()
+    }
+
     /// The running child, started (after its backoff) if it died. `None`:
-    /// the turn was stopped while it waited.
+    /// the turn was stopped while it waited. Blocks while a child starts;
+    /// the child's slot is locked only to read or set it, so a turn on the
+    /// async workers asking for the live child never waits for a start.
     fn running(&self, stopped: impl Fn() -> bool) -> Result<Option<Arc<Child>>, ModelError> {
         loop {
-            let mut slot = self.lock_child();
-            if let Some(child) = slot.as_ref().filter(|c| c.alive()) {
-                return Ok(Some(child.clone()));
+            if let Some(child) = self.live() {
+                return Ok(Some(child));
+            }
+            // One caller starts the next child; the others wait here.
+            let restarting = self.restarting.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(child) = self.live() {
+                return Ok(Some(child));
             }
             let wait = lock(&self.health).not_before.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });
             if !wait.is_zero() {
-                drop(slot);
+                drop(restarting);
                 if stopped() {
                     return Ok(None);
                 }
@@ -188,7 +186,7 @@ impl IsolatedModel {
                 Ok(child) => {
                     lock(&self.health).restarts += 1;
                     crate::metrics::metrics().plugin_restart(&self.launch.backend);
-                    *slot = Some(child.clone());
+                    *self.lock_child() = Some(child.clone());
                     return Ok(Some(child));
                 }
                 Err(why) => {
@@ -225,8 +223,7 @@ impl IsolatedModel {
     /// must be started again first: that (its backoff included) blocks, in
     /// `block_in_place` on the host's runtime.
     pub fn start_turn(&self, request: &str, wake: Wake) -> Result<SteppedTurn, ModelError> {
-        let live = self.lock_child().as_ref().filter(|c| c.alive()).cloned();
-        let child = match live {
+        let child = match self.live() {
             Some(child) => child,
             None => {
                 let restart = || self.running(|| false);
@@ -278,6 +275,35 @@ impl Drop for IsolatedModel {
         }
         child.retire(STOP_GRACE);
     }
+}
+
+/// Records child `pid`'s exit in `health`: when it crashed (`why`), counts
+/// it and sets the backoff before the next start, answering why and that
+/// backoff. A newer child may already run (a call started it before this
+/// one's reader got here): then the state and pid stay the newer one's.
+pub(super) fn record_exit(
+    health: &Mutex<Health>,
+    pid: u32,
+    why: Option<String>,
+) -> Option<(String, Duration)> {
+    let mut health = lock(health);
+    let newer = health.pid.is_some_and(|running| running != pid);
+    if !newer {
+        health.pid = None;
+    }
+    let why = why?;
+    if !newer {
+        health.state = "crashed";
+    }
+    health.crashes += 1;
+    health.last_crash = Some(Crash {
+        at_ms: crate::protocol::now_ms(),
+        reason: why.clone(),
+    });
+    let backoff = health.backoff;
+    health.not_before = Some(Instant::now() + backoff);
+    health.backoff = (backoff * 2).min(MAX_BACKOFF);
+    Some((why, backoff))
 }
 
 pub(super) fn crashed(message: String) -> ModelError {

@@ -42,9 +42,11 @@ pub fn main(mut args: impl Iterator<Item = String>) -> ExitCode {
         eprintln!("usage: llm-host {ARG} (used by the host itself)");
         return ExitCode::from(2);
     }
-    // SAFETY: dup and dup2 on the standard descriptors, which are open.
+    // SAFETY: fcntl and dup2 on the standard descriptors, which are open.
+    // The frame pipe is close-on-exec: a process the plugin starts must not
+    // hold it open, or the host would not see this child's end.
     let frames = unsafe {
-        let out = libc::dup(1);
+        let out = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
         if out < 0 || libc::dup2(2, 1) < 0 {
             eprintln!("llm-host {ARG}: cannot set up the frame pipe");
             return ExitCode::from(2);

@@ -78,6 +78,10 @@ pub struct SteppedTurn {
     /// `isolation.first_event_timeout_ms`.
     first_due: Duration,
     started: Instant,
+    /// When the first event is due at the latest.
+    due: Instant,
+    /// The timer that wakes the turn then.
+    timer: Option<tokio::task::JoinHandle<()>>,
     pending: VecDeque<Incoming>,
     enc: Encoder,
     answered: bool,
@@ -97,13 +101,17 @@ impl SteppedTurn {
         health: Arc<Mutex<Health>>,
         first_due: Duration,
     ) -> Self {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let started = Instant::now();
+        let due = started + first_due;
+        // The timer sleeps until the very instant `step` compares with, so
+        // its wake never comes before the deadline has passed.
+        let timer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let wake = queue.wake.clone();
             runtime.spawn(async move {
-                tokio::time::sleep(first_due).await;
+                tokio::time::sleep_until(due.into()).await;
                 wake.notify_one();
-            });
-        }
+            })
+        });
         Self {
             child,
             turn,
@@ -111,7 +119,9 @@ impl SteppedTurn {
             backend,
             health,
             first_due,
-            started: Instant::now(),
+            started,
+            due,
+            timer,
             pending: VecDeque::new(),
             enc: Encoder::default(),
             answered: false,
@@ -172,7 +182,7 @@ impl SteppedTurn {
                 }
             }
         }
-        if !self.answered && self.started.elapsed() >= self.first_due {
+        if !self.answered && Instant::now() >= self.due {
             self.child.kill(format!(
                 "did not answer a turn within {} ms (isolation.first_event_timeout_ms) \
                  and was killed",
@@ -187,6 +197,9 @@ impl SteppedTurn {
 
 impl Drop for SteppedTurn {
     fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
         if !self.finished {
             self.enc.buf.clear();
             self.enc.begin(to_child::CANCEL, self.turn).finish();

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::child::{Child, Incoming, Launch};
-use super::model::{lock, Crash, Health, FIRST_BACKOFF, MAX_BACKOFF, START_TIMEOUT, STOP_GRACE};
+use super::model::{
+    lock, record_exit, Crash, Health, FIRST_BACKOFF, MAX_BACKOFF, START_TIMEOUT, STOP_GRACE,
+};
 use super::wire::{to_child, to_host, Encoder, Frame};
 use crate::core::ports::{SaveOutcome, Stored};
 
@@ -288,25 +290,9 @@ impl Inner {
         let health = self.health.clone();
         let store = self.launch.backend.clone();
         let on_exit = Box::new(move |pid: u32, why: Option<String>| {
-            let mut health = lock(&health);
-            // A call may have started the next child before this one's
-            // reader got here: its state is not this one's to change.
-            let newer = health.pid.is_some_and(|running| running != pid);
-            if !newer {
-                health.pid = None;
-            }
-            let Some(why) = why else { return };
-            if !newer {
-                health.state = "crashed";
-            }
-            health.crashes += 1;
-            health.last_crash = Some(Crash {
-                at_ms: crate::protocol::now_ms(),
-                reason: why.clone(),
-            });
-            health.not_before = Some(Instant::now() + health.backoff);
-            let backoff = health.backoff;
-            health.backoff = (health.backoff * 2).min(MAX_BACKOFF);
+            let Some((why, backoff)) = record_exit(&health, pid, why) else {
+                return;
+            };
             crate::metrics::metrics().plugin_crash(&store);
             tracing::error!(
                 store = %store,
