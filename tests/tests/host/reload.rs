@@ -40,6 +40,21 @@ async fn wait_for(host: &Host, what: &str, ready: impl Fn(&Value) -> bool) -> Va
     }
 }
 
+/// Moves in a third build of echo (after echo 2.0.0) and waits for it: the
+/// first build's bytes and a few more (a loader ignores bytes past an ELF
+/// file's sections), so another hash.
+async fn third_echo_build(host: &Host, plugin_dir: &Path) {
+    let mut bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
+    bytes.extend_from_slice(b"\0a third build");
+    let third = host.workdir().path().join("third.so");
+    std::fs::write(&third, bytes).expect("write the third build");
+    move_in(&third, plugin_dir, Plugin::Echo.file_name());
+    wait_for(host, "the third build", |s| {
+        plugin(s, "echo")["version"] != "2.0.0" && plugin(s, "echo")["reloads"] == 2
+    })
+    .await;
+}
+
 fn plugin<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["plugins"]
         .as_array()
@@ -434,17 +449,7 @@ async fn staging_keeps_the_libraries_in_use_and_the_generation_before() {
         "the old echo is the generation before: {second:?}"
     );
 
-    // A third build of echo: the first one's bytes and a few more (a loader
-    // ignores bytes past an ELF file's sections), so another hash.
-    let mut bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
-    bytes.extend_from_slice(b"\0a third build");
-    let third = host.workdir().path().join("third.so");
-    std::fs::write(&third, bytes).expect("write the third build");
-    move_in(&third, &plugin_dir, Plugin::Echo.file_name());
-    wait_for(&host, "the third build", |s| {
-        plugin(s, "echo")["version"] != "2.0.0" && plugin(s, "echo")["reloads"] == 2
-    })
-    .await;
+    third_echo_build(&host, &plugin_dir).await;
     let now = libraries_in(&staging);
     assert_eq!(now.len(), 3, "memory, echo 2.0.0 and the third: {now:?}");
     let gone: Vec<_> = first.iter().filter(|name| !now.contains(name)).collect();
@@ -503,15 +508,7 @@ async fn a_rollback_to_a_cleaned_build_of_an_isolated_plugin_reloads() {
         plugin(s, "echo")["version"] == "2.0.0"
     })
     .await;
-    let mut bytes = std::fs::read(Plugin::Echo.path()).expect("read echo");
-    bytes.extend_from_slice(b"\0a third build");
-    let third = host.workdir().path().join("third.so");
-    std::fs::write(&third, bytes).expect("write the third build");
-    move_in(&third, &plugin_dir, Plugin::Echo.file_name());
-    wait_for(&host, "the third build", |s| {
-        plugin(s, "echo")["version"] != "2.0.0" && plugin(s, "echo")["reloads"] == 2
-    })
-    .await;
+    third_echo_build(&host, &plugin_dir).await;
 
     move_in(Plugin::Echo.path(), &plugin_dir, Plugin::Echo.file_name());
     let status = wait_for(&host, "the first build again", |s| {
