@@ -217,30 +217,34 @@ impl Child {
 
     /// Opens a turn run in steps: its id; its frames go to `queue`.
     pub fn open_queue(&self, max: u32, queue: Arc<TurnQueue>) -> Result<u64, Refusal> {
-        let mut turns = self.lock_turns();
-        if let Some(why) = &turns.dead {
-            return Err(Refusal::Dead(why.clone()));
-        }
-        if turns.open.len() >= max as usize {
-            return Err(Refusal::Busy);
-        }
-        let turn = self.next_turn.fetch_add(1, Ordering::Relaxed);
-        turns.open.insert(turn, Route::Queue(queue));
-        Ok(turn)
+        self.open(Some(max), Route::Queue(queue))
     }
 
     /// Opens a store call: its id and where its answer comes (a
     /// [`Incoming::Reply`], a failure as [`Incoming::Done`], or
     /// [`Incoming::Crashed`]). [`Child::close`] forgets it.
     pub fn call(&self) -> Result<(u64, tokio::sync::oneshot::Receiver<Incoming>), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.open(None, Route::Call(tx)) {
+            Ok(call) => Ok((call, rx)),
+            Err(Refusal::Dead(why)) => Err(why),
+            Err(Refusal::Busy) => Err("the plugin's process is busy".to_owned()),
+        }
+    }
+
+    /// Gives `route` a new id, unless the child is dead or already has
+    /// `max` ids open.
+    fn open(&self, max: Option<u32>, route: Route) -> Result<u64, Refusal> {
         let mut turns = self.lock_turns();
         if let Some(why) = &turns.dead {
-            return Err(why.clone());
+            return Err(Refusal::Dead(why.clone()));
         }
-        let call = self.next_turn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        turns.open.insert(call, Route::Call(tx));
-        Ok((call, rx))
+        if max.is_some_and(|max| turns.open.len() >= max as usize) {
+            return Err(Refusal::Busy);
+        }
+        let id = self.next_turn.fetch_add(1, Ordering::Relaxed);
+        turns.open.insert(id, route);
+        Ok(id)
     }
 
     /// Forgets a turn: later frames of it are dropped.

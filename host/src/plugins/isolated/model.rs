@@ -39,7 +39,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a child no longer used may take to exit before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
-/// How often a waiting turn looks whether it was stopped.
+/// How often a caller waiting out the backoff looks again for a live child.
 const POLL: Duration = Duration::from_millis(20);
 
 /// The error code of a turn whose child died.
@@ -157,28 +157,25 @@ impl IsolatedModel {
         self.lock_child().as_ref().filter(|c| c.alive()).cloned()
     }
 
-    /// The running child, started (after its backoff) if it died. `None`:
-    /// the turn was stopped while it waited. Blocks while a child starts;
+    /// The running child, started (after its backoff) if it died. Blocks
+    /// while a child starts;
     /// the child's slot is locked only to read or set it, so a turn on the
     /// async workers asking for the live child never waits for a start.
-    fn running(&self, stopped: impl Fn() -> bool) -> Result<Option<Arc<Child>>, ModelError> {
+    fn running(&self) -> Result<Arc<Child>, ModelError> {
         loop {
             if let Some(child) = self.live() {
-                return Ok(Some(child));
+                return Ok(child);
             }
             // One caller starts the next child; the others wait here.
             let restarting = self.restarting.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(child) = self.live() {
-                return Ok(Some(child));
+                return Ok(child);
             }
             let wait = lock(&self.health).not_before.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });
             if !wait.is_zero() {
                 drop(restarting);
-                if stopped() {
-                    return Ok(None);
-                }
                 std::thread::sleep(wait.min(POLL));
                 continue;
             }
@@ -187,7 +184,7 @@ impl IsolatedModel {
                     lock(&self.health).restarts += 1;
                     crate::metrics::metrics().plugin_restart(&self.launch.backend);
                     *self.lock_child() = Some(child.clone());
-                    return Ok(Some(child));
+                    return Ok(child);
                 }
                 Err(why) => {
                     let mut health = lock(&self.health);
@@ -226,8 +223,8 @@ impl IsolatedModel {
         let child = match self.live() {
             Some(child) => child,
             None => {
-                let restart = || self.running(|| false);
-                let started = match tokio::runtime::Handle::try_current() {
+                let restart = || self.running();
+                match tokio::runtime::Handle::try_current() {
                     Ok(runtime)
                         if runtime.runtime_flavor()
                             == tokio::runtime::RuntimeFlavor::MultiThread =>
@@ -235,8 +232,7 @@ impl IsolatedModel {
                         tokio::task::block_in_place(restart)
                     }
                     _ => restart(),
-                };
-                started?.ok_or_else(|| crashed("the plugin's process is gone".to_owned()))?
+                }?
             }
         };
         let queue = TurnQueue::new(wake);
