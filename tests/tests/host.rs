@@ -26,6 +26,8 @@ mod failures;
 mod isolated_stores;
 #[path = "host/isolation.rs"]
 mod isolation;
+#[path = "host/isolation_stalls.rs"]
+mod isolation_stalls;
 #[path = "host/openai_http.rs"]
 mod openai_http;
 #[path = "host/operations.rs"]

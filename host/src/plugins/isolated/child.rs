@@ -1,16 +1,20 @@
 //! One plugin child process, seen from the host: started and handed its
 //! plugin ([`Child::spawn`]), its turns (a model's) or calls (a store's) by
-//! id, the thread that reads its frames, and what happened when it ended.
+//! id, the thread that reads its frames, what is written to it, and what
+//! happened when it ended.
+//!
+//! Frames to the child go through its [`Input`], which never blocks.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::input::Input;
 use super::runner::ARG;
 use super::stepped::TurnQueue;
 use super::wire::{to_child, to_host, Encoder, Event, Frame};
@@ -78,7 +82,7 @@ pub type OnExit = Box<dyn FnOnce(u32, Option<String>) + Send>;
 pub struct Child {
     /// Its process id.
     pub pid: u32,
-    stdin: Mutex<Option<ChildStdin>>,
+    input: Arc<Input>,
     process: Mutex<std::process::Child>,
     turns: Mutex<Turns>,
     next_turn: AtomicU64,
@@ -161,7 +165,7 @@ impl Child {
         let _ = stdin.write_all(&init.buf);
         let child = Arc::new(Child {
             pid: process.id(),
-            stdin: Mutex::new(Some(stdin)),
+            input: Input::new(stdin),
             process: Mutex::new(process),
             turns: Mutex::new(Turns::default()),
             next_turn: AtomicU64::new(1),
@@ -252,12 +256,20 @@ impl Child {
         self.lock_turns().open.remove(&turn);
     }
 
-    /// Writes frames to the child; false if it cannot take them (it is gone).
+    /// Writes frames to the child, or queues what its pipe cannot take yet
+    /// for the writer thread; never blocks. False if it cannot take them:
+    /// it is gone, or it was killed for not reading.
     pub fn send(&self, bytes: &[u8]) -> bool {
-        let mut stdin = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
-        stdin
-            .as_mut()
-            .is_some_and(|stdin| stdin.write_all(bytes).is_ok())
+        match self.input.send(bytes, self.pid) {
+            Ok(sent) => sent,
+            Err(waiting) => {
+                self.kill(format!(
+                    "did not read what the host sent ({} MiB waited)",
+                    waiting >> 20
+                ));
+                false
+            }
+        }
     }
 
     /// Kills it (SIGKILL); `why` says so in place of the signal.
@@ -275,7 +287,7 @@ impl Child {
     /// Stops it: its stdin closes and it exits; no crash is reported.
     pub fn stop(&self) {
         self.closing.store(true, Ordering::Release);
-        self.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.input.close();
     }
 
     /// Stops it for good (its backend is no longer used) and makes sure it
@@ -377,6 +389,8 @@ impl Child {
             self.closing.store(true, Ordering::Release);
         }
         let status = self.reap();
+        // Nothing more can reach it; a writer thread waiting lets go.
+        self.input.close();
         let killed = self
             .killed
             .lock()
@@ -414,6 +428,12 @@ impl Child {
             drop(process);
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.input.close();
     }
 }
 

@@ -15,15 +15,20 @@
 //! - [`child`]: one child seen from the host: its pipes, its turns (or
 //!   store calls) by id, the thread that reads its frames and reports its
 //!   end.
+//! - [`input`]: what the host writes to a child, without ever blocking.
+//! - [`supervisor`]: a child over its life, for a backend or a store: the
+//!   running one, its health, a new one after a crash once the backoff has
+//!   passed.
 //! - [`model`]: the backend: the turn core's
-//!   [`Model`](crate::core::ports::Model), restarts with backoff.
+//!   [`Model`](crate::core::ports::Model).
 //! - [`stepped`]: one turn on a child, run in steps on the async workers
-//!   (no host thread per turn), the first-event deadline.
+//!   (no host thread per turn), the wait for a new child after a crash, the
+//!   first-event deadline.
 //! - [`store`]: the store: async calls multiplexed over one child by id
-//!   (the store timeout is the callers', `server.store_timeout_ms`), the
-//!   same restarts with backoff. A store that keeps its sessions in its own
-//!   memory (`in_process`, the memory plugin) refuses to start in a child:
-//!   they would be lost with each restart.
+//!   (the store timeout is the callers', `server.store_timeout_ms`). A
+//!   store that keeps its sessions in its own memory (`in_process`, the
+//!   memory plugin) refuses to start in a child: they would be lost with
+//!   each restart.
 //! - [`wire`]: the framing.
 //!
 //! # Framing
@@ -80,7 +85,7 @@
 //! runs to its end on the old child. The old `IsolatedModel` is dropped
 //! with the last snapshot that holds it, that is when its last turn ended
 //! (at once when none runs), and its drop stops the child: stdin closed, and
-//! killed if it has not exited within [`model::STOP_GRACE`]. Nothing of it
+//! killed if it has not exited within [`supervisor::STOP_GRACE`]. Nothing of it
 //! counts as a crash. A reload that leaves the backend as it is carries the
 //! same `IsolatedModel` over: its child goes on, not restarted.
 //! A store's child ([`IsolatedStore`]) goes the same way: a new one when
@@ -108,12 +113,14 @@
 //! `llm_host_plugin_call_seconds{backend}`.
 
 pub mod child;
+pub mod input;
 pub mod model;
 pub mod runner;
 pub mod stepped;
 pub mod stepped_runner;
 pub mod store;
 pub mod store_runner;
+pub mod supervisor;
 pub mod wire;
 
 pub use model::IsolatedModel;

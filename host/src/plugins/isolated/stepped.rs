@@ -7,9 +7,14 @@
 //! cost a thread per turn (a thousand paced turns: a thousand threads each
 //! woken per token) and two more thread switches per event.
 //!
+//! A turn that finds its backend's child dead waits in its first steps for
+//! the new one ([`Supervisor::running`]: the backoff, then the start), as a
+//! task on the runtime that wakes it; then it sends its request.
+//!
 //! A turn stopped (the client's cancel, the turn deadline, a client gone)
 //! is dropped by the core; dropping it sends CANCEL and forgets its id, so
-//! frames the child still sends for it are dropped. Its first event is due
+//! frames the child still sends for it are dropped. Dropped while it waits
+//! for a new child, it stops waiting (the start goes on, for the next turn). Its first event is due
 //! within `first_event_timeout_ms`: a timer wakes the turn then, and a turn
 //! still unanswered has the child killed, which its queue then reports as
 //! a crash.
@@ -18,10 +23,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::child::{Child, Incoming};
-use super::model::{crashed, deliver, lock, Health, FIRST_BACKOFF};
+use super::child::{Child, Incoming, Refusal};
+use super::model::{crashed, deliver};
 use super::runner::WINDOW;
+use super::supervisor::Supervisor;
 use super::wire::{to_child, Encoder, Event};
+use crate::config::ProcessLimits;
 use crate::core::ports::{ModelError, Next, Wake};
 use crate::core::sink::TurnSink;
 
@@ -69,12 +76,98 @@ impl TurnQueue {
 }
 
 /// One turn on a child, run in steps.
-pub struct SteppedTurn {
+pub struct SteppedTurn(Phase);
+
+enum Phase {
+    /// The child died: waiting for the new one.
+    Starting(Starting),
+    /// Its request went to the child.
+    Running(Running),
+}
+
+/// A turn waiting for its backend's new child.
+struct Starting {
+    supervisor: Arc<Supervisor>,
+    limits: ProcessLimits,
+    request: String,
+    wake: Wake,
+    child: tokio::sync::oneshot::Receiver<Result<Arc<Child>, String>>,
+    /// The task waiting for the child; aborted when the turn is dropped.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SteppedTurn {
+    /// Starts a turn on `supervisor`'s child: at once when it runs, else in
+    /// the steps after a new child is up.
+    pub(super) fn start(
+        supervisor: &Arc<Supervisor>,
+        limits: ProcessLimits,
+        request: &str,
+        wake: Wake,
+    ) -> Result<Self, ModelError> {
+        if let Some(child) = supervisor.current() {
+            return Running::open(supervisor, limits, child, request, wake)
+                .map(|running| Self(Phase::Running(running)));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| ModelError::internal("a turn in a plugin's process needs the runtime"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (waiting, woken) = (supervisor.clone(), wake.clone());
+        let task = runtime.spawn(async move {
+            let _ = tx.send(waiting.running().await);
+            woken.notify_one();
+        });
+        Ok(Self(Phase::Starting(Starting {
+            supervisor: supervisor.clone(),
+            limits,
+            request: request.to_owned(),
+            wake,
+            child: rx,
+            task,
+        })))
+    }
+
+    /// Hands what the child sent to `sink`; never blocks.
+    pub fn step(&mut self, sink: &mut TurnSink) -> Result<Next, ModelError> {
+        let starting = match &mut self.0 {
+            Phase::Running(running) => return running.step(sink),
+            Phase::Starting(starting) => starting,
+        };
+        use tokio::sync::oneshot::error::TryRecvError;
+        let child = match starting.child.try_recv() {
+            Ok(Ok(child)) => child,
+            Ok(Err(why)) => return Err(crashed(why)),
+            Err(TryRecvError::Empty) => return Ok(Next::Pending),
+            Err(TryRecvError::Closed) => {
+                return Err(crashed(
+                    "the plugin's process could not be restarted".to_owned(),
+                ))
+            }
+        };
+        let running = Running::open(
+            &starting.supervisor,
+            starting.limits,
+            child,
+            &starting.request,
+            starting.wake.clone(),
+        )?;
+        self.0 = Phase::Running(running);
+        Ok(Next::Ready)
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A turn whose request went to the child.
+struct Running {
     child: Arc<Child>,
     turn: u64,
     queue: Arc<TurnQueue>,
-    backend: String,
-    health: Arc<Mutex<Health>>,
+    supervisor: Arc<Supervisor>,
     /// `isolation.first_event_timeout_ms`.
     first_due: Duration,
     started: Instant,
@@ -90,17 +183,37 @@ pub struct SteppedTurn {
     finished: bool,
 }
 
-impl SteppedTurn {
-    /// The turn `turn`, whose GENERATE was sent to `child`; wakes it when
-    /// its first event is due.
-    pub(super) fn new(
+impl Running {
+    /// Opens the turn on `child` (within `isolation.max_concurrent_turns`)
+    /// and sends its request; wakes it when its first event is due.
+    fn open(
+        supervisor: &Arc<Supervisor>,
+        limits: ProcessLimits,
         child: Arc<Child>,
-        turn: u64,
-        queue: Arc<TurnQueue>,
-        backend: String,
-        health: Arc<Mutex<Health>>,
-        first_due: Duration,
-    ) -> Self {
+        request: &str,
+        wake: Wake,
+    ) -> Result<Self, ModelError> {
+        let queue = TurnQueue::new(wake);
+        let turn = match child.open_queue(limits.max_concurrent_turns, queue.clone()) {
+            Ok(turn) => turn,
+            Err(Refusal::Busy) => {
+                return Err(ModelError {
+                    code: "unavailable".to_owned(),
+                    message: format!(
+                        "backend `{}` runs at most {} turns at once \
+                         (isolation.max_concurrent_turns); try again shortly",
+                        supervisor.name(),
+                        limits.max_concurrent_turns
+                    ),
+                })
+            }
+            Err(Refusal::Dead(why)) => return Err(crashed(why)),
+        };
+        let mut enc = Encoder::default();
+        enc.begin(to_child::GENERATE, turn).str(request).finish();
+        // A child that cannot take it is gone: its crash comes in the queue.
+        child.send(&enc.buf);
+        let first_due = Duration::from_millis(limits.first_event_timeout_ms);
         let started = Instant::now();
         let due = started + first_due;
         // The timer sleeps until the very instant `step` compares with, so
@@ -112,22 +225,21 @@ impl SteppedTurn {
                 wake.notify_one();
             })
         });
-        Self {
+        Ok(Self {
             child,
             turn,
             queue,
-            backend,
-            health,
+            supervisor: supervisor.clone(),
             first_due,
             started,
             due,
             timer,
             pending: VecDeque::new(),
-            enc: Encoder::default(),
+            enc,
             answered: false,
             taken: 0,
             finished: false,
-        }
+        })
     }
 
     /// Hands what the child sent to `sink`; never blocks.
@@ -141,7 +253,7 @@ impl SteppedTurn {
                     self.taken += 1;
                     let last = matches!(event, Event::End(_) | Event::Error(..));
                     if matches!(event, Event::End(_)) {
-                        lock(&self.health).backoff = FIRST_BACKOFF;
+                        self.supervisor.answered();
                     }
                     // After its last event the child's turn is over: no
                     // CANCEL when the core drops it before DONE comes.
@@ -166,7 +278,7 @@ impl SteppedTurn {
                 Incoming::Done(result) => {
                     self.finished = true;
                     if result.is_ok() {
-                        lock(&self.health).backoff = FIRST_BACKOFF;
+                        self.supervisor.answered();
                     }
                     return result.map(|()| Next::Done);
                 }
@@ -195,7 +307,7 @@ impl SteppedTurn {
     }
 }
 
-impl Drop for SteppedTurn {
+impl Drop for Running {
     fn drop(&mut self) {
         if let Some(timer) = self.timer.take() {
             timer.abort();
@@ -206,6 +318,6 @@ impl Drop for SteppedTurn {
             self.child.send(&self.enc.buf);
         }
         self.child.close(self.turn);
-        crate::metrics::metrics().plugin_call(&self.backend, self.started.elapsed());
+        crate::metrics::metrics().plugin_call(self.supervisor.name(), self.started.elapsed());
     }
 }

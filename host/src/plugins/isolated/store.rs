@@ -10,37 +10,24 @@
 //! as for any store) forgets its id; a late answer is dropped. When the
 //! child dies, every call in flight fails with a store error naming the
 //! crash (the signal), and the next call starts a new child after the same
-//! backoff as a model's ([`super::model::FIRST_BACKOFF`] doubling to
-//! [`super::model::MAX_BACKOFF`]; an answered call resets it).
+//! backoff as a model's ([`Supervisor`]; an answered call resets it).
 //!
 //! One is built per store per active set; a reload that changes the store
 //! (its library, settings or isolation) builds another, and this one's
 //! child is stopped once no snapshot holds it (as [`super`]'s "Hot reload"
 //! says of models).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::child::{Child, Incoming, Launch};
-use super::model::{
-    lock, record_exit, Crash, Health, FIRST_BACKOFF, MAX_BACKOFF, START_TIMEOUT, STOP_GRACE,
-};
+use super::supervisor::{Crash, Role, Supervisor};
 use super::wire::{to_child, to_host, Encoder, Frame};
 use crate::core::ports::{SaveOutcome, Stored};
 
 /// A store's child process and its history.
-pub struct IsolatedStore(Arc<Inner>);
-
-struct Inner {
-    launch: Launch,
-    memory_limit_mb: Option<u64>,
-    child: Mutex<Option<Arc<Child>>>,
-    health: Arc<Mutex<Health>>,
-    /// Held by the call that starts a new child; the others wait for it.
-    restarting: tokio::sync::Mutex<()>,
-}
+pub struct IsolatedStore(Arc<Supervisor>);
 
 /// What `GET /v1/plugins` shows of a store's child (`isolatedStores`).
 #[derive(Clone, Debug, Serialize)]
@@ -65,35 +52,19 @@ impl IsolatedStore {
     /// Starts the store's first child; fails if it cannot load the plugin or
     /// the plugin refuses the settings. Blocks.
     pub fn start(launch: Launch, memory_limit_mb: Option<u64>) -> Result<Self, String> {
-        let inner = Inner {
-            launch: Launch {
-                store: true,
-                ..launch
-            },
-            memory_limit_mb,
-            child: Mutex::new(None),
-            health: Arc::new(Mutex::new(Health {
-                state: "running",
-                backoff: FIRST_BACKOFF,
-                ..Health::default()
-            })),
-            restarting: tokio::sync::Mutex::new(()),
-        };
-        let child = inner.spawn()?;
-        *inner.lock_child() = Some(child);
-        Ok(Self(Arc::new(inner)))
+        Supervisor::start(launch, memory_limit_mb, Role::Store).map(Self)
     }
 
     /// The child's state, for the admin API.
     pub fn health(&self) -> StoreHealth {
-        let health = lock(&self.0.health).clone();
+        let health = self.0.health();
         StoreHealth {
             state: health.state,
             pid: health.pid,
             restarts: health.restarts,
             crashes: health.crashes,
             last_crash: health.last_crash,
-            running_calls: self.0.current().map_or(0, |c| c.running()),
+            running_calls: health.running_turns,
         }
     }
 
@@ -195,20 +166,18 @@ impl IsolatedStore {
         answer: u8,
         fields: impl FnOnce(&mut Encoder),
     ) -> Result<Frame, String> {
-        let child = self.running().await?;
+        let child = self.0.running().await.map_err(|why| crashed(&why))?;
         let (call, answered) = child.call().map_err(|why| crashed(&why))?;
         let _open = Open(child.clone(), call);
         let mut enc = Encoder::default();
         enc.begin(kind, call);
         fields(&mut enc);
         enc.finish();
-        // A write to a child that does not read blocks: not on the runtime's
-        // workers. A child that cannot take it is gone: its crash comes below.
-        let sending = child.clone();
-        let _ = tokio::task::spawn_blocking(move || sending.send(&enc.buf)).await;
+        // A child that cannot take it is gone: its crash comes below.
+        child.send(&enc.buf);
         match answered.await {
             Ok(Incoming::Reply(frame)) if frame.kind == answer => {
-                lock(&self.0.health).backoff = FIRST_BACKOFF;
+                self.0.answered();
                 Ok(frame)
             }
             Ok(Incoming::Reply(frame)) => Err(format!(
@@ -217,7 +186,7 @@ impl IsolatedStore {
             )),
             // The plugin's own error: the child works.
             Ok(Incoming::Done(Err(err))) => {
-                lock(&self.0.health).backoff = FIRST_BACKOFF;
+                self.0.answered();
                 Err(err.message)
             }
             Ok(Incoming::Done(Ok(())) | Incoming::Event(_)) => Err(format!(
@@ -226,106 +195,6 @@ impl IsolatedStore {
             Ok(Incoming::Crashed(why)) => Err(crashed(&why)),
             Err(_) => Err(crashed("the plugin's process is gone")),
         }
-    }
-
-    /// The running child, started (after its backoff) if it died.
-    async fn running(&self) -> Result<Arc<Child>, String> {
-        if let Some(child) = self.0.current() {
-            return Ok(child);
-        }
-        let _restarting = self.0.restarting.lock().await;
-        if let Some(child) = self.0.current() {
-            return Ok(child);
-        }
-        let wait = lock(&self.0.health).not_before.map_or(Duration::ZERO, |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        // Started and put in place on a blocking thread: a call that gives
-        // up meanwhile leaves no child behind unowned.
-        let inner = self.0.clone();
-        tokio::task::spawn_blocking(move || inner.restart())
-            .await
-            .unwrap_or_else(|_| Err("the store's process could not be restarted".to_owned()))
-    }
-}
-
-impl Inner {
-    fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Arc<Child>>> {
-        self.child.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn current(&self) -> Option<Arc<Child>> {
-        self.lock_child().as_ref().filter(|c| c.alive()).cloned()
-    }
-
-    /// Starts a new child in place of the dead one; blocks.
-    fn restart(&self) -> Result<Arc<Child>, String> {
-        match self.spawn() {
-            Ok(child) => {
-                lock(&self.health).restarts += 1;
-                crate::metrics::metrics().plugin_restart(&self.launch.backend);
-                *self.lock_child() = Some(child.clone());
-                Ok(child)
-            }
-            Err(why) => {
-                let mut health = lock(&self.health);
-                health.state = "failed";
-                health.not_before = Some(Instant::now() + health.backoff);
-                health.backoff = (health.backoff * 2).min(MAX_BACKOFF);
-                tracing::error!(
-                    store = %self.launch.backend,
-                    "store plugin process could not be restarted: {why}"
-                );
-                Err(format!(
-                    "the store's plugin process could not be restarted: {why}"
-                ))
-            }
-        }
-    }
-
-    fn spawn(&self) -> Result<Arc<Child>, String> {
-        let health = self.health.clone();
-        let store = self.launch.backend.clone();
-        let on_exit = Box::new(move |pid: u32, why: Option<String>| {
-            let Some((why, backoff)) = record_exit(&health, pid, why) else {
-                return;
-            };
-            crate::metrics::metrics().plugin_crash(&store);
-            tracing::error!(
-                store = %store,
-                pid,
-                restart_in_ms = backoff.as_millis() as u64,
-                "store plugin process crashed: {why}; its calls in flight failed; \
-                 a new one starts with the store's next call"
-            );
-        });
-        let child = Child::spawn(&self.launch, self.memory_limit_mb, START_TIMEOUT, on_exit)?;
-        let mut health = lock(&self.health);
-        health.state = "running";
-        health.pid = Some(child.pid);
-        tracing::info!(store = %self.launch.backend, pid = child.pid, "store plugin process started");
-        Ok(child)
-    }
-}
-
-/// The store left the active set and no turn holds it any more: its child
-/// is stopped, and killed if it does not exit within [`STOP_GRACE`].
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let Some(child) = self.lock_child().take() else {
-            return;
-        };
-        if child.alive() {
-            tracing::info!(
-                store = %self.launch.backend,
-                pid = child.pid,
-                "store plugin process stopped: its store is no longer in use"
-            );
-        }
-        child.retire(STOP_GRACE);
     }
 }
 

@@ -165,8 +165,13 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
     let Some(mut redis) = PrivateRedis::start(dir.path(), port) else {
         return;
     };
+    let began = Instant::now();
     let mut host = start_host(port);
+    // The first host of a test process waits for `cargo build` of the
+    // artifacts (seconds on a busy machine, more when something changed).
+    eprintln!("soak: the host listened after {:?}", began.elapsed());
     fresh_turn(&host, "before the soak").await;
+    eprintln!("soak: the first turn ended after {:?}", began.elapsed());
     let rss_before = rss_mib(host.pid());
 
     let started = Instant::now();
@@ -208,6 +213,7 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
         rss_peak = rss_peak.max(rss_mib(host.pid()));
         sleep(Duration::from_millis(250)).await;
     }
+    eprintln!("soak: the clients finished after {:?}", started.elapsed());
     let mut log = Log::default();
     for client in clients {
         let client = client.await.expect("a client task");

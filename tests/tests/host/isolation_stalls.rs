@@ -1,0 +1,149 @@
+//! Crash isolation when a child is slow rather than dead: a child that stops
+//! reading (frozen with SIGSTOP) holds none of the host's workers, however
+//! much is sent to it, and gets all of it in order once it reads again; a
+//! turn waiting for a crashed backend's new child (its restart backoff)
+//! stops waiting at its cancel.
+
+use std::time::Duration;
+
+use llm_host_tests::{http, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
+use serde_json::{json, Value};
+
+/// The default config with the broken fixture, plus `extra`.
+fn start(extra: &str) -> Host {
+    let config = Config {
+        extra: extra.to_owned(),
+        ..Config::default()
+    };
+    let mut plugins = STANDARD_PLUGINS.to_vec();
+    plugins.push(Plugin::Broken);
+    let workdir = Workdir::new(&plugins);
+    workdir.write_config(&config.to_toml());
+    Host::start_in(workdir, &[])
+}
+
+/// What `GET /v1/plugins` shows of `backend`'s child.
+async fn child(host: &Host, backend: &str) -> Value {
+    let plugins = http(host.addr(), "GET", "/v1/plugins").await.json();
+    plugins["isolated"][backend].clone()
+}
+
+fn signal(pid: u64, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Runs `text` on `model` over a new command-mode connection.
+async fn turn(host: &Host, model: &str, text: &str) -> Turn {
+    let mut client = host.connect_command(&format!("/v1/ws?model={model}")).await;
+    client.next_json().await;
+    client
+        .send_json(&json!({"type": "prompt", "text": text}))
+        .await;
+    client.read_turn().await
+}
+
+// Six prompts of 60 KB go to a child that reads nothing (far more than its
+// pipe holds, and more turns than the host has workers): the host goes on
+// serving other backends and its HTTP endpoints meanwhile, and once the
+// child reads again every turn completes with its own answer.
+#[tokio::test]
+async fn a_child_that_stops_reading_holds_no_worker_of_the_host() {
+    let host = start(
+        "[models.iso_echo]\nplugin = \"echo\"\n\
+         isolation = { mode = \"process\", first_event_timeout_ms = 120000 }\n\
+         settings = { delay_ms = 0 }\n",
+    );
+    let warm = turn(&host, "iso_echo", "warm").await;
+    assert_eq!(warm.status(), "completed", "{}", warm.dump());
+    let pid = child(&host, "iso_echo").await["pid"]
+        .as_u64()
+        .expect("a running child");
+    signal(pid, "-STOP");
+
+    let mut clients = Vec::new();
+    let mut texts = Vec::new();
+    for n in 0..6 {
+        let text: Vec<String> = (0..60)
+            .map(|w| format!("p{n}w{w}{}", "x".repeat(1000)))
+            .collect();
+        let text = text.join(" ");
+        let mut client = host.connect_command("/v1/ws?model=iso_echo").await;
+        client.next_json().await;
+        client
+            .send_json(&json!({"type": "prompt", "text": text}))
+            .await;
+        clients.push(client);
+        texts.push(text);
+    }
+    // Give the turns time to reach the child's pipe and fill it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = turn(&host, "echo", "still here").await;
+    assert_eq!(other.status(), "completed", "{}", other.dump());
+    assert_eq!(other.text(), "echo: still here", "{}", other.dump());
+    let health = http(host.addr(), "GET", "/healthz").await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(child(&host, "iso_echo").await["pid"].as_u64(), Some(pid));
+
+    signal(pid, "-CONT");
+    for (client, text) in clients.iter_mut().zip(&texts) {
+        let done = client.read_turn().await;
+        assert_eq!(done.status(), "completed", "{}", done.dump());
+        assert_eq!(done.text(), format!("echo: {text}"), "a turn's answer");
+    }
+    let after = child(&host, "iso_echo").await;
+    assert_eq!(after["crashes"], 0, "{after:#}");
+}
+
+// Crashes in a row double the backoff before the next child; a turn that
+// comes while it runs waits for the new child, and a cancel stops that
+// wait at once: the turn ends `cancelled` while no child runs yet. The
+// next turn then runs on the new child.
+#[tokio::test]
+async fn a_turn_waiting_for_a_new_child_stops_at_its_cancel() {
+    let host = start(
+        "[models.crashy]\nplugin = \"broken\"\n\
+         isolation = { mode = \"process\", first_event_timeout_ms = 5000 }\n",
+    );
+    // Backoffs 100, 200, ... 3200 ms: the seventh crash leaves 6.4 s.
+    for n in 0..7 {
+        let crashed = turn(&host, "crashy", "crash:abort").await;
+        assert_eq!(crashed.status(), "failed", "crash {n}: {}", crashed.dump());
+    }
+    // The last crash is recorded a moment after its turn failed.
+    let mut state = child(&host, "crashy").await;
+    for _ in 0..100 {
+        if state["crashes"] == 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state = child(&host, "crashy").await;
+    }
+    assert_eq!(state["state"], "crashed", "{state:#}");
+    let restarts = state["restarts"].as_u64().expect("restarts");
+
+    let mut client = host.connect_command("/v1/ws?model=crashy").await;
+    client.next_json().await;
+    client
+        .send_json(&json!({"type": "prompt", "text": "hello"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.send_json(&json!({"type": "cancel"})).await;
+    let cancelled = client.read_turn().await;
+    assert_eq!(cancelled.status(), "cancelled", "{}", cancelled.dump());
+    let state = child(&host, "crashy").await;
+    assert_eq!(
+        state["state"], "crashed",
+        "ended before the new child: {state:#}"
+    );
+    assert_eq!(state["restarts"].as_u64(), Some(restarts), "{state:#}");
+
+    let next = turn(&host, "crashy", "hello").await;
+    assert_eq!(next.status(), "completed", "{}", next.dump());
+    let state = child(&host, "crashy").await;
+    assert_eq!(state["state"], "running", "{state:#}");
+    assert_eq!(state["restarts"].as_u64(), Some(restarts + 1), "{state:#}");
+}
