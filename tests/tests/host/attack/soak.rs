@@ -114,6 +114,17 @@ fn echo(prompt: &str, max_tokens: Option<usize>) -> String {
 mod client;
 use client::{close, Client, Conn, Log};
 
+/// Fails the test with `report` from a thread of its own, whose backtrace
+/// is a few lines: in the output of a whole suite the report stays in view
+/// just above the list of failures, not above a long backtrace.
+fn fail(report: String) -> ! {
+    let failed: std::thread::Result<()> = std::thread::spawn(move || panic!("{report}")).join();
+    match failed {
+        Err(payload) => std::panic::resume_unwind(payload),
+        Ok(()) => unreachable!("the thread panics"),
+    }
+}
+
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
@@ -240,7 +251,9 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    assert!(log.bugs.is_empty(), "seed {seed}:\n{}", log.bugs.join("\n"));
+    if !log.bugs.is_empty() {
+        fail(format!("seed {seed}:\n{}", log.bugs.join("\n")));
+    }
     assert!(
         rss_peak < RSS_BOUND_MIB,
         "the host's RSS reached {rss_peak} MiB"
@@ -271,11 +284,12 @@ async fn a_soak_of_random_clients_and_a_store_restart_loses_no_completed_turn() 
         }
     }
     let (completed, sessions) = (log.completed.len(), by_session.len());
-    assert!(
-        lost.is_empty(),
-        "seed {seed}: of {completed} completed turns, these are not stored:\n{}",
-        lost.join("\n")
-    );
+    if !lost.is_empty() {
+        fail(format!(
+            "seed {seed}: of {completed} completed turns, these are not stored:\n{}",
+            lost.join("\n")
+        ));
+    }
     eprintln!("soak: {completed} completed turns on {sessions} sessions, all stored");
     drop(redis);
 }
