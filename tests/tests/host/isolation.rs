@@ -381,7 +381,7 @@ async fn child_pid(host: &Host, backend: &str) -> u64 {
 
 /// The host's children that run a plugin (`llm-host __run-plugin`, not
 /// exited), by pid, from /proc.
-fn plugin_children(host: &Host) -> Vec<u64> {
+pub(crate) fn plugin_children(host: &Host) -> Vec<u64> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Some(pid) = entry

@@ -2,10 +2,13 @@
 //! reading (frozen with SIGSTOP) holds none of the host's workers, however
 //! much is sent to it, and gets all of it in order once it reads again; a
 //! turn waiting for a crashed backend's new child (its restart backoff)
-//! stops waiting at its cancel.
+//! stops waiting at its cancel; a turn cancelled while the new child starts
+//! leaves that start to finish, and the next turn runs on that child, not on
+//! a second one.
 
 use std::time::Duration;
 
+use crate::isolation::plugin_children;
 use llm_host_tests::{http, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
 use serde_json::{json, Value};
 
@@ -146,4 +149,41 @@ async fn a_turn_waiting_for_a_new_child_stops_at_its_cancel() {
     let state = child(&host, "crashy").await;
     assert_eq!(state["state"], "running", "{state:#}");
     assert_eq!(state["restarts"].as_u64(), Some(restarts + 1), "{state:#}");
+}
+
+// A backend whose child takes 1.5 s to start crashes; the next turn waits
+// for the new child and is cancelled while it starts. The turn after it
+// runs on that child: one child runs, one restart is counted.
+#[tokio::test]
+async fn a_turn_cancelled_while_the_new_child_starts_leaves_one_child() {
+    let host = start(
+        "[models.slow_start]\nplugin = \"broken\"\nisolation = \"process\"\n\
+         settings = { start_ms = 1500 }\n",
+    );
+    let crashed = turn(&host, "slow_start", "crash:abort").await;
+    assert_eq!(crashed.status(), "failed", "{}", crashed.dump());
+
+    let mut client = host.connect_command("/v1/ws?model=slow_start").await;
+    client.next_json().await;
+    client
+        .send_json(&json!({"type": "prompt", "text": "first"}))
+        .await;
+    // Past the 100 ms backoff: the new child is starting.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.send_json(&json!({"type": "cancel"})).await;
+    let cancelled = client.read_turn().await;
+    assert_eq!(cancelled.status(), "cancelled", "{}", cancelled.dump());
+
+    let next = turn(&host, "slow_start", "second").await;
+    assert_eq!(next.status(), "completed", "{}", next.dump());
+    let state = child(&host, "slow_start").await;
+    assert_eq!(state["restarts"], 1, "{state:#}");
+    assert_eq!(state["state"], "running", "{state:#}");
+    let children = plugin_children(&host);
+    assert_eq!(
+        children.len(),
+        1,
+        "plugin processes of the host: {children:?}"
+    );
+    assert_eq!(Some(children[0]), state["pid"].as_u64(), "{state:#}");
 }

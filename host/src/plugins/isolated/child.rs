@@ -397,6 +397,10 @@ impl Child {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let why = describe(self.pid, status, killed, self.memory_limit_mb);
+        // The exit is recorded (the backoff before the next start) before
+        // the child shows as dead: a caller that finds it dead then waits.
+        let closing = self.closing.load(Ordering::Acquire);
+        on_exit(self.pid, (!closing).then(|| why.clone()));
         let mut turns = self.lock_turns();
         turns.dead = Some(why.clone());
         for (_, to) in turns.open.drain() {
@@ -404,10 +408,8 @@ impl Child {
         }
         drop(turns);
         if let Some(ready) = ready {
-            let _ = ready.send(Err(why.clone()));
+            let _ = ready.send(Err(why));
         }
-        let closing = self.closing.load(Ordering::Acquire);
-        on_exit(self.pid, (!closing).then_some(why));
     }
 
     /// Waits for the process to end (killing it if it lingers with its

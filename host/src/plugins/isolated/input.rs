@@ -52,7 +52,8 @@ impl Input {
 
     /// Writes what the pipe takes now and queues the rest behind whatever
     /// waits already. `Err` with the backlog's size when it would pass
-    /// [`MAX_BACKLOG`].
+    /// [`MAX_BACKLOG`] (or no writer thread could start for it): the child
+    /// must be killed.
     pub fn send(self: &Arc<Self>, bytes: &[u8], pid: u32) -> Result<bool, usize> {
         let mut state = self.lock();
         let Some(pipe) = state.pipe.clone() else {
@@ -82,9 +83,9 @@ impl Input {
             .spawn(move || input.drain());
         match started {
             Ok(_) => state.writer = true,
-            // Without a writer the backlog would never go: the child is
-            // lost to the host.
-            Err(_) => return Ok(false),
+            // Without a writer the backlog would never go, and part of a
+            // frame may be in the pipe: the child is lost to the host.
+            Err(_) => return Err(state.backlog.len()),
         }
         Ok(true)
     }
@@ -170,15 +171,20 @@ fn write_some(pipe: &ChildStdin, bytes: &[u8]) -> std::io::Result<usize> {
 }
 
 /// Makes the pipe's writes return at once when it is full. Where that
-/// fails, writes block as before.
+/// fails (it does not on Linux), writes block, and the log says so.
 fn nonblocking(pipe: &ChildStdin) {
     use std::os::fd::AsRawFd;
     let fd = pipe.as_raw_fd();
     // SAFETY: fcntl on a descriptor this process owns, with no pointers.
-    unsafe {
+    let set = unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !set {
+        tracing::warn!(
+            "a plugin process's input pipe could not be made non-blocking ({}): \
+             writes to it may block a worker while the child does not read",
+            std::io::Error::last_os_error()
+        );
     }
 }

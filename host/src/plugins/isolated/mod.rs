@@ -99,9 +99,10 @@
 //! answer (the probe child ran its constructors, not its `init`), and only
 //! the children load it. One an in-process entry names as well is mapped
 //! in the host for that entry. `GET /v1/plugins` shows the active set's
-//! children only, not old ones still finishing their turns. A store's child is not killed
-//! for a slow call: the call fails at the store timeout and the child goes
-//! on.
+//! children only, not old ones still finishing their turns. A store's child
+//! is not killed for a slow call: the call fails at the store timeout and
+//! the child goes on (a child that stops reading its input altogether is
+//! killed once [`input::MAX_BACKLOG`] bytes wait for it).
 //!
 //! # Limits and metrics
 //!

@@ -9,9 +9,9 @@
 //! child dies, every turn on it fails `plugin_crashed`, naming the signal;
 //! the next turn starts a new child, after a backoff that doubles from
 //! [`super::supervisor::FIRST_BACKOFF`] to [`super::supervisor::MAX_BACKOFF`]
-//! while children keep crashing (a turn that completes resets it). A turn that hears nothing from the child
-//! within `first_event_timeout_ms` has the child killed, which then counts
-//! as a crash. Each call's time, from sending its request to its end, is
+//! while children keep crashing (a turn that completes resets it). A turn
+//! that hears nothing from the child within `first_event_timeout_ms` has the
+//! child killed, which then counts as a crash. Each call's time, from sending its request to its end, is
 //! observed in `llm_host_plugin_call_seconds{backend}`.
 //!
 //! One is built per backend per active set; a reload that changes the

@@ -14,10 +14,12 @@
 //! A turn stopped (the client's cancel, the turn deadline, a client gone)
 //! is dropped by the core; dropping it sends CANCEL and forgets its id, so
 //! frames the child still sends for it are dropped. Dropped while it waits
-//! for a new child, it stops waiting (the start goes on, for the next turn). Its first event is due
-//! within `first_event_timeout_ms`: a timer wakes the turn then, and a turn
-//! still unanswered has the child killed, which its queue then reports as
-//! a crash.
+//! for a new child, it stops waiting (a start already under way goes on,
+//! for the next turn).
+//!
+//! Its first event is due within `first_event_timeout_ms`: a timer wakes
+//! the turn then, and a turn still unanswered has the child killed, which
+//! its queue then reports as a crash.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

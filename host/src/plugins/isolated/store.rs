@@ -166,7 +166,7 @@ impl IsolatedStore {
         answer: u8,
         fields: impl FnOnce(&mut Encoder),
     ) -> Result<Frame, String> {
-        let child = self.0.running().await.map_err(|why| crashed(&why))?;
+        let child = self.0.running().await?;
         let (call, answered) = child.call().map_err(|why| crashed(&why))?;
         let _open = Open(child.clone(), call);
         let mut enc = Encoder::default();

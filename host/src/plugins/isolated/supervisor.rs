@@ -8,7 +8,8 @@
 //! ([`Supervisor::answered`]). A caller waiting for a new child waits on the
 //! runtime (a sleep, then the start on a blocking thread), so a turn or a
 //! store call that is given up meanwhile (a cancel, the store timeout) stops
-//! waiting at once; the start goes on and the next caller finds its child.
+//! waiting at once; a start already under way goes on and the next caller
+//! takes its child.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,8 +42,9 @@ pub struct Supervisor {
     memory_limit_mb: Option<u64>,
     role: Role,
     child: Mutex<Option<Arc<Child>>>,
-    /// Held by the caller that starts a new child; the others wait for it.
-    restarting: tokio::sync::Mutex<()>,
+    /// Held while a new child is due or starting, by the caller waiting
+    /// out the backoff, then by the start itself; the others wait for it.
+    restarting: Arc<tokio::sync::Mutex<()>>,
     health: Arc<Mutex<Health>>,
 }
 
@@ -95,7 +97,7 @@ impl Supervisor {
             memory_limit_mb,
             role,
             child: Mutex::new(None),
-            restarting: tokio::sync::Mutex::new(()),
+            restarting: Arc::new(tokio::sync::Mutex::new(())),
             health: Arc::new(Mutex::new(Health {
                 state: "running",
                 backoff: FIRST_BACKOFF,
@@ -130,13 +132,15 @@ impl Supervisor {
     }
 
     /// The running child, or a new one once the backoff has passed. Waits
-    /// without holding a thread; dropped while it waits, it stops waiting
-    /// and a start under way goes on.
+    /// without holding a thread; dropped while it waits, it stops waiting.
+    /// A start under way goes on, holding the restart lock until its child
+    /// is in place, so the next caller takes that child and never starts a
+    /// second one.
     pub async fn running(self: &Arc<Self>) -> Result<Arc<Child>, String> {
         if let Some(child) = self.current() {
             return Ok(child);
         }
-        let _restarting = self.restarting.lock().await;
+        let restarting = self.restarting.clone().lock_owned().await;
         if let Some(child) = self.current() {
             return Ok(child);
         }
@@ -144,12 +148,14 @@ impl Supervisor {
         if let Some(not_before) = not_before {
             tokio::time::sleep_until(not_before.into()).await;
         }
-        // Started and put in place on a blocking thread: a caller that gives
-        // up meanwhile leaves no child behind unowned.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.restart())
+        let started = tokio::task::spawn_blocking(move || {
+            let _restarting = restarting;
+            this.restart()
+        });
+        started
             .await
-            .unwrap_or_else(|_| Err("the plugin's process could not be restarted".to_owned()))
+            .unwrap_or_else(|_| Err(self.restart_failed("its start was lost")))
     }
 
     fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Arc<Child>>> {
@@ -158,6 +164,9 @@ impl Supervisor {
 
     /// Starts a new child in place of the dead one; blocks.
     fn restart(&self) -> Result<Arc<Child>, String> {
+        if let Some(child) = self.current() {
+            return Ok(child);
+        }
         match self.spawn() {
             Ok(child) => {
                 lock(&self.health).restarts += 1;
@@ -180,10 +189,16 @@ impl Supervisor {
                         "store plugin process could not be restarted: {why}"
                     ),
                 }
-                Err(format!(
-                    "the plugin's process could not be restarted: {why}"
-                ))
+                Err(self.restart_failed(&why))
             }
+        }
+    }
+
+    /// What the callers of a restart that failed are told.
+    fn restart_failed(&self, why: &str) -> String {
+        match self.role {
+            Role::Model => format!("the plugin's process could not be restarted: {why}"),
+            Role::Store => format!("the store's plugin process could not be restarted: {why}"),
         }
     }
 
