@@ -6,7 +6,7 @@
 //! Frames to the child go through its [`Input`], which never blocks.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ChildStdout, Command, ExitStatus, Stdio};
@@ -140,7 +140,7 @@ impl Child {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|err| format!("cannot start {}: {err}", launch.program.display()))?;
-        let (Some(mut stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
+        let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
             let _ = process.kill();
             let _ = process.wait();
             return Err("the child's pipes are missing".to_owned());
@@ -160,9 +160,6 @@ impl Child {
             .str(&launch.settings)
             .u64(memory_limit_mb.map_or(0, |mb| mb << 20))
             .finish();
-        // The child reads its INIT first; a child that died already shows
-        // below as no answer.
-        let _ = stdin.write_all(&init.buf);
         let child = Arc::new(Child {
             pid: process.id(),
             input: Input::new(stdin),
@@ -173,6 +170,10 @@ impl Child {
             closing: AtomicBool::new(false),
             memory_limit_mb,
         });
+        // The child reads its INIT first; what the pipe cannot take at once
+        // (large settings) goes through the writer thread, within the start
+        // timeout below. A child that died already shows as no answer.
+        child.send(&init.buf);
         let (ready, answer) = mpsc::channel();
         let reader = child.clone();
         let reading = std::thread::Builder::new()
