@@ -37,7 +37,7 @@ fn start() -> Host {
 }
 
 /// The default config plus `extra`, with the broken fixture.
-fn workdir_with(extra: &str) -> Workdir {
+pub(crate) fn workdir_with(extra: &str) -> Workdir {
     let config = Config {
         extra: extra.to_owned(),
         ..Config::default()
@@ -50,7 +50,7 @@ fn workdir_with(extra: &str) -> Workdir {
 }
 
 /// Runs `text` on `model` over a new command-mode connection.
-async fn turn(host: &Host, model: &str, text: &str) -> Turn {
+pub(crate) async fn turn(host: &Host, model: &str, text: &str) -> Turn {
     let mut client = host.connect_command(&format!("/v1/ws?model={model}")).await;
     client.next_json().await;
     client

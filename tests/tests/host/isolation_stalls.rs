@@ -8,21 +8,13 @@
 
 use std::time::Duration;
 
-use crate::isolation::plugin_children;
-use llm_host_tests::{http, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
+use crate::isolation::{plugin_children, turn, workdir_with};
+use llm_host_tests::{http, Host};
 use serde_json::{json, Value};
 
 /// The default config with the broken fixture, plus `extra`.
 fn start(extra: &str) -> Host {
-    let config = Config {
-        extra: extra.to_owned(),
-        ..Config::default()
-    };
-    let mut plugins = STANDARD_PLUGINS.to_vec();
-    plugins.push(Plugin::Broken);
-    let workdir = Workdir::new(&plugins);
-    workdir.write_config(&config.to_toml());
-    Host::start_in(workdir, &[])
+    Host::start_in(workdir_with(extra), &[])
 }
 
 /// What `GET /v1/plugins` shows of `backend`'s child.
@@ -37,16 +29,6 @@ fn signal(pid: u64, signal: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill {signal} {pid}");
-}
-
-/// Runs `text` on `model` over a new command-mode connection.
-async fn turn(host: &Host, model: &str, text: &str) -> Turn {
-    let mut client = host.connect_command(&format!("/v1/ws?model={model}")).await;
-    client.next_json().await;
-    client
-        .send_json(&json!({"type": "prompt", "text": text}))
-        .await;
-    client.read_turn().await
 }
 
 // Six prompts of 60 KB go to a child that reads nothing (far more than its
