@@ -4,7 +4,8 @@
 //! turn waiting for a crashed backend's new child (its restart backoff)
 //! stops waiting at its cancel; a turn cancelled while the new child starts
 //! leaves that start to finish, and the next turn runs on that child, not on
-//! a second one.
+//! a second one; a start that fails is told to every turn that waited for
+//! it, not tried again by each.
 
 use std::time::Duration;
 
@@ -168,4 +169,55 @@ async fn a_turn_cancelled_while_the_new_child_starts_leaves_one_child() {
         "plugin processes of the host: {children:?}"
     );
     assert_eq!(Some(children[0]), state["pid"].as_u64(), "{state:#}");
+}
+
+// A backend's child crashes and its new child refuses to start (the
+// plugin's settings refuse while a file exists; each start takes 1 s). Two
+// turns wait for that start: both fail `plugin_crashed` saying the restart
+// failed, and it was tried once. Once the file is gone, a turn runs.
+#[tokio::test]
+async fn a_failed_restart_fails_every_turn_that_waited_for_it() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let refuse = dir.path().join("refuse");
+    let host = start(&format!(
+        "[models.refusing]\nplugin = \"broken\"\nisolation = \"process\"\n\
+         settings = {{ start_ms = 1000, refuse_if_exists = {:?} }}\n",
+        refuse.display().to_string()
+    ));
+    let crashed = turn(&host, "refusing", "crash:abort").await;
+    assert_eq!(crashed.status(), "failed", "{}", crashed.dump());
+    std::fs::write(&refuse, "").expect("write the file");
+
+    let mut clients = Vec::new();
+    for text in ["one", "two"] {
+        let mut client = host.connect_command("/v1/ws?model=refusing").await;
+        client.next_json().await;
+        client
+            .send_json(&json!({"type": "prompt", "text": text}))
+            .await;
+        clients.push(client);
+    }
+    for client in &mut clients {
+        let failed = client.read_turn().await;
+        assert_eq!(failed.status(), "failed", "{}", failed.dump());
+        let error = failed.model_event("error").cloned().unwrap_or_default();
+        assert_eq!(
+            error["error"]["code"],
+            "plugin_crashed",
+            "{}",
+            failed.dump()
+        );
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("could not be restarted"), "{message}");
+        assert!(message.contains("exists"), "{message}");
+    }
+    let tries = host
+        .log()
+        .matches("plugin process could not be restarted")
+        .count();
+    assert_eq!(tries, 1, "log:\n{}", host.log());
+
+    std::fs::remove_file(&refuse).expect("remove the file");
+    let after = turn(&host, "refusing", "back").await;
+    assert_eq!(after.status(), "completed", "{}", after.dump());
 }

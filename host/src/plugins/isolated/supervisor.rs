@@ -45,6 +45,9 @@ pub struct Supervisor {
     /// Held while a new child is due or starting, by the caller waiting
     /// out the backoff, then by the start itself; the others wait for it.
     restarting: Arc<tokio::sync::Mutex<()>>,
+    /// The last start after a crash: its number, and why it failed if it
+    /// did (told to every caller that waited for it).
+    last_start: Mutex<(u64, Option<String>)>,
     health: Arc<Mutex<Health>>,
 }
 
@@ -98,6 +101,7 @@ impl Supervisor {
             role,
             child: Mutex::new(None),
             restarting: Arc::new(tokio::sync::Mutex::new(())),
+            last_start: Mutex::new((0, None)),
             health: Arc::new(Mutex::new(Health {
                 state: "running",
                 backoff: FIRST_BACKOFF,
@@ -135,14 +139,21 @@ impl Supervisor {
     /// without holding a thread; dropped while it waits, it stops waiting.
     /// A start under way goes on, holding the restart lock until its child
     /// is in place, so the next caller takes that child and never starts a
-    /// second one.
+    /// second one; when that start failed, every caller that waited for it
+    /// is told so at once (the next caller tries again after the backoff).
     pub async fn running(self: &Arc<Self>) -> Result<Arc<Child>, String> {
         if let Some(child) = self.current() {
             return Ok(child);
         }
+        let seen = self.lock_last_start().0;
         let restarting = self.restarting.clone().lock_owned().await;
         if let Some(child) = self.current() {
             return Ok(child);
+        }
+        if let (attempt, Some(why)) = &*self.lock_last_start() {
+            if *attempt > seen {
+                return Err(self.restart_failed(why));
+            }
         }
         let not_before = lock(&self.health).not_before;
         if let Some(not_before) = not_before {
@@ -162,12 +173,22 @@ impl Supervisor {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_last_start(&self) -> std::sync::MutexGuard<'_, (u64, Option<String>)> {
+        self.last_start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Starts a new child in place of the dead one; blocks.
     fn restart(&self) -> Result<Arc<Child>, String> {
         if let Some(child) = self.current() {
             return Ok(child);
         }
-        match self.spawn() {
+        let started = self.spawn();
+        {
+            let mut last = self.lock_last_start();
+            last.0 += 1;
+            last.1 = started.as_ref().err().cloned();
+        }
+        match started {
             Ok(child) => {
                 lock(&self.health).restarts += 1;
                 crate::metrics::metrics().plugin_restart(&self.launch.backend);
