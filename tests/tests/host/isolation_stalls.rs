@@ -211,6 +211,14 @@ async fn a_failed_restart_fails_every_turn_that_waited_for_it() {
         assert!(message.contains("could not be restarted"), "{message}");
         assert!(message.contains("exists"), "{message}");
     }
+    // The log is read from the host's stderr a moment behind: once the
+    // three failed turns' access lines are in, the lines before them are.
+    for _ in 0..250 {
+        if host.log().matches("status=\"failed\"").count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let tries = host
         .log()
         .matches("plugin process could not be restarted")
