@@ -11,6 +11,7 @@
 //! cannot corrupt them. The child ends when its stdin closes (the host
 //! stopped it, or died).
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -233,11 +234,59 @@ impl Out {
     }
 }
 
+thread_local! {
+    /// Whether this thread holds its frames until [`release`]: the worker
+    /// of the stepped turns' runtime ([`super::stepped_runner`]).
+    static HOLDS: Cell<bool> = const { Cell::new(false) };
+    /// The frames it holds.
+    static HELD: RefCell<Option<(Arc<Out>, Vec<u8>)>> = const { RefCell::new(None) };
+}
+
+/// Frames a holding thread gathers at most before it writes them anyway.
+const HOLD_MAX: usize = 64 * 1024;
+
+/// From now on this thread holds the frames it sends until [`release`]
+/// (or until [`HOLD_MAX`] bytes wait), in order.
+pub(super) fn hold_frames() {
+    HOLDS.set(true);
+}
+
+/// Writes the frames this thread held. The stepped turns' worker calls it
+/// before it parks: the events of every turn its timers woke at one tick go
+/// out in one write, and the host reads them in one.
+pub(super) fn release() {
+    let held = HELD.with_borrow_mut(|held| {
+        held.as_mut()
+            .filter(|(_, bytes)| !bytes.is_empty())
+            .map(|(out, bytes)| (out.clone(), std::mem::take(bytes)))
+    });
+    if let Some((out, bytes)) = held {
+        write_frames(&out, &bytes);
+    }
+}
+
+/// Sends `bytes` (whole frames), in order with the frames this thread sent
+/// before: at once, or, on a thread that holds its frames, with the next
+/// [`release`].
+pub(super) fn send(out: &Arc<Out>, bytes: &[u8]) {
+    if !HOLDS.get() {
+        return write_frames(out, bytes);
+    }
+    let full = HELD.with_borrow_mut(|held| {
+        let (_, waiting) = held.get_or_insert_with(|| (out.clone(), Vec::new()));
+        waiting.extend_from_slice(bytes);
+        waiting.len() >= HOLD_MAX
+    });
+    if full {
+        release();
+    }
+}
+
 /// Writes `bytes` (whole frames), in order with the frames this thread sent
 /// before; a host that is gone ends the child. A thread that finds another
 /// writing leaves its frames to it; the writer takes the file out of the
 /// lock while it writes and goes on until nothing waits.
-pub(super) fn send(out: &Out, bytes: &[u8]) {
+fn write_frames(out: &Out, bytes: &[u8]) {
     let lock = || out.state.lock().unwrap_or_else(|p| p.into_inner());
     let mut state = lock();
     state.waiting.extend_from_slice(bytes);
