@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use llm_host_tests::{http, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
+use llm_host_tests::{http, Client, Config, Host, Plugin, Turn, Workdir, STANDARD_PLUGINS};
 use serde_json::{json, Value};
 
 /// The default config plus `crashy` (broken, in a process of its own,
@@ -49,14 +49,20 @@ pub(crate) fn workdir_with(extra: &str) -> Workdir {
     workdir
 }
 
-/// Runs `text` on `model` over a new command-mode connection.
-pub(crate) async fn turn(host: &Host, model: &str, text: &str) -> Turn {
+/// Sends `text` to `model` over a new command-mode connection: the client,
+/// past the session's announcement.
+pub(crate) async fn prompt(host: &Host, model: &str, text: &str) -> Client {
     let mut client = host.connect_command(&format!("/v1/ws?model={model}")).await;
     client.next_json().await;
     client
         .send_json(&json!({"type": "prompt", "text": text}))
         .await;
-    client.read_turn().await
+    client
+}
+
+/// Runs `text` on `model` over a new command-mode connection.
+pub(crate) async fn turn(host: &Host, model: &str, text: &str) -> Turn {
+    prompt(host, model, text).await.read_turn().await
 }
 
 fn error_of(turn: &Turn) -> (String, String) {
@@ -216,11 +222,7 @@ async fn isolated_echo_streams_as_in_process_and_cancels() {
     assert_eq!(runs[0], runs[1], "in-process vs isolated echo");
     assert!(runs[1][1].2.is_some(), "usage: {:?}", runs[1]);
 
-    let mut client = host.connect_command("/v1/ws?model=iso_slow").await;
-    client.next_json().await;
-    client
-        .send_json(&json!({"type": "prompt", "text": "go"}))
-        .await;
+    let mut client = prompt(&host, "iso_slow", "go").await;
     let mut frames = client.read_until("interaction.model", "delta").await;
     client.send_json(&json!({"type": "cancel"})).await;
     frames.extend(client.read_turn().await.frames);
@@ -455,11 +457,7 @@ async fn a_reload_moves_new_turns_to_a_new_child_while_the_old_one_finishes() {
     let old = child_pid(&host, "iso_long").await;
     assert_eq!(plugin_children(&host), vec![old]);
 
-    let mut running = host.connect_command("/v1/ws?model=iso_long").await;
-    running.next_json().await;
-    running
-        .send_json(&json!({"type": "prompt", "text": "go"}))
-        .await;
+    let mut running = prompt(&host, "iso_long", "go").await;
     let mut frames = running.read_until("interaction.model", "delta").await;
 
     host.workdir()

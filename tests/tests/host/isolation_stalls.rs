@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::isolation::{plugin_children, turn, workdir_with};
+use crate::isolation::{plugin_children, prompt, turn, workdir_with};
 use llm_host_tests::{http, Host};
 use serde_json::{json, Value};
 
@@ -57,12 +57,7 @@ async fn a_child_that_stops_reading_holds_no_worker_of_the_host() {
             .map(|w| format!("p{n}w{w}{}", "x".repeat(1000)))
             .collect();
         let text = text.join(" ");
-        let mut client = host.connect_command("/v1/ws?model=iso_echo").await;
-        client.next_json().await;
-        client
-            .send_json(&json!({"type": "prompt", "text": text}))
-            .await;
-        clients.push(client);
+        clients.push(prompt(&host, "iso_echo", &text).await);
         texts.push(text);
     }
     // Give the turns time to reach the child's pipe and fill it.
@@ -111,11 +106,7 @@ async fn a_turn_waiting_for_a_new_child_stops_at_its_cancel() {
     assert_eq!(state["state"], "crashed", "{state:#}");
     let restarts = state["restarts"].as_u64().expect("restarts");
 
-    let mut client = host.connect_command("/v1/ws?model=crashy").await;
-    client.next_json().await;
-    client
-        .send_json(&json!({"type": "prompt", "text": "hello"}))
-        .await;
+    let mut client = prompt(&host, "crashy", "hello").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     client.send_json(&json!({"type": "cancel"})).await;
     let cancelled = client.read_turn().await;
@@ -146,11 +137,7 @@ async fn a_turn_cancelled_while_the_new_child_starts_leaves_one_child() {
     let crashed = turn(&host, "slow_start", "crash:abort").await;
     assert_eq!(crashed.status(), "failed", "{}", crashed.dump());
 
-    let mut client = host.connect_command("/v1/ws?model=slow_start").await;
-    client.next_json().await;
-    client
-        .send_json(&json!({"type": "prompt", "text": "first"}))
-        .await;
+    let mut client = prompt(&host, "slow_start", "first").await;
     // Past the 100 ms backoff: the new child is starting.
     tokio::time::sleep(Duration::from_millis(700)).await;
     client.send_json(&json!({"type": "cancel"})).await;
@@ -190,12 +177,7 @@ async fn a_failed_restart_fails_every_turn_that_waited_for_it() {
 
     let mut clients = Vec::new();
     for text in ["one", "two"] {
-        let mut client = host.connect_command("/v1/ws?model=refusing").await;
-        client.next_json().await;
-        client
-            .send_json(&json!({"type": "prompt", "text": text}))
-            .await;
-        clients.push(client);
+        clients.push(prompt(&host, "refusing", text).await);
     }
     for client in &mut clients {
         let failed = client.read_turn().await;
